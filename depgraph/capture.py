@@ -1,0 +1,97 @@
+"""Capture a model as an aten graph with ``torch.export`` on a meta-device twin.
+
+The twin shares nothing with the caller's model: parameters and buffers are replaced by meta tensors
+of the same shape and dtype (``copy.deepcopy`` with a memo), so a 70B model traces without its
+weights and the caller's model is never touched.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import TraceError
+
+
+@dataclass
+class Capture:
+    """An exported graph plus the mapping of its placeholders to the model's tensors."""
+
+    program: torch.export.ExportedProgram
+    params: dict  # placeholder name -> canonical parameter name
+    buffers: dict  # placeholder name -> buffer name
+    persistent_buffers: set
+    aliases: dict  # canonical parameter name -> all names sharing that tensor (tied weights)
+    shapes: dict = field(default_factory=dict)  # canonical tensor name -> shape
+
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self.program.graph
+
+
+def meta_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers live on the meta device."""
+    memo = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in memo:
+            continue
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = torch.nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else meta
+    twin = copy.deepcopy(model, memo)
+    twin.eval()
+    config = getattr(twin, "config", None)
+    if config is not None:
+        if hasattr(config, "use_cache"):
+            config.use_cache = False
+        try:  # the attention rule reads heads from scaled_dot_product_attention
+            twin.set_attn_implementation("sdpa")
+        except Exception:
+            pass
+    return twin
+
+
+def default_inputs(model: torch.nn.Module) -> tuple:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "vocab_size"):
+        raise TraceError(
+            f"{type(model).__name__} has no config.vocab_size: pass example_inputs=(tensor, ...) to trace()")
+    return (torch.zeros(2, 8, dtype=torch.long),)
+
+
+def _persistent_buffer_names(model: torch.nn.Module) -> set:
+    names = set()
+    for mod_name, mod in model.named_modules():
+        for b in mod._buffers:
+            if b not in mod._non_persistent_buffers_set and mod._buffers[b] is not None:
+                names.add(f"{mod_name}.{b}" if mod_name else b)
+    return names
+
+
+def capture(model: torch.nn.Module, example_inputs=None) -> Capture:
+    """Export a meta twin of ``model`` (non-strict) and map placeholders to state-dict names."""
+    if not isinstance(model, torch.nn.Module):
+        raise TraceError(f"trace() needs a torch.nn.Module, got {type(model).__name__}")
+    inputs = tuple(example_inputs) if example_inputs is not None else default_inputs(model)
+    inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs)
+    twin = meta_twin(model)
+
+    # Canonical name of every tensor: the first name ``named_parameters`` gives it; tied names are aliases.
+    canonical, aliases = {}, {}
+    for name, p in twin.named_parameters(remove_duplicate=False):
+        first = canonical.setdefault(id(p), name)
+        aliases.setdefault(first, []).append(name)
+    by_name = {n: canonical[id(p)] for n, p in twin.named_parameters(remove_duplicate=False)}
+    shapes = {canonical[id(p)]: tuple(p.shape) for _, p in twin.named_parameters(remove_duplicate=False)}
+    for name, b in twin.named_buffers():
+        shapes[name] = tuple(b.shape)
+
+    try:
+        program = torch.export.export(twin, inputs, strict=False)
+    except Exception as e:  # noqa: BLE001 - report what torch.export said, with the model class
+        raise TraceError(f"torch.export failed on {type(model).__name__}: {type(e).__name__}: {e}") from e
+
+    sig = program.graph_signature
+    params = {ph: by_name.get(name, name) for ph, name in sig.inputs_to_parameters.items()}
+    buffers = dict(sig.inputs_to_buffers)
+    return Capture(program, params, buffers, _persistent_buffer_names(twin), aliases, shapes)

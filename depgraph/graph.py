@@ -1,0 +1,220 @@
+"""DependencyGraph: the coupled channel spaces of a model, as groups and as a networkx graph."""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from functools import cached_property
+from math import prod
+
+import numpy as np
+
+from .capture import Capture, capture
+from .dimflow import DimFlow, propagate
+from .groups import Group, Member
+from .layout import Prod, Space
+
+_LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+_KIND_ORDER = {"hidden": 0, "channels": 1, "attention": 2, "mlp": 3}
+
+
+def layer_of(name: str):
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+class DependencyGraph:
+    """Built by :func:`depgraph.trace`. ``groups()`` lists what can be pruned; ``blocked`` what cannot
+    and why; ``unsupported`` the ops without a rule that touched a channel space."""
+
+    def __init__(self, cap: Capture, flow: DimFlow, model_name: str):
+        self.model_name = model_name
+        self.shapes = dict(cap.shapes)
+        self.aliases = dict(cap.aliases)
+        self.unsupported = list(flow.unsupported)
+        self.notes = list(flow.notes)
+        self._flow = flow
+        self._pos_cache: dict = {}
+        self._groups, self.blocked = self._build()
+
+    # -- construction ----------------------------------------------------------------------
+    def _positions(self, key):
+        if key not in self._pos_cache:
+            name, d = key
+            self._pos_cache[key] = self._flow.store.positions(self._flow.param_layouts[name][d])
+        return self._pos_cache[key]
+
+    def _build(self):
+        store = self._flow.store
+        users = defaultdict(list)  # leaf space -> [(param, dim)]
+        for name, lays in self._flow.param_layouts.items():
+            for d, lay in enumerate(lays):
+                for leaf in dict.fromkeys(store.leaves(lay)):
+                    users[leaf].append((name, d))
+
+        groups, taken, blocked = [], set(), {}
+        has_attention = bool(self._flow.attention)
+        for site in self._flow.attention:
+            heads = store.expand(site.heads)
+            if isinstance(heads, Space):
+                classes, gqa = (heads,), None
+            elif isinstance(heads, Prod) and len(heads.parts) == 2 and all(isinstance(p, Space) for p in heads.parts) \
+                    and heads.parts[1].broadcast:
+                classes, gqa = heads.parts, (heads.parts[0].size, heads.parts[1].size)
+            else:
+                continue
+            if any(c in taken for c in classes):
+                continue
+            taken.update(classes)
+            reasons = [r for c in classes for r in c.blocked]
+            if reasons:
+                self._record_blocked(blocked, classes, users, reasons)
+                continue
+            groups.append(self._attention_group(site, classes, gqa, users))
+
+        for leaf, members in users.items():
+            if leaf in taken or leaf.size < 2:
+                continue
+            taken.add(leaf)
+            reasons = list(leaf.blocked)
+            if leaf.broadcast and not reasons:
+                reasons = ["expanded by aten.expand: its size is fixed in the model code"]
+            if reasons:
+                self._record_blocked(blocked, (leaf,), users, reasons)
+                continue
+            groups.append(self._channel_group(leaf, members, has_attention))
+
+        # stable, readable ids
+        groups.sort(key=lambda g: (g.layer is not None, g.layer or 0, _KIND_ORDER.get(g.kind, 9)))
+        seen = defaultdict(int)
+        for g in groups:
+            base = g.kind if g.layer is None else f"{g.kind}.{g.layer}"
+            seen[base] += 1
+            g.id = base if seen[base] == 1 else f"{base}.{seen[base] - 1}"
+        return groups, list(blocked.values())
+
+    def _record_blocked(self, blocked, classes, users, reasons):
+        params = sorted({f"{p}[{d}]" for c in classes for p, d in users.get(c, [])})
+        if params:
+            key = tuple(c.id for c in classes)
+            blocked[key] = {"params": params, "size": prod(c.size for c in classes), "reasons": reasons[:3]}
+
+    def _member(self, name, d, uoi, level):
+        return Member(name, d, uoi, level, self._flow.store.describe(self._flow.param_layouts[name][d]),
+                      prod(self.shapes[name]))
+
+    def _attention_group(self, site, classes, gqa, users):
+        members = []
+        keys = dict.fromkeys(k for c in classes for k in users.get(c, []))
+        for name, d in keys:
+            pos = self._positions((name, d))
+            if gqa:
+                pk, pr = pos.get(classes[0]), pos.get(classes[1])
+                if pk is not None and pr is not None:
+                    uoi = np.where((pk >= 0) & (pr >= 0), pk * gqa[1] + pr, -1)
+                    members.append(self._member(name, d, uoi, "unit"))
+                elif pk is not None:
+                    members.append(self._member(name, d, pk, "kv"))
+            else:
+                members.append(self._member(name, d, pos[classes[0]], "unit"))
+        inexact = [r for c in classes for r in c.inexact]
+        layers = {layer_of(m.param) for m in members}
+        layer = layers.pop() if len(layers) == 1 else None
+        return Group("", "attention", layer, site.num_heads, site.head_dim, members, not inexact, inexact,
+                     gqa if gqa and gqa[1] > 1 else None, site.module, site.head_dim)
+
+    def _channel_group(self, leaf, members, has_attention):
+        ms = [self._member(name, d, self._positions((name, d))[leaf], "unit") for name, d in members]
+        layers = {layer_of(m.param) for m in ms}
+        layer = layers.pop() if len(layers) == 1 else None
+        if not has_attention:
+            kind = "channels"
+        else:
+            kind = "mlp" if layer is not None else "hidden"
+        return Group("", kind, layer, leaf.size, 1, ms, not leaf.inexact, list(leaf.inexact))
+
+    # -- public view ------------------------------------------------------------------------
+    def groups(self, kinds=None) -> list:
+        """Prunable groups, optionally only those of the given kinds."""
+        if kinds is None:
+            return list(self._groups)
+        kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+        return [g for g in self._groups if g.kind in kinds]
+
+    def group(self, gid: str) -> Group:
+        for g in self._groups:
+            if g.id == gid:
+                return g
+        from .errors import PlanError
+        raise PlanError(f"unknown group {gid!r}; the graph has {', '.join(g.id for g in self._groups[:6])}, ...")
+
+    @property
+    def num_params(self) -> int:
+        return sum(prod(s) for n, s in self.shapes.items() if n in self._flow.param_layouts
+                   and n not in self._flow.buffer_names)
+
+    @cached_property
+    def nx(self):
+        """networkx view: parameter-dim nodes and group nodes; edges carry the dim's index map."""
+        import networkx as nx
+
+        g = nx.Graph()
+        for grp in self._groups:
+            g.add_node(grp.id, type="group", kind=grp.kind, layer=grp.layer, units=grp.num_units, exact=grp.exact)
+            for m in grp.members:
+                node = f"{m.param}[{m.dim}]"
+                g.add_node(node, type="param_dim", param=m.param, dim=m.dim, size=len(m.unit_of_index))
+                g.add_edge(grp.id, node, layout=m.layout, level=m.level)
+        for b in self.blocked:
+            for p in b["params"]:
+                g.add_node(p, type="param_dim")
+                g.nodes[p].setdefault("blocked", b["reasons"][0])
+        return g
+
+    def summary_dict(self) -> dict:
+        counts = defaultdict(int)
+        for g in self._groups:
+            counts[g.kind] += 1
+        return {
+            "model": self.model_name,
+            "num_params": self.num_params,
+            "groups": [{"id": g.id, "kind": g.kind, "layer": g.layer, "units": g.num_units,
+                        "unit_size": g.unit_size, "exact": g.exact, "gqa": g.gqa, "members": len(g.members)}
+                       for g in self._groups],
+            "counts": dict(counts),
+            "blocked": self.blocked,
+            "unsupported": [str(n) for n in self.unsupported],
+        }
+
+    def __str__(self) -> str:
+        counts = defaultdict(int)
+        for g in self._groups:
+            counts[g.kind] += 1
+        head = ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: _KIND_ORDER.get(kv[0], 9)))
+        lines = [f"DependencyGraph of {self.model_name}: {len(self._groups)} groups ({head}), "
+                 f"{self.num_params:,} parameters"]
+        lines += ["  " + g.describe() for g in self._groups]
+        if self.blocked:
+            lines.append("Unprunable channel spaces:")
+            for b in self.blocked[:12]:
+                ps = b["params"]
+                lines.append(f"  {b['size']:>6} channels of {ps[0]}{' +%d more' % (len(ps) - 1) if len(ps) > 1 else ''}:"
+                             f" {b['reasons'][0]}")
+            if len(self.blocked) > 12:
+                lines.append(f"  ... {len(self.blocked) - 12} more")
+        if self.unsupported:
+            lines.append("Ops without a dimension rule (their channels are unprunable):")
+            lines += [f"  {n}" for n in self.unsupported]
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def trace(model, example_inputs=None, strict: bool = False) -> DependencyGraph:
+    """Trace ``model`` (left untouched) into its dependency graph.
+
+    ``example_inputs``: a tuple of tensors for the forward (default for HF causal LMs: token ids [2, 8]).
+    ``strict``: raise :class:`UnsupportedOpError` when an op without a rule touches a channel space.
+    """
+    cap = capture(model, example_inputs)
+    flow = propagate(cap, strict=strict)
+    return DependencyGraph(cap, flow, type(model).__name__)

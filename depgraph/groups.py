@@ -1,0 +1,112 @@
+"""Groups: sets of parameter channels that must be removed together, with their index maps."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import PlanError
+
+
+@dataclass
+class Member:
+    """One parameter dim of a group. ``unit_of_index[i]`` is the unit that index ``i`` belongs to
+    (-1: not part of this group). With ``level="kv"`` (GQA key/value rows) it is the kv group."""
+
+    param: str
+    dim: int
+    unit_of_index: np.ndarray
+    level: str = "unit"
+    layout: str = ""
+    numel: int = 0  # elements of the whole parameter
+
+    def indices(self, units) -> np.ndarray:
+        """Sorted indices of this dim that belong to ``units`` (kv ids for kv-level members)."""
+        return np.flatnonzero(np.isin(self.unit_of_index, np.asarray(list(units), dtype=np.int64)))
+
+    def __repr__(self) -> str:
+        return f"Member({self.param}, dim={self.dim}, {self.layout or len(self.unit_of_index)}, {self.level})"
+
+
+@dataclass
+class Group:
+    """Channels coupled across parameters. ``units`` are heads (attention), neurons (mlp) or channels.
+
+    ``gqa = (num_kv_heads, q_per_kv)`` for grouped-query attention: a plan removes whole kv groups
+    and/or the same number of query heads from every remaining kv group.
+    """
+
+    id: str
+    kind: str
+    layer: int | None
+    num_units: int
+    unit_size: int
+    members: list
+    exact: bool
+    inexact_reasons: list = field(default_factory=list)
+    gqa: tuple | None = None
+    module: str | None = None
+    head_dim: int | None = None
+
+    @property
+    def params_per_unit(self) -> float:
+        """Parameters removed per unit (GQA: a q head's share of its kv group's key/value rows)."""
+        total = 0.0
+        for m in self.members:
+            n = len(m.unit_of_index)
+            per_index = m.numel // n
+            covered = int((m.unit_of_index >= 0).sum())
+            total += covered * per_index / self.num_units
+        return total
+
+    def validate(self, units) -> list:
+        """Sorted unique units after checks; raises PlanError naming the problem."""
+        units = sorted({int(u) for u in units})
+        if units and (units[0] < 0 or units[-1] >= self.num_units):
+            raise PlanError(f"group {self.id}: unit index out of range 0..{self.num_units - 1}: "
+                            f"{[u for u in units if not 0 <= u < self.num_units]}")
+        if len(units) >= self.num_units:
+            raise PlanError(f"group {self.id}: the plan removes all {self.num_units} {self.unit_name}"
+                            f" of layer {self.layer}; at least one must stay")
+        if self.gqa and units:
+            kv, rep = self.gqa
+            counts = np.bincount(np.asarray(units) // rep, minlength=kv)
+            partial = {int(c) for c in counts if c != rep}
+            if len(partial) > 1:
+                raise PlanError(
+                    f"group {self.id}: GQA rule broken: remove whole kv groups ({rep} query heads each) or the "
+                    f"same number of query heads from every kv group; got per-group counts {counts.tolist()}")
+        return units
+
+    @property
+    def unit_name(self) -> str:
+        return {"attention": "heads", "mlp": "neurons"}.get(self.kind, "channels")
+
+    def removed_kv(self, units) -> list:
+        if not self.gqa:
+            return []
+        kv, rep = self.gqa
+        counts = np.bincount(np.asarray(list(units), dtype=np.int64) // rep, minlength=kv)
+        return [g for g in range(kv) if counts[g] == rep]
+
+    def removed_indices(self, units) -> dict:
+        """{(param, dim): indices} removed by removing ``units``."""
+        units = list(units)
+        kv_units = self.removed_kv(units)
+        out = {}
+        for m in self.members:
+            idx = m.indices(kv_units if m.level == "kv" else units)
+            if len(idx):
+                out[(m.param, m.dim)] = idx
+        return out
+
+    def describe(self) -> str:
+        if self.kind == "attention":
+            size = f"{self.num_units} heads"
+            if self.gqa:
+                size += f" ({self.gqa[0]} kv x {self.gqa[1]} q/kv)"
+            size += f" x {self.head_dim}"
+        else:
+            size = f"{self.num_units} {self.unit_name}"
+        exact = "exact" if self.exact else "inexact"
+        return f"{self.id:<16} {size:<32} {exact:<8} {len(self.members)} members"

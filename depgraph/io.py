@@ -1,0 +1,122 @@
+"""save_pruned / load_pruned: safetensors plus a config that records every per-layer shape.
+
+A folder whose layers all have one shape carries a plain config that stock
+``AutoModelForCausalLM.from_pretrained`` loads; any folder loads exactly with :func:`load_pruned`.
+Folders are written to a temporary sibling and renamed into place, so nothing is lost on failure.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import LoadError
+
+
+def _info(model) -> dict:
+    config = getattr(model, "config", None)
+    info = getattr(config, "depgraph", None) if config is not None else None
+    return info if isinstance(info, dict) else {"format": 1, "modules": {}, "layers": {}}
+
+
+def save_pruned(model, path, tokenizer=None) -> Path:
+    """Write ``model`` (and ``tokenizer``) to ``path`` atomically; returns the path."""
+    path = Path(path)
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "save_pretrained"):
+        raise LoadError(f"save_pruned needs a transformers model, got {type(model).__name__}")
+    info = dict(_info(model))
+    info["shapes"] = {n: list(p.shape) for n, p in model.state_dict().items()}
+    config.depgraph = info
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _read_state(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise LoadError(f"{path}: no *.safetensors weights in the folder")
+    state = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f)))
+        except Exception as e:  # noqa: BLE001 - a truncated or corrupt file
+            raise LoadError(f"{f}: cannot read safetensors weights ({e})") from e
+    return state
+
+
+def load_pruned(path, dtype=None, device="cpu"):
+    """Rebuild a model saved by :func:`save_pruned` with its exact per-layer shapes."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise LoadError(f"{path}: no config.json; not a saved model folder")
+    try:
+        raw = json.loads((path / "config.json").read_text())
+        config = transformers.AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001
+        raise LoadError(f"{path}/config.json: cannot be read ({e})") from e
+    info = raw.get("depgraph") or {}
+    arch = (raw.get("architectures") or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        raise LoadError(f"{path}/config.json: unknown architecture {arch!r}")
+    state = _read_state(path)
+    expected = info.get("shapes") or {}
+    for name, shape in expected.items():
+        if name in state and list(state[name].shape) != list(shape):
+            raise LoadError(f"{path}: tensor {name} has shape {list(state[name].shape)}, config records {shape}")
+    with init_empty_weights(include_buffers=False):
+        model = cls(config)
+    for name, t in state.items():
+        mod_name, _, attr = name.rpartition(".")
+        try:
+            mod = model.get_submodule(mod_name) if mod_name else model
+        except AttributeError as e:
+            raise LoadError(f"{path}: saved tensor {name} has no place in {arch}") from e
+        if attr in mod._parameters and mod._parameters[attr] is not None:
+            if tuple(mod._parameters[attr].shape) != tuple(t.shape):
+                mod._parameters[attr] = torch.nn.Parameter(torch.empty(t.shape, device="meta", dtype=t.dtype))
+        elif attr in mod._buffers:
+            pass
+        else:
+            raise LoadError(f"{path}: saved tensor {name} has no place in {arch}")
+    for mod_path, attrs in info.get("modules", {}).items():
+        mod = model.get_submodule(mod_path)
+        for k, v in attrs.items():
+            setattr(mod, k, tuple(v) if isinstance(v, list) else v)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if still_meta:
+        raise LoadError(f"{path}: weights missing for {', '.join(still_meta[:5])}"
+                        f"{' ...' if len(still_meta) > 5 else ''}")
+    if dtype is not None:
+        model.to(dtype)
+    return model.to(device).eval()

@@ -1,0 +1,138 @@
+"""Plan: which units of which groups to remove. Self-contained: it carries the index maps it needs,
+so ``mask``/``shrink`` and ``Plan.from_json`` work without the graph."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import PlanError
+
+FORMAT = 1
+
+
+@dataclass
+class PlanEntry:
+    """Units removed from one group, with the parameter indices that removal deletes."""
+
+    group: str
+    kind: str
+    layer: int | None
+    num_units: int
+    units: list
+    removed: dict  # param -> {dim: [indices]}
+    exact: bool = True
+    attention: dict | None = None  # module, heads_before/after, kv_before/after, head_dim
+
+    @property
+    def units_after(self) -> int:
+        return self.num_units - len(self.units)
+
+
+@dataclass
+class Plan:
+    entries: list = field(default_factory=list)
+    shapes: dict = field(default_factory=dict)  # param -> shape the plan was made for
+
+    # -- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_units(cls, graph, removals: dict) -> "Plan":
+        """``removals``: {group id: unit indices}. Validates every group before returning."""
+        entries = []
+        for gid, units in removals.items():
+            g = graph.group(gid)
+            units = g.validate(units)
+            if not units:
+                continue
+            removed = {}
+            for (param, dim), idx in g.removed_indices(units).items():
+                removed.setdefault(param, {})[dim] = [int(i) for i in idx]
+            att = None
+            if g.kind == "attention":
+                kv, rep = g.gqa if g.gqa else (g.num_units, 1)
+                kv_gone = len(g.removed_kv(units)) if g.gqa else len(units)
+                att = {"module": g.module, "head_dim": g.head_dim, "heads_before": g.num_units,
+                       "heads_after": g.num_units - len(units), "kv_before": kv, "kv_after": kv - kv_gone}
+            entries.append(PlanEntry(g.id, g.kind, g.layer, g.num_units, units, removed, g.exact, att))
+        touched = {p for e in entries for p in e.removed}
+        return cls(entries, {p: list(graph.shapes[p]) for p in touched})
+
+    @classmethod
+    def random(cls, graph, ratio: float, seed: int = 0, kinds=None, gqa: str = "heads") -> "Plan":
+        """Remove about ``ratio`` of the units of every group of ``kinds`` (all kinds if None), legally:
+        GQA groups lose ``gqa="heads"`` the same number of query heads per kv group, or ``"kv"`` whole kv
+        groups; no group is emptied."""
+        check_ratio(ratio)
+        if gqa not in ("heads", "kv"):
+            raise PlanError(f"gqa policy must be 'heads' or 'kv', got {gqa!r}")
+        rng = np.random.default_rng(seed)
+        removals = {}
+        for g in graph.groups(kinds):
+            if g.gqa:
+                kv, rep = g.gqa
+                if gqa == "kv":
+                    n = min(int(round(ratio * kv)), kv - 1)
+                    units = [k * rep + r for k in rng.choice(kv, n, replace=False) for r in range(rep)]
+                else:
+                    n = min(int(round(ratio * rep)), rep - 1)
+                    units = [k * rep + r for k in range(kv) for r in rng.choice(rep, n, replace=False)]
+            else:
+                n = min(int(round(ratio * g.num_units)), g.num_units - 1)
+                units = rng.choice(g.num_units, n, replace=False).tolist()
+            removals[g.id] = units
+        return cls.from_units(graph, removals)
+
+    # -- views ------------------------------------------------------------------------------
+    def removed_by_param(self) -> dict:
+        """{param: {dim: sorted indices}} merged over every entry."""
+        out: dict = {}
+        for e in self.entries:
+            for p, dims in e.removed.items():
+                for d, idx in dims.items():
+                    out.setdefault(p, {}).setdefault(int(d), set()).update(idx)
+        return {p: {d: sorted(s) for d, s in dims.items()} for p, dims in out.items()}
+
+    def params_removed(self) -> int:
+        """Exact number of parameter elements deleted."""
+        total = 0
+        for p, dims in self.removed_by_param().items():
+            shape = list(self.shapes[p])
+            kept = [n - len(dims.get(d, ())) for d, n in enumerate(shape)]
+            total += int(np.prod(shape)) - int(np.prod(kept))
+        return total
+
+    def summary(self) -> str:
+        lines = [f"Plan: {len(self.entries)} groups, {self.params_removed():,} parameters removed"]
+        for e in self.entries:
+            lines.append(f"  {e.group:<16} {e.num_units} -> {e.units_after} {'' if e.exact else '(inexact)'}")
+        return "\n".join(lines)
+
+    __str__ = summary
+
+    # -- JSON -------------------------------------------------------------------------------
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps({"format": FORMAT, "shapes": self.shapes,
+                           "entries": [e.__dict__ for e in self.entries]}, indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        try:
+            data = json.loads(text)
+            if data.get("format") != FORMAT:
+                raise PlanError(f"plan format {data.get('format')!r} is not {FORMAT}")
+            entries = []
+            for e in data["entries"]:
+                e = dict(e)
+                e["removed"] = {p: {int(d): idx for d, idx in dims.items()} for p, dims in e["removed"].items()}
+                entries.append(PlanEntry(**e))
+            return cls(entries, {p: list(s) for p, s in data["shapes"].items()})
+        except (KeyError, TypeError, ValueError) as err:
+            if isinstance(err, PlanError):
+                raise
+            raise PlanError(f"not a depgraph plan: {type(err).__name__}: {err}") from err
+
+
+def check_ratio(ratio) -> None:
+    if not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        raise PlanError(f"ratio must be in [0, 1), got {ratio!r}")

@@ -1,0 +1,223 @@
+"""Apply a plan: ``mask`` zeroes the planned units, ``shrink`` removes them and updates the modules and
+the config (surgery on weights and config together, like nanoGPT's ``crop_block_size``)."""
+from __future__ import annotations
+
+import copy
+import torch
+from torch import nn
+
+from .errors import PlanError
+from .plan import Plan
+
+# -- module attributes that follow a parameter's shape: one small fixer per layer type -----------
+MODULE_FIXERS: list = []
+
+
+def fixer(predicate):
+    def register(fn):
+        MODULE_FIXERS.append((predicate, fn))
+        return fn
+    return register
+
+
+def _is(*names):
+    """Match a module by class name anywhere in its MRO (``Conv1D`` is transformers', ``Conv1d`` torch's)."""
+    return lambda m: any(c.__name__ in names for c in type(m).__mro__)
+
+
+@fixer(_is("Linear"))
+def _linear(m):
+    return {"in_features": m.weight.shape[1], "out_features": m.weight.shape[0]}
+
+
+@fixer(_is("Embedding"))
+def _embedding(m):
+    return {"num_embeddings": m.weight.shape[0], "embedding_dim": m.weight.shape[1]}
+
+
+@fixer(_is("LayerNorm"))
+def _layer_norm(m):
+    return {"normalized_shape": (m.weight.shape[0],)} if m.weight is not None else {}
+
+
+@fixer(_is("Conv1D"))  # transformers' GPT-2 Conv1D: weight (in, out)
+def _conv1d_hf(m):
+    return {"nx": m.weight.shape[0], "nf": m.weight.shape[1]}
+
+
+@fixer(_is("Conv1d", "Conv2d", "Conv3d"))
+def _conv(m):
+    return {"out_channels": m.weight.shape[0], "in_channels": m.weight.shape[1] * m.groups}
+
+
+@fixer(_is("BatchNorm1d", "BatchNorm2d", "BatchNorm3d"))
+def _batch_norm(m):
+    return {"num_features": m.weight.shape[0]}
+
+
+# attention modules: attribute name -> value, from heads/kv heads after pruning (set only if present)
+ATTENTION_ATTRIBUTES = {
+    "num_heads": lambda a: a["heads_after"],
+    "num_attention_heads": lambda a: a["heads_after"],
+    "n_head": lambda a: a["heads_after"],
+    "n_heads": lambda a: a["heads_after"],
+    "num_key_value_heads": lambda a: a["kv_after"],
+    "num_kv_heads": lambda a: a["kv_after"],
+    "n_kv_heads": lambda a: a["kv_after"],
+    "num_key_value_groups": lambda a: a["heads_after"] // a["kv_after"],
+    "split_size": lambda a: a["heads_after"] * a["head_dim"],
+    "all_head_size": lambda a: a["heads_after"] * a["head_dim"],
+    "inner_dim": lambda a: a["heads_after"] * a["head_dim"],
+}
+
+# config fields per kind, for the uniform (stock-loadable) case
+CONFIG_FIELDS = {
+    "heads": ("num_attention_heads", "n_head", "num_heads", "n_heads"),
+    "kv": ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num"),
+    "mlp": ("intermediate_size", "n_inner", "ffn_dim", "d_ff"),
+    "hidden": ("hidden_size", "n_embd", "d_model", "word_embed_proj_dim"),
+}
+
+
+def _tensor_owner(model, name):
+    mod_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(mod_name) if mod_name else model), attr
+
+
+def _get_tensor(model, name):
+    mod, attr = _tensor_owner(model, name)
+    t = mod._parameters.get(attr)
+    return t if t is not None else mod._buffers.get(attr)
+
+
+def check_model(model, plan: Plan) -> dict:
+    """Every planned tensor exists with the shape the plan was made for; returns name -> aliases."""
+    aliases, seen = {}, {}
+    for n, p in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
+        first = seen.setdefault(id(p), n)
+        aliases.setdefault(first, []).append(n)
+    by_name = {n: first for first, names in aliases.items() for n in names}
+    for name, shape in plan.shapes.items():
+        if name not in by_name:
+            raise PlanError(f"the plan removes channels of {name}, which the model does not have")
+        t = _get_tensor(model, name)
+        if list(t.shape) != list(shape):
+            raise PlanError(f"{name} has shape {list(t.shape)} but the plan was made for {list(shape)}: "
+                            f"re-trace the model after each shrink")
+    return {name: aliases[by_name[name]] for name in plan.shapes}
+
+
+@torch.no_grad()
+def mask(model: nn.Module, plan: Plan) -> nn.Module:
+    """Zero every planned unit in place (soft pruning), leaving shapes unchanged."""
+    check_model(model, plan)
+    for name, dims in plan.removed_by_param().items():
+        t = _get_tensor(model, name)
+        for d, idx in dims.items():
+            t.index_fill_(d, torch.as_tensor(idx, device=t.device), 0)
+    return model
+
+
+@torch.no_grad()
+def shrink(model: nn.Module, plan: Plan) -> nn.Module:
+    """Remove every planned unit in place: slice member tensors, fix module attributes and config."""
+    aliases = check_model(model, plan)
+    record = _record(model)
+    changed_modules = {}
+    for name, dims in plan.removed_by_param().items():
+        old = _get_tensor(model, name)
+        new = old
+        for d, idx in dims.items():
+            keep = torch.ones(old.shape[d], dtype=torch.bool)
+            keep[idx] = False
+            new = new.index_select(d, keep.nonzero().squeeze(1).to(old.device))
+        new = new.contiguous()
+        for alias in aliases[name]:
+            mod, attr = _tensor_owner(model, alias)
+            if attr in mod._parameters:
+                mod._parameters[attr] = nn.Parameter(new, requires_grad=old.requires_grad) \
+                    if not isinstance(new, nn.Parameter) else new
+                new = mod._parameters[attr]
+            else:
+                mod._buffers[attr] = new
+            changed_modules[alias.rpartition(".")[0]] = mod
+    for path, mod in changed_modules.items():
+        for pred, fix in MODULE_FIXERS:
+            if pred(mod):
+                _set_attrs(mod, fix(mod), record, path)
+                break
+    for e in plan.entries:
+        if e.attention:
+            mod = model.get_submodule(e.attention["module"])
+            values = {k: f(e.attention) for k, f in ATTENTION_ATTRIBUTES.items()
+                      if isinstance(getattr(mod, k, None), int) and not isinstance(getattr(mod, k), bool)}
+            _set_attrs(mod, values, record, e.attention["module"])
+    _update_config(model, plan, record)
+    return model
+
+
+def _record(model) -> dict:
+    config = getattr(model, "config", None)
+    holder = config if config is not None else model
+    info = getattr(holder, "depgraph", None)
+    if not isinstance(info, dict):
+        info = {"format": 1, "modules": {}, "layers": {}}
+        setattr(holder, "depgraph", info)
+    return info
+
+
+def _set_attrs(mod, values: dict, record: dict, path: str) -> None:
+    for k, v in values.items():
+        setattr(mod, k, v)
+        record["modules"].setdefault(path, {})[k] = list(v) if isinstance(v, tuple) else v
+
+
+def _update_config(model, plan: Plan, record: dict) -> None:
+    """Record per-layer widths; when every layer has the same shape, write them into the standard
+    config fields so stock ``from_pretrained`` loads the result (checked by rebuilding on meta)."""
+    layers = record["layers"]
+    after = {"heads": set(), "kv": set(), "mlp": set(), "hidden": set(), "head_dim": set()}
+    for e in plan.entries:
+        key = str(e.layer) if e.layer is not None else "all"
+        if e.attention:
+            a = e.attention
+            layers.setdefault(key, {}).update(num_attention_heads=a["heads_after"], num_key_value_heads=a["kv_after"])
+            after["heads"].add(a["heads_after"])
+            after["kv"].add(a["kv_after"])
+            after["head_dim"].add(a["head_dim"])
+        elif e.kind == "mlp":
+            layers.setdefault(key, {})["intermediate_size"] = e.units_after
+            after["mlp"].add(e.units_after)
+        elif e.kind == "hidden":
+            record["hidden_size"] = e.units_after
+            after["hidden"].add(e.units_after)
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    candidate = copy.deepcopy(config)
+    for kind, values in after.items():
+        if len(values) != 1 or kind == "head_dim":
+            continue
+        (v,) = values
+        for f in CONFIG_FIELDS[kind]:
+            if isinstance(getattr(candidate, f, None), int):
+                setattr(candidate, f, v)
+    if len(after["head_dim"]) == 1 and hasattr(candidate, "head_dim"):
+        candidate.head_dim = next(iter(after["head_dim"]))
+    uniform = _builds_same_shapes(model, candidate)
+    record["uniform"] = uniform
+    if uniform:
+        for f in set(candidate.to_dict()) | set(vars(candidate)):
+            if f != "depgraph" and getattr(candidate, f, None) != getattr(config, f, None):
+                setattr(config, f, getattr(candidate, f))
+
+
+def _builds_same_shapes(model, config) -> bool:
+    try:
+        with torch.device("meta"):
+            twin = type(model)(config)
+    except Exception:  # noqa: BLE001 - any failure means "not stock-loadable"
+        return False
+    mine = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    theirs = {n: tuple(p.shape) for n, p in twin.named_parameters()}
+    return mine == theirs
