@@ -202,7 +202,7 @@ def _update_config(model, plan: Plan, record: dict) -> None:
         for f in CONFIG_FIELDS[kind]:
             if isinstance(getattr(candidate, f, None), int):
                 setattr(candidate, f, v)
-    if len(after["head_dim"]) == 1 and hasattr(candidate, "head_dim"):
+    if len(after["head_dim"]) == 1:  # models that derive head_dim from hidden/heads read it when set
         candidate.head_dim = next(iter(after["head_dim"]))
     uniform = _builds_same_shapes(model, candidate)
     record["uniform"] = uniform

@@ -13,6 +13,8 @@ def conv(ctx):
     if ctx.op in ("convolution", "_convolution") and ctx.arg(6, "transposed", False):
         return _block(ctx, x, "transposed convolution")
     xl, wl = ctx.lay(x), ctx.lay(w)
+    for lo in wl[2:]:
+        ctx.block(lo, "convolution kernel dim")
     cin, cout = ctx.shape(x)[1], ctx.shape(w)[0]
     if groups == 1:
         ctx.unify(xl[1], wl[1])

