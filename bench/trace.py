@@ -1,0 +1,151 @@
+"""Benchmark the tracer: big configs on the meta device, SmolLM2 against torch-pruning, shrink time.
+
+Writes bench/results/trace.json and bench/results/trace.md. Each measurement runs in its own process so
+peak RSS is per measurement. Targets (issue 2): 7B trace <= 10 s, 70B <= 60 s, peak RSS <= 3 GB; ours
+no slower than torch-pruning's DependencyGraph build on SmolLM2; shrink of SmolLM2 by 20% <= 2 s.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+CONFIGS = {
+    "Llama-2-7B": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000),
+    "Llama-3-70B": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+}
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def job_config(name: str) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import depgraph
+
+    cfg = LlamaConfig(**CONFIGS[name])
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    t0 = time.perf_counter()
+    graph = depgraph.trace(model)
+    groups = graph.groups()
+    wall = time.perf_counter() - t0
+    return {"model": name, "trace_s": round(wall, 2), "peak_rss_mb": round(_rss_mb()),
+            "groups": len(groups), "params": graph.num_params}
+
+
+def _smollm2(mha: bool):
+    from depgraph.models import load_model
+
+    model, _ = load_model()
+    model.config.use_cache = False  # torch-pruning walks the outputs' grad_fn; a KV cache tuple breaks it
+    if mha:  # torch-pruning hangs on some GQA shapes: an MHA twin with the same sizes otherwise
+        from transformers import LlamaForCausalLM
+
+        cfg = model.config.__class__.from_dict(model.config.to_dict())
+        cfg.num_key_value_heads = cfg.num_attention_heads
+        model = LlamaForCausalLM(cfg).eval()
+    return model
+
+
+def job_ours(mha: str) -> dict:
+    import depgraph
+
+    model = _smollm2(mha == "mha")
+    t0 = time.perf_counter()
+    graph = depgraph.trace(model)
+    graph.groups()
+    return {"trace_s": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(_rss_mb())}
+
+
+def job_tp(mha: str) -> dict:
+    import torch
+    import torch_pruning as tp
+
+    model = _smollm2(mha == "mha")
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    t0 = time.perf_counter()
+    tp.DependencyGraph().build_dependency(model, example_inputs=ids)
+    return {"build_s": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(_rss_mb())}
+
+
+def job_shrink(_: str) -> dict:
+    import depgraph
+
+    model = _smollm2(False)
+    graph = depgraph.trace(model)
+    plan = depgraph.Plan.random(graph, 0.2, kinds=("attention", "mlp"))
+    before = sum(p.numel() for p in model.parameters())
+    t0 = time.perf_counter()
+    depgraph.shrink(model, plan)
+    wall = time.perf_counter() - t0
+    after = sum(p.numel() for p in model.parameters())
+    return {"shrink_s": round(wall, 3), "params_before": before, "params_after": after}
+
+
+def run(job: str, arg: str, timeout: float) -> dict:
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--job", job, arg], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"timeout_s": timeout}
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    out = {"machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
+           "python": platform.python_version()}
+    out["configs"] = [run("config", name, 600) for name in CONFIGS]
+    ours_gqa = run("ours", "gqa", 600)
+    tp_gqa = run("tp", "gqa", 120)
+    ours_mha = run("ours", "mha", 600)
+    tp_mha = run("tp", "mha", 600)
+    out["smollm2"] = {"ours_gqa": ours_gqa, "torch_pruning_gqa": tp_gqa, "ours_mha_twin": ours_mha,
+                      "torch_pruning_mha_twin": tp_mha}
+    out["shrink"] = run("shrink", "-", 600)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "trace.json").write_text(json.dumps(out, indent=2) + "\n")
+
+    lines = ["# Trace benchmark", "", f"Machine: {out['machine']}. Each row is its own process.", "",
+             "| model (meta device) | trace + groups (s) | target (s) | peak RSS (MB) | groups |",
+             "|---|---|---|---|---|"]
+    for row, target in zip(out["configs"], (10, 60)):
+        lines.append(f"| {row.get('model', '?')} | {row.get('trace_s', row)} | {target} | {row.get('peak_rss_mb')} "
+                     f"| {row.get('groups')} |")
+    s = out["smollm2"]
+
+    def secs(d, key):
+        return f"{d[key]}" if key in d else ("timed out after %ss" % d["timeout_s"] if "timeout_s" in d else d)
+
+    lines += ["", "| SmolLM2-135M | depgraph trace (s) | torch-pruning build (s) | ratio (ours / theirs) |",
+              "|---|---|---|---|"]
+    for label, ours, theirs in (("GQA 9q/3kv (real)", s["ours_gqa"], s["torch_pruning_gqa"]),
+                                ("MHA twin 9q/9kv", s["ours_mha_twin"], s["torch_pruning_mha_twin"])):
+        ratio = (f"{ours['trace_s'] / theirs['build_s']:.2f}" if "trace_s" in ours and "build_s" in theirs
+                 else "n/a")
+        lines.append(f"| {label} | {secs(ours, 'trace_s')} | {secs(theirs, 'build_s')} | {ratio} |")
+    sh = out["shrink"]
+    lines += ["", f"Shrink of SmolLM2 by a random 20% plan over heads and neurons: {sh.get('shrink_s')} s "
+              f"(target 2 s), {sh.get('params_before'):,} -> {sh.get('params_after'):,} parameters.", ""]
+    (RESULTS / "trace.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--job":
+        print(json.dumps(globals()[f"job_{sys.argv[2]}"](sys.argv[3])))
+    else:
+        main()
