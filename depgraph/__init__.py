@@ -10,3 +10,6 @@ from .plan import Plan
 from .shrink import mask, shrink
 
 __all__ += ["Plan", "mask", "shrink", "save_pruned", "load_pruned"]
+from .importance import score
+
+__all__ += ["score"]
