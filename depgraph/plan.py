@@ -83,6 +83,53 @@ class Plan:
             removals[g.id] = units
         return cls.from_units(graph, removals)
 
+    @classmethod
+    def from_scores(cls, graph, scores: dict, target: float, kinds=("attention", "mlp"), policy: str = "uniform",
+                    layers=None, round_to: int = 8, gqa: str = "heads") -> "Plan":
+        """Remove the lowest-scored units until ``target`` (fraction of *all* parameters, embeddings
+        included, counted exactly) is reached.
+
+        ``policy="uniform"``: the same fraction of units in every group (bisection on that fraction);
+        ``"global"``: one threshold on the (normalised) scores across groups. ``layers``: only groups of
+        these layers (e.g. ``range(3, 27)``). ``round_to``: MLP widths kept a multiple of it. ``gqa``:
+        ``"heads"`` removes the same number of query heads per kv group, ``"kv"`` whole kv groups.
+        """
+        check_ratio(target)
+        if policy not in ("uniform", "global"):
+            raise PlanError(f"policy must be 'uniform' or 'global', got {policy!r}")
+        layers = None if layers is None else set(layers)
+        groups = [g for g in graph.groups(kinds) if g.id in scores and (layers is None or g.layer in layers)]
+        if not groups:
+            raise PlanError(f"no scored groups of kinds {kinds} in layers {sorted(layers) if layers else 'all'}")
+        total = graph.num_params
+
+        def plan_for(x):
+            removals = {}
+            for g in groups:
+                s = np.asarray(scores[g.id], dtype=np.float64)
+                frac = x if policy == "uniform" else float((s < x).mean())
+                removals[g.id] = _select(g, s, frac, round_to, gqa)
+            return cls.from_units(graph, removals)
+
+        if policy == "uniform":
+            lo, hi = 0.0, 1.0
+        else:
+            every = np.concatenate([np.asarray(scores[g.id], dtype=np.float64) for g in groups])
+            lo, hi = float(every.min()), float(every.max()) + 1e-12
+        best = plan_for(lo)
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            cand = plan_for(mid)
+            if cand.params_removed() / total < target:
+                lo, best = mid, cand
+            else:
+                hi = mid
+        above = plan_for(hi)
+        # the closer of the two plans that bracket the target
+        if abs(above.params_removed() / total - target) < abs(best.params_removed() / total - target):
+            best = above
+        return best
+
     # -- views ------------------------------------------------------------------------------
     def removed_by_param(self) -> dict:
         """{param: {dim: sorted indices}} merged over every entry."""
@@ -131,6 +178,25 @@ class Plan:
             if isinstance(err, PlanError):
                 raise
             raise PlanError(f"not a depgraph plan: {type(err).__name__}: {err}") from err
+
+
+def _select(group, s, frac: float, round_to: int, gqa: str) -> list:
+    """The lowest-scored ``frac`` of a group's units, legal for its kind (never all of them)."""
+    n = group.num_units
+    if group.gqa:
+        kv, rep = group.gqa
+        if gqa == "kv":
+            k = min(int(round(frac * kv)), kv - 1)
+            per_kv = s.reshape(kv, rep).sum(1)
+            return [g * rep + r for g in np.argsort(per_kv, kind="stable")[:k] for r in range(rep)]
+        c = min(int(round(frac * rep)), rep - 1)
+        return [g * rep + int(r) for g in range(kv) for r in np.argsort(s[g * rep:(g + 1) * rep], kind="stable")[:c]]
+    k = min(int(round(frac * n)), n - 1)
+    if group.kind != "attention" and round_to > 1 and n % round_to == 0:
+        keep = n - k
+        keep = max(round_to, -(-keep // round_to) * round_to)
+        k = n - keep
+    return np.argsort(s, kind="stable")[:max(k, 0)].tolist()
 
 
 def check_ratio(ratio) -> None:

@@ -1,0 +1,54 @@
+"""Plans from scores: parameter targets, layer ranges, rounding, GQA policies."""
+import numpy as np
+import pytest
+
+import depgraph
+from archs import ARCHS
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return depgraph.trace(ARCHS["llama-gqa"]())
+
+
+def _scores(graph, seed=0):
+    rng = np.random.default_rng(seed)
+    return {g.id: rng.random(g.num_units) for g in graph.groups()}
+
+
+@pytest.mark.parametrize("policy", ["uniform", "global"])
+@pytest.mark.parametrize("target", [0.05, 0.15])
+def test_meets_parameter_target_within_one_unit_per_group(graph, policy, target):
+    plan = depgraph.Plan.from_scores(graph, _scores(graph), target, policy=policy, round_to=1)
+    removed = plan.params_removed() / graph.num_params
+    slack = sum(g.params_per_unit * (g.gqa[1] if g.gqa else 1) for g in graph.groups(("attention", "mlp")))
+    assert abs(removed - target) * graph.num_params <= slack
+
+
+def test_lowest_scores_go_first(graph):
+    scores = _scores(graph, 1)
+    plan = depgraph.Plan.from_scores(graph, scores, 0.1, kinds=("mlp",), round_to=1)
+    for e in plan.entries:
+        s = scores[e.group]
+        kept = np.setdiff1d(np.arange(len(s)), e.units)
+        assert s[e.units].max() <= s[kept].min()
+
+
+def test_layer_range_and_rounding(graph):
+    plan = depgraph.Plan.from_scores(graph, _scores(graph), 0.05, kinds=("mlp",), layers=[1], round_to=8)
+    assert [e.group for e in plan.entries] == ["mlp.1"]
+    assert plan.entries[0].units_after % 8 == 0
+
+
+def test_gqa_policies(graph):
+    heads = depgraph.Plan.from_scores(graph, _scores(graph), 0.06, kinds=("attention",), gqa="heads")
+    for e in heads.entries:
+        assert e.attention["kv_after"] == 2 and e.attention["heads_after"] % 2 == 0
+    kv = depgraph.Plan.from_scores(graph, _scores(graph), 0.06, kinds=("attention",), gqa="kv")
+    for e in kv.entries:
+        assert e.attention["heads_after"] == 3 * e.attention["kv_after"]
+
+
+def test_bad_target(graph):
+    with pytest.raises(depgraph.PlanError, match="ratio must be in"):
+        depgraph.Plan.from_scores(graph, _scores(graph), 1.5)
