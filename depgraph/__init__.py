@@ -13,3 +13,6 @@ __all__ += ["Plan", "mask", "shrink", "save_pruned", "load_pruned"]
 from .importance import score
 
 __all__ += ["score"]
+from .prune import prune
+
+__all__ += ["prune"]
