@@ -92,11 +92,15 @@ def _run_trace(args) -> int:
 
 
 def _add_prune(subparsers) -> None:
-    _add_stub(subparsers, "prune", "score, plan and shrink a model, then save it")
+    from depgraph.cli_prune import add_prune
+
+    add_prune(subparsers, _add_model_argument)
 
 
 def _add_eval(subparsers) -> None:
-    _add_stub(subparsers, "eval", "evaluate a model (perplexity, zero-shot tasks)")
+    from depgraph.cli_prune import add_eval
+
+    add_eval(subparsers, _add_model_argument)
 
 
 def _add_recover(subparsers) -> None:
@@ -104,11 +108,66 @@ def _add_recover(subparsers) -> None:
 
 
 def _add_viz(subparsers) -> None:
-    _add_stub(subparsers, "viz", "draw a dependency graph or plan with Graphviz")
+    parser = subparsers.add_parser(
+        "viz", help="draw a dependency graph or plan with Graphviz",
+        description="Trace MODEL and draw its dependency graph: an overview (one cluster per layer) or, with --layer "
+                    "or --group, a detail view with parameters as nodes and labelled index maps. With --plan, the "
+                    "removed units are shown. The format follows the -o suffix (.svg .png .pdf .dot); without "
+                    "Graphviz's `dot` binary the .dot source is written instead.",
+    )
+    _add_model_argument(parser)
+    parser.add_argument("-o", "--output", default="graph.svg", help="output file (default: %(default)s)")
+    parser.add_argument("--layer", type=int, default=None, help="detail view of this layer")
+    parser.add_argument("--group", default=None, help="detail view of this group, e.g. attention.3 or hidden")
+    parser.add_argument("--plan", default=None, help="plan.json (or a run folder holding one) to show removed units")
+    parser.add_argument("--collapse", action="store_true", help="overview: fold identical consecutive layers")
+    parser.add_argument("--wrap", type=int, default=None,
+                        help="overview: layers per row (default 6 when deeper than 8 layers; 0: one column)")
+    parser.set_defaults(func=_run_viz)
+
+
+def _run_viz(args) -> int:
+    import warnings
+    from pathlib import Path
+
+    from depgraph import trace
+    from viz import draw, save
+
+    plan = None
+    if args.plan is not None:
+        plan = Path(args.plan)
+        if plan.is_dir():
+            plan = plan / "plan.json"
+        if not plan.is_file():
+            raise FileNotFoundError(f"plan {plan} does not exist")
+    model, _tokenizer = _load(args)
+    graph = trace(model)
+    dot = draw(graph, plan, layer=args.layer, group=args.group, collapse=args.collapse, wrap=args.wrap)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        written = save(dot, args.output)
+    for w in caught:
+        print(f"{PROG} viz: {w.message}", file=sys.stderr)
+    print(written)
+    return 0
 
 
 def _add_report(subparsers) -> None:
-    _add_stub(subparsers, "report", "write an HTML report of a pruning run")
+    parser = subparsers.add_parser(
+        "report", help="write an HTML report of a pruning run",
+        description="Write one self-contained HTML file (charts embedded, no network needed to view it) from a run "
+                    "folder: report.json, plan.json and eval.json, whichever are present.",
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (as written by `depgraph prune`)")
+    parser.add_argument("-o", "--output", default=None, help="output file (default: RUN_DIR/report.html)")
+    parser.set_defaults(func=_run_report)
+
+
+def _run_report(args) -> int:
+    from viz import report
+
+    print(report(args.run_dir, args.output))
+    return 0
 
 
 def _add_sparsify(subparsers) -> None:

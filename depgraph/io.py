@@ -23,8 +23,8 @@ def _info(model) -> dict:
     return info if isinstance(info, dict) else {"format": 1, "modules": {}, "layers": {}}
 
 
-def save_pruned(model, path, tokenizer=None) -> Path:
-    """Write ``model`` (and ``tokenizer``) to ``path`` atomically; returns the path."""
+def save_pruned(model, path, tokenizer=None, extra_files: dict | None = None) -> Path:
+    """Write ``model`` (and ``tokenizer``, and ``extra_files`` {name: text}) to ``path`` atomically."""
     path = Path(path)
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "save_pretrained"):
@@ -38,6 +38,8 @@ def save_pruned(model, path, tokenizer=None) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old")

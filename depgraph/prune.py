@@ -3,42 +3,67 @@ from __future__ import annotations
 
 import time
 
+from .errors import PlanError
 from .graph import trace
-from .importance import score
-from .plan import Plan
+from .importance import METHODS, score
+from .plan import Plan, check_ratio
 from .shrink import shrink
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def prune(model, calibration=None, target: float = 0.2, method: str = "taylor", kinds=("attention", "mlp"),
           policy: str = "uniform", layers=None, round_to: int = 8, gqa: str = "heads", aggregate: str = "sum",
-          normalize=None):
-    """Shrink ``model`` in place by ``target`` (fraction of all parameters); returns (model, report).
+          normalize=None, steps: int = 1, uniform: bool = False, progress: bool = True):
+    """Shrink ``model`` in place by ``target`` (fraction of *all* parameters); returns (model, report).
 
-    ``calibration``: token ids [N, L] (see :func:`depgraph.calibration.load_calibration`); needed by the
-    gradient and activation methods.
+    ``calibration``: token ids [N, L] (:func:`depgraph.calibration.load_calibration`), needed by the
+    gradient and activation methods. ``steps > 1`` prunes iteratively, re-tracing and re-scoring after
+    each partial shrink. ``uniform=True`` keeps every layer the same shape (same fraction of every
+    group, all layers), so stock ``from_pretrained`` loads the result.
     """
-    times = {}
-    t = time.perf_counter()
-    graph = trace(model)
-    times["trace_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    scores = score(model, graph, calibration, method=method, aggregate=aggregate, normalize=normalize, kinds=kinds)
-    times["score_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    plan = Plan.from_scores(graph, scores, target, kinds=kinds, policy=policy, layers=layers, round_to=round_to,
-                            gqa=gqa)
-    times["plan_s"] = time.perf_counter() - t
-    before = graph.num_params
-    t = time.perf_counter()
-    shrink(model, plan)
-    times["shrink_s"] = time.perf_counter() - t
-    after = sum(p.numel() for p in model.parameters())
+    check_ratio(target)
+    if method not in METHODS:
+        raise PlanError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if not isinstance(steps, int) or steps < 1:
+        raise PlanError(f"steps must be a positive integer, got {steps!r}")
+    if uniform:
+        policy, layers = "uniform", None
+    original = _params(model)
+    times = {"trace_s": 0.0, "score_s": 0.0, "plan_s": 0.0, "shrink_s": 0.0}
+    groups, plans = {}, []
+    for step in range(1, steps + 1):
+        t = time.perf_counter()
+        graph = trace(model)
+        times["trace_s"] += time.perf_counter() - t
+        t = time.perf_counter()
+        scores = score(model, graph, calibration, method=method, aggregate=aggregate, normalize=normalize,
+                       kinds=kinds, progress=progress)
+        times["score_s"] += time.perf_counter() - t
+        current = _params(model)
+        goal = original * (1 - target * step / steps)  # parameters left after this step
+        step_target = max(0.0, 1 - goal / current)
+        t = time.perf_counter()
+        plan = Plan.from_scores(graph, scores, step_target, kinds=kinds, policy=policy, layers=layers,
+                                round_to=round_to, gqa=gqa)
+        times["plan_s"] += time.perf_counter() - t
+        t = time.perf_counter()
+        shrink(model, plan)
+        times["shrink_s"] += time.perf_counter() - t
+        plans.append(plan)
+        for e in plan.entries:
+            first = groups.setdefault(e.group, {"group": e.group, "kind": e.kind, "layer": e.layer,
+                                                "units_before": e.num_units,
+                                                "scores": [float(x) for x in scores[e.group]]})
+            first["units_after"] = e.units_after
+    after = _params(model)
     report = {
-        "method": method, "target": target, "policy": policy, "params_before": before, "params_after": after,
-        "removed_fraction": (before - after) / before, "times": times,
-        "groups": [{"group": e.group, "kind": e.kind, "layer": e.layer, "units_before": e.num_units,
-                    "units_after": e.units_after, "scores": [float(x) for x in scores[e.group]]}
-                   for e in plan.entries],
-        "plan": plan,
+        "method": method, "target": target, "policy": policy, "steps": steps, "uniform": uniform,
+        "layers": None if layers is None else sorted(layers), "round_to": round_to, "gqa": gqa,
+        "params_before": original, "params_after": after, "removed_fraction": (original - after) / original,
+        "stock_loadable": bool(getattr(getattr(model, "config", None), "depgraph", {}).get("uniform")),
+        "times": times, "groups": list(groups.values()),
     }
-    return model, report
+    return model, report, plans

@@ -11,7 +11,7 @@ def test_prune_hits_target_and_keeps_working(tmp_path):
     model = ARCHS["llama-gqa"]()
     calib = torch.cat([ids(s, batch=2, length=16) for s in range(2)])
     dense = copy.deepcopy(model)
-    pruned, report = depgraph.prune(model, calib, target=0.1, method="taylor", round_to=1)
+    pruned, report, _ = depgraph.prune(model, calib, target=0.1, method="taylor", round_to=1)
     assert pruned is model
     assert abs(report["removed_fraction"] - 0.1) < 0.05
     assert report["params_after"] == sum(p.numel() for p in model.parameters()) < report["params_before"]
@@ -25,3 +25,39 @@ def test_prune_hits_target_and_keeps_working(tmp_path):
     loaded = depgraph.load_pruned(tmp_path / "m")
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, out)
+
+
+def test_iterative_pruning_ends_at_target():
+    model = ARCHS["llama-gqa"]()
+    calib = ids(3, batch=2, length=16)
+    _, report, plans = depgraph.prune(model, calib, target=0.15, method="taylor", steps=3, round_to=1,
+                                      progress=False)
+    assert len(plans) == 3 and all(p.entries for p in plans)
+    assert abs(report["removed_fraction"] - 0.15) < 0.04
+
+
+def test_uniform_mode_is_stock_loadable(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = ARCHS["llama-gqa"]()
+    _, report, _ = depgraph.prune(model, None, target=0.1, method="l2", uniform=True, round_to=8, progress=False)
+    assert report["stock_loadable"]
+    depgraph.save_pruned(model, tmp_path / "m")
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    x = ids(5)
+    with torch.no_grad():
+        assert torch.equal(stock(x).logits, model(x).logits)
+
+
+def test_bad_arguments_fail_before_touching_the_model():
+    model = ARCHS["llama-gqa"]()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for kwargs, message in (({"target": 1.5}, "ratio must be in"), ({"method": "nope"}, "unknown method"),
+                            ({"steps": 0}, "steps must be")):
+        try:
+            depgraph.prune(model, None, **{"target": 0.1, "method": "l2", **kwargs})
+        except depgraph.PlanError as e:
+            assert message in str(e)
+        else:
+            raise AssertionError(f"{kwargs} did not raise")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

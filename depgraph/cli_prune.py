@@ -1,0 +1,168 @@
+"""``depgraph prune`` and ``depgraph eval``: argument setup and runners (used by :mod:`depgraph.cli`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from depgraph.errors import DepgraphError
+
+METHODS = ("random", "l1", "l2", "magnitude", "taylor", "fisher", "taylor+fisher", "taylor-vector", "activation")
+KINDS = ("attention", "mlp", "hidden")
+
+
+def _layers(text: str):
+    """``3:27`` -> range(3, 27); ``0,5,7`` -> [0, 5, 7]."""
+    try:
+        if ":" in text:
+            lo, hi = text.split(":")
+            return range(int(lo), int(hi))
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers takes START:STOP or a comma list, got {text!r}") from None
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"--target must be in [0, 1), got {v}")
+    return v
+
+
+def add_prune(subparsers, add_model_argument) -> None:
+    p = subparsers.add_parser("prune", help="score, plan and shrink a model, then save it",
+                              description="Prune MODEL to a parameter target and write the pruned model folder "
+                                          "with plan.json and report.json.")
+    add_model_argument(p)
+    p.add_argument("--target", type=_fraction, default=0.2, help="fraction of all parameters to remove")
+    p.add_argument("--method", choices=METHODS, default="taylor")
+    p.add_argument("--calib", default="alpaca", help="calibration source: a text/JSON/JSONL file, alpaca, ptb, "
+                                                     "wikitext2, self, or an HF dataset name (default: alpaca)")
+    p.add_argument("--n-samples", type=int, default=10)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--kinds", default="attention,mlp", help="comma list of group kinds to prune")
+    p.add_argument("--layers", type=_layers, default=None, help="only these layers, e.g. 3:27")
+    p.add_argument("--policy", choices=("uniform", "global"), default="uniform")
+    p.add_argument("--round-to", type=int, default=8, help="keep MLP widths a multiple of this")
+    p.add_argument("--gqa", choices=("heads", "kv"), default="heads")
+    p.add_argument("--steps", type=int, default=1, help="iterative pruning in this many steps")
+    p.add_argument("--uniform", action="store_true", help="every layer the same shape (stock-loadable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None, help="folder laid out like ../shared/data")
+    p.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
+    p.set_defaults(func=run_prune)
+
+
+def _check_prune_args(args) -> list:
+    kinds = [k for k in args.kinds.split(",") if k]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise DepgraphError(f"--kinds: unknown kind(s) {bad or kinds}; choose from {', '.join(KINDS)}")
+    if args.steps < 1 or args.n_samples < 1 or args.seq_len < 2:
+        raise DepgraphError("--steps, --n-samples must be >= 1 and --seq-len >= 2")
+    calib = Path(args.calib).expanduser()
+    if args.method not in ("random", "l1", "l2", "magnitude") and (calib.suffix or "/" in args.calib):
+        if not calib.is_file():
+            raise DepgraphError(f"--calib: file {calib} does not exist")
+        if calib.stat().st_size == 0:
+            raise DepgraphError(f"--calib: file {calib} is empty")
+    return kinds
+
+
+def run_prune(args) -> int:
+    kinds = _check_prune_args(args)
+    import depgraph
+    from depgraph.calibration import load_calibration
+
+    from .cli import _load
+
+    t0 = time.perf_counter()
+    model, tok = _load(args)
+    load_s = time.perf_counter() - t0
+    calib = None
+    if args.method not in ("random", "l1", "l2", "magnitude"):
+        if tok is None and args.calib != "self":
+            raise DepgraphError(f"{args.model}: no tokenizer to tokenize the calibration data")
+        import os
+
+        if args.data_dir:
+            os.environ["DEPGRAPH_DATA"] = args.data_dir
+        calib = load_calibration(args.calib, tok, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
+                                 model=model)
+    model, report, plans = depgraph.prune(model, calib, target=args.target, method=args.method, kinds=kinds,
+                                          policy=args.policy, layers=args.layers, round_to=args.round_to,
+                                          gqa=args.gqa, steps=args.steps, uniform=args.uniform)
+    report["times"]["load_s"] = load_s
+    report["model"] = args.model or "SmolLM2-135M-Instruct (bundled)"
+    report["calibration"] = None if calib is None else {"source": args.calib, "n_samples": args.n_samples,
+                                                        "seq_len": args.seq_len, "seed": args.seed}
+    plan_json = plans[0].to_json(indent=1) if len(plans) == 1 else \
+        "[" + ",\n".join(p.to_json(indent=1) for p in plans) + "]"
+    t = time.perf_counter()
+    out = depgraph.save_pruned(model, args.output, tokenizer=tok,
+                               extra_files={"plan.json": plan_json, "report.json": json.dumps(report, indent=1)})
+    report["times"]["save_s"] = time.perf_counter() - t
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    print(f"pruned {report['params_before']:,} -> {report['params_after']:,} parameters "
+          f"({100 * report['removed_fraction']:.1f}% removed, method {args.method}); wrote {out}")
+    return 0
+
+
+def add_eval(subparsers, add_model_argument) -> None:
+    p = subparsers.add_parser("eval", help="evaluate a model (perplexity, zero-shot tasks)",
+                              description="Perplexity on WikiText-2/PTB (non-overlapping windows) and zero-shot "
+                                          "tasks through lm-eval, from local copies when offline.")
+    add_model_argument(p)
+    p.add_argument("--ppl", default="", help="comma list: wikitext2,ptb")
+    p.add_argument("--tasks", default="", help="comma list of lm-eval tasks: boolq,piqa,hellaswag,winogrande,"
+                                                "arc_easy,arc_challenge,openbookqa")
+    p.add_argument("--window", type=int, default=128, help="perplexity window in tokens (default 128)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many windows / examples per set")
+    p.add_argument("--data-dir", default=None, help="folder laid out like ../shared/data")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args) -> int:
+    ppl_sets = [s for s in args.ppl.split(",") if s]
+    tasks = [t for t in args.tasks.split(",") if t]
+    if not ppl_sets and not tasks:
+        raise DepgraphError("nothing to evaluate: give --ppl wikitext2,ptb and/or --tasks piqa,...")
+    unknown = [s for s in ppl_sets if s not in ("wikitext2", "ptb")]
+    if unknown:
+        raise DepgraphError(f"--ppl: unknown data set(s) {unknown}; choose wikitext2, ptb")
+    if args.window < 2:
+        raise DepgraphError("--window must be at least 2 tokens")
+    from recover.evaluate import perplexity, zero_shot
+
+    from .cli import _load
+
+    model, tok = _load(args)
+    if tok is None:
+        raise DepgraphError(f"{args.model}: no tokenizer in the model folder")
+    result = {"model": args.model or "SmolLM2-135M-Instruct (bundled)", "window": args.window, "limit": args.limit,
+              "ppl": {}, "ppl_source": {}}
+    for name in ppl_sets:
+        r = perplexity(model, tok, name, window=args.window, limit=args.limit, data_dir=args.data_dir)
+        result["ppl"][name] = r["ppl"]
+        result["ppl_source"][name] = {"source": r.get("source"), "windows": r.get("windows"),
+                                      "split": r.get("split")}
+        if not args.json:
+            print(f"{name}: ppl {r['ppl']:.2f} (window {args.window}, {r.get('windows')} windows, "
+                  f"{r.get('source')})")
+    if tasks:
+        z = zero_shot(model, tok, tasks=tasks, limit=args.limit, data_dir=args.data_dir)
+        result.update({k: v for k, v in z.items() if k != "tasks"})
+        result["tasks"] = z["tasks"]
+        if not args.json:
+            for t, v in z["tasks"].items():
+                print(f"{t}: " + ", ".join(f"{k} {x:.4f}" for k, x in v.items() if isinstance(x, float)))
+    if args.json:
+        json.dump(result, sys.stdout, default=str)
+        print()
+    return 0

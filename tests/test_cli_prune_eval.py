@@ -1,0 +1,70 @@
+"""`depgraph prune` and `depgraph eval` end to end on a tiny model folder."""
+import json
+
+import pytest
+import torch
+
+import depgraph
+from depgraph.cli import main
+from test_evaluate import TEXT, _tiny_model, _tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    tok = _tiny_tokenizer()
+    model = _tiny_model(len(tok))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (folder.parent / "calib.txt").write_text(TEXT)
+    return folder
+
+
+def test_prune_end_to_end(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    calib = tiny_folder.parent / "calib.txt"
+    rc = main([("prune"), str(tiny_folder), "--target", "0.1", "--method", "taylor", "--calib", str(calib),
+               "--n-samples", "4", "--seq-len", "16", "--round-to", "1", "-o", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    model = depgraph.load_pruned(out)
+    report = json.loads((out / "report.json").read_text())
+    assert report["params_after"] == sum(p.numel() for p in model.parameters())
+    assert 0.05 < report["removed_fraction"] < 0.15
+    plan = depgraph.Plan.from_json((out / "plan.json").read_text())
+    assert plan.params_removed() == report["params_before"] - report["params_after"]
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--target", "1.5"], "--target must be in [0, 1)"),
+    (["--method", "nope"], "invalid choice"),
+    (["--calib", "/does/not/exist.txt"], "does not exist"),
+    (["--calib", "EMPTY"], "is empty"),
+])
+def test_prune_bad_arguments_write_nothing(tiny_folder, tmp_path, capsys, argv, message):
+    out = tmp_path / "pruned"
+    if "EMPTY" in argv:
+        empty = tmp_path / "empty.txt"
+        empty.write_text("")
+        argv = [a if a != "EMPTY" else str(empty) for a in argv]
+    rc = main(["prune", str(tiny_folder), *argv, "-o", str(out)])
+    assert rc != 0
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()[-1]) < 300
+    assert not out.exists()
+
+
+def test_eval_json(tiny_folder, capsys):
+    from recover.datasets import resolve_data_dir
+
+    try:
+        resolve_data_dir()
+    except FileNotFoundError:
+        pytest.skip("shared data folder not found")
+    rc = main(["eval", str(tiny_folder), "--ppl", "wikitext2,ptb", "--window", "32", "--limit", "3", "--json"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["window"] == 32 and set(result["ppl"]) == {"wikitext2", "ptb"}
+    assert all(v > 1 for v in result["ppl"].values())
+    assert main(["eval", str(tiny_folder)]) == 1
+    assert "nothing to evaluate" in capsys.readouterr().err
