@@ -52,6 +52,8 @@ def add_prune(subparsers, add_model_argument) -> None:
     p.add_argument("--gqa", choices=("heads", "kv"), default="heads")
     p.add_argument("--steps", type=int, default=1, help="iterative pruning in this many steps")
     p.add_argument("--uniform", action="store_true", help="every layer the same shape (stock-loadable)")
+    p.add_argument("--compensate", action="store_true",
+                   help="fold removed units' mean contribution into the next layer's bias (FLAP)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None, help="folder laid out like ../shared/data")
     p.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
@@ -66,7 +68,8 @@ def _check_prune_args(args) -> list:
     if args.steps < 1 or args.n_samples < 1 or args.seq_len < 2:
         raise DepgraphError("--steps, --n-samples must be >= 1 and --seq-len >= 2")
     calib = Path(args.calib).expanduser()
-    if args.method not in ("random", "l1", "l2", "magnitude") and (calib.suffix or "/" in args.calib):
+    needs_calib = args.method not in ("random", "l1", "l2", "magnitude") or args.compensate
+    if needs_calib and (calib.suffix or "/" in args.calib):
         if not calib.is_file():
             raise DepgraphError(f"--calib: file {calib} does not exist")
         if calib.stat().st_size == 0:
@@ -85,7 +88,7 @@ def run_prune(args) -> int:
     model, tok = _load(args)
     load_s = time.perf_counter() - t0
     calib = None
-    if args.method not in ("random", "l1", "l2", "magnitude"):
+    if args.method not in ("random", "l1", "l2", "magnitude") or args.compensate:
         if tok is None and args.calib != "self":
             raise DepgraphError(f"{args.model}: no tokenizer to tokenize the calibration data")
         import os
@@ -96,7 +99,8 @@ def run_prune(args) -> int:
                                  model=model)
     model, report, plans = depgraph.prune(model, calib, target=args.target, method=args.method, kinds=kinds,
                                           policy=args.policy, layers=args.layers, round_to=args.round_to,
-                                          gqa=args.gqa, steps=args.steps, uniform=args.uniform)
+                                          gqa=args.gqa, steps=args.steps, uniform=args.uniform,
+                                          compensate=args.compensate)
     report["times"]["load_s"] = load_s
     report["model"] = args.model or "SmolLM2-135M-Instruct (bundled)"
     report["calibration"] = None if calib is None else {"source": args.calib, "n_samples": args.n_samples,

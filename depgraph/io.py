@@ -95,6 +95,10 @@ def load_pruned(path, dtype=None, device="cpu"):
             raise LoadError(f"{path}: tensor {name} has shape {list(state[name].shape)}, config records {shape}")
     with init_empty_weights(include_buffers=False):
         model = cls(config)
+    for mod_path in info.get("added_biases", []):  # biases added by compensation
+        mod = model.get_submodule(mod_path)
+        if getattr(mod, "bias", None) is None:
+            mod.bias = torch.nn.Parameter(torch.empty(mod.out_features, device="meta"))
     for name, t in state.items():
         mod_name, _, attr = name.rpartition(".")
         try:

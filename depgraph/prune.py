@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 
+from .compensate import apply_bias, bias_deltas
 from .errors import PlanError
 from .graph import trace
 from .importance import METHODS, score
@@ -16,19 +17,23 @@ def _params(model) -> int:
 
 def prune(model, calibration=None, target: float = 0.2, method: str = "taylor", kinds=("attention", "mlp"),
           policy: str = "uniform", layers=None, round_to: int = 8, gqa: str = "heads", aggregate: str = "sum",
-          normalize=None, steps: int = 1, uniform: bool = False, progress: bool = True):
+          normalize=None, steps: int = 1, uniform: bool = False, compensate: bool = False,
+          progress: bool = True):
     """Shrink ``model`` in place by ``target`` (fraction of *all* parameters); returns (model, report).
 
     ``calibration``: token ids [N, L] (:func:`depgraph.calibration.load_calibration`), needed by the
     gradient and activation methods. ``steps > 1`` prunes iteratively, re-tracing and re-scoring after
     each partial shrink. ``uniform=True`` keeps every layer the same shape (same fraction of every
-    group, all layers), so stock ``from_pretrained`` loads the result.
+    group, all layers), so stock ``from_pretrained`` loads the result. ``compensate=True`` folds removed
+    units' mean contribution over the calibration tokens into the consumer's bias (FLAP).
     """
     check_ratio(target)
     if method not in METHODS:
         raise PlanError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if not isinstance(steps, int) or steps < 1:
         raise PlanError(f"steps must be a positive integer, got {steps!r}")
+    if compensate and calibration is None:
+        raise PlanError("compensate=True needs calibration data (the removed units' mean activations)")
     if uniform:
         policy, layers = "uniform", None
     original = _params(model)
@@ -50,7 +55,9 @@ def prune(model, calibration=None, target: float = 0.2, method: str = "taylor", 
                                 round_to=round_to, gqa=gqa)
         times["plan_s"] += time.perf_counter() - t
         t = time.perf_counter()
+        deltas = bias_deltas(model, plan, calibration) if compensate else {}
         shrink(model, plan)
+        apply_bias(model, deltas)
         times["shrink_s"] += time.perf_counter() - t
         plans.append(plan)
         for e in plan.entries:
@@ -61,6 +68,7 @@ def prune(model, calibration=None, target: float = 0.2, method: str = "taylor", 
     after = _params(model)
     report = {
         "method": method, "target": target, "policy": policy, "steps": steps, "uniform": uniform,
+        "compensate": compensate,
         "layers": None if layers is None else sorted(layers), "round_to": round_to, "gqa": gqa,
         "params_before": original, "params_after": after, "removed_fraction": (original - after) / original,
         "stock_loadable": bool(getattr(getattr(model, "config", None), "depgraph", {}).get("uniform")),

@@ -61,3 +61,51 @@ def test_bad_arguments_fail_before_touching_the_model():
         else:
             raise AssertionError(f"{kwargs} did not raise")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_compensation_keeps_the_mean_output_and_round_trips(tmp_path):
+    """FLAP bias: on the calibration tokens, the compensated layer's mean output equals the dense one's."""
+    from depgraph.compensate import apply_bias, bias_deltas
+
+    model = ARCHS["llama-gqa"]()
+    graph = depgraph.trace(model)
+    plan = depgraph.Plan.from_units(graph, {"mlp.0": list(range(0, 64, 3))})
+    calib = ids(4, batch=3, length=16)
+    down = "model.layers.0.mlp.down_proj"
+
+    def mean_out(m):
+        acc = []
+        h = m.get_submodule(down).register_forward_hook(lambda mod, a, out: acc.append(out.reshape(-1, out.shape[-1])))
+        with torch.no_grad():
+            for row in calib:
+                m(row.unsqueeze(0))
+        h.remove()
+        return torch.cat(acc).mean(0)
+
+    dense_mean = mean_out(model)
+    plain = depgraph.shrink(copy.deepcopy(model), plan)
+    comp = copy.deepcopy(model)
+    deltas = bias_deltas(comp, plan, calib)
+    depgraph.shrink(comp, plan)
+    apply_bias(comp, deltas)
+    assert comp.get_submodule(down).bias is not None
+    err_plain = (mean_out(plain) - dense_mean).abs().max()
+    err_comp = (mean_out(comp) - dense_mean).abs().max()
+    assert err_plain > 1e-5 and err_comp < 1e-3 * err_plain
+    assert comp.config.mlp_bias is True  # Llama's flag: the folder still builds from its config
+    depgraph.save_pruned(comp, tmp_path / "m")
+    x = ids(9)
+    with torch.no_grad():
+        assert torch.equal(depgraph.load_pruned(tmp_path / "m")(x).logits, comp(x).logits)
+
+
+def test_prune_with_compensation_needs_calibration():
+    model = ARCHS["llama-gqa"]()
+    try:
+        depgraph.prune(model, None, target=0.1, method="l2", compensate=True)
+    except depgraph.PlanError as e:
+        assert "needs calibration" in str(e)
+    else:
+        raise AssertionError("no error")
+    _, report, _ = depgraph.prune(model, ids(2), target=0.1, method="l2", compensate=True, progress=False)
+    assert report["compensate"] and report["removed_fraction"] > 0.05

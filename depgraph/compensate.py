@@ -1,0 +1,111 @@
+"""Bias compensation (FLAP's baseline bias): a removed unit's mean contribution over the calibration
+tokens is folded into the bias of the linear layer that consumed it.
+
+For a consumer ``y = W x + b`` whose input features ``R`` are removed, the new bias is
+``b + W[:, R] @ mean(x[R])``, so the output keeps its mean over the calibration data.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .plan import Plan
+
+BIAS_FLAGS = ("mlp_bias", "attention_bias", "bias", "use_bias")
+
+
+def _consumers(model, plan: Plan) -> dict:
+    """{linear module path: input indices removed} for every nn.Linear whose input dim loses units."""
+    out = {}
+    for param, dims in plan.removed_by_param().items():
+        mod_path, _, attr = param.rpartition(".")
+        if attr != "weight" or 1 not in dims:
+            continue
+        mod = model.get_submodule(mod_path)
+        if isinstance(mod, nn.Linear):
+            out[mod_path] = dims[1]
+    return out
+
+
+@torch.no_grad()
+def input_means(model, paths, calibration) -> dict:
+    """Mean input feature of each linear in ``paths`` over every calibration token: {path: [in_features]}."""
+    sums, counts, hooks = {}, {}, []
+    for path in paths:
+        def hook(mod, args, path=path):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            sums[path] = sums.get(path, 0) + x.sum(0)
+            counts[path] = counts.get(path, 0) + x.shape[0]
+        hooks.append(model.get_submodule(path).register_forward_pre_hook(hook))
+    try:
+        for row in calibration:
+            model(row.unsqueeze(0))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {p: (sums[p] / counts[p]) for p in sums}
+
+
+@torch.no_grad()
+def bias_deltas(model, plan: Plan, calibration) -> dict:
+    """{linear path: bias increment [out_features]}; compute before ``shrink`` (it needs the removed columns)."""
+    consumers = _consumers(model, plan)
+    means = input_means(model, consumers, calibration)
+    deltas = {}
+    for path, idx in consumers.items():
+        w = model.get_submodule(path).weight
+        idx_t = torch.as_tensor(idx)
+        deltas[path] = (w[:, idx_t].to(torch.float64) @ means[path][idx_t]).to(w.dtype)
+    return deltas
+
+
+@torch.no_grad()
+def apply_bias(model, deltas: dict) -> None:
+    """Add the increments (after ``shrink``), creating biases where needed and recording them so the
+    folder loads: with the config's bias flag when that rebuilds the same parameters, else through
+    ``load_pruned``'s record of added biases."""
+    added = []
+    for path, delta in deltas.items():
+        mod = model.get_submodule(path)
+        if mod.bias is None:
+            mod.bias = nn.Parameter(torch.zeros(mod.out_features, dtype=mod.weight.dtype, device=mod.weight.device))
+            added.append(path)
+        mod.bias.add_(delta.to(mod.bias.device))
+    config = getattr(model, "config", None)
+    if config is None or not added:
+        return
+    info = getattr(config, "depgraph", None)
+    if not isinstance(info, dict):
+        info = {"format": 1, "modules": {}, "layers": {}}
+        config.depgraph = info
+    info.setdefault("added_biases", [])
+    info["added_biases"] = sorted(set(info["added_biases"]) | set(added))
+    _try_config_flags(model, config)
+
+
+def _try_config_flags(model, config) -> None:
+    """Turn on a config bias flag when the model it builds has every parameter we have; the extra
+    biases it implies (e.g. Llama's ``mlp_bias`` also covers gate/up) are added as zeros."""
+    mine = {n for n, _ in model.named_parameters()}
+    for flag in BIAS_FLAGS:
+        if getattr(config, flag, None) is not False:
+            continue
+        candidate = copy.deepcopy(config)
+        setattr(candidate, flag, True)
+        try:
+            with torch.device("meta"):
+                theirs = {n for n, _ in type(model)(candidate).named_parameters()}
+        except Exception:  # noqa: BLE001 - this flag does not build
+            continue
+        extra = theirs - mine
+        if not mine <= theirs or any(not n.endswith(".bias") for n in extra):
+            continue
+        for name in sorted(extra):
+            mod = model.get_submodule(name.rpartition(".")[0])
+            mod.bias = nn.Parameter(torch.zeros(mod.out_features, dtype=mod.weight.dtype, device=mod.weight.device))
+        config.depgraph["added_biases"] = sorted(set(config.depgraph["added_biases"]) |
+                                                 {n.rpartition(".")[0] for n in extra})
+        setattr(config, flag, True)
+        return
