@@ -91,8 +91,12 @@ def _device(model) -> torch.device:
 
 
 # -- calibration passes ---------------------------------------------------------------------
-def gradient_stats(model, graph, batches, dtype=torch.float32, progress: bool = True) -> GradStats:
+def gradient_stats(model, graph, batches, dtype=torch.float32, progress: bool = True,
+                   per_sample: bool = True) -> GradStats:
     """One calibration pass: per sample (row of ``batches``), forward with ``labels=ids`` and backward.
+
+    ``per_sample=False`` (first-order methods, no Fisher): one batched forward/backward of the mean
+    loss instead; ``fisher`` is then empty. The gradient is the same up to rounding (equal lengths).
 
     Accumulates, for every parameter that is a member of some group, the per-sample gradient and its
     square (every sample's, not only the last one's), then divides both by the number of samples.
@@ -117,9 +121,12 @@ def gradient_stats(model, graph, batches, dtype=torch.float32, progress: bool = 
         for n, p in params.items():
             p.requires_grad_(n in tracked)
             p.grad = None
+        chunks = batches if per_sample else [batches]
+        if not per_sample:
+            stats.fisher = {}
         with torch.enable_grad():
-            for row in tqdm(batches, desc="gradients", disable=not progress, leave=False):
-                ids = row[None].to(dev)
+            for row in tqdm(chunks, desc="gradients", disable=not progress, leave=False):
+                ids = (row[None] if per_sample else row).to(dev)
                 loss = model(input_ids=ids, labels=ids).loss
                 loss.backward()
                 total_loss += float(loss.detach())
@@ -128,13 +135,14 @@ def gradient_stats(model, graph, batches, dtype=torch.float32, progress: bool = 
                         continue
                     g = p.grad.detach().to(dtype)
                     stats.grad[n].add_(g)
-                    stats.fisher[n].add_(g * g)
+                    if per_sample:
+                        stats.fisher[n].add_(g * g)
                     p.grad = None
-        n = len(batches)
+        n = len(chunks)
         for d in (stats.grad, stats.fisher):
             for t in d.values():
                 t.div_(max(n, 1))
-        stats.num_samples = n
+        stats.num_samples = len(batches)
         stats.loss = total_loss / max(n, 1)
     finally:
         for name, p in params.items():
@@ -290,7 +298,8 @@ def score(model, graph, calibration=None, method: str = "taylor", aggregate: str
     if method in _GRAD_METHODS and stats is None:
         if calibration is None:
             raise ValueError(f"method {method!r} needs calibration token ids")
-        stats = gradient_stats(model, graph, calibration, progress=progress)
+        stats = gradient_stats(model, graph, calibration, progress=progress,
+                               per_sample=method in ("fisher", "taylor+fisher"))
     act_dims = {}
     if method == "activation":
         if stats is None:
@@ -317,7 +326,7 @@ def score(model, graph, calibration=None, method: str = "taylor", aggregate: str
                     if name not in stats.grad:  # a buffer, or a tensor without a gradient
                         cache[key] = None
                         continue
-                    kw = {"g": stats.grad[name], "fisher": stats.fisher[name]}
+                    kw = {"g": stats.grad[name], "fisher": stats.fisher.get(name)}
                 elif method == "activation" and act_dims.get(name) == m.dim:
                     kw = {"act": stats.get(name), "act_dim": m.dim}
                 e = _element_scores(method, w, **kw)

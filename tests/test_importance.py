@@ -219,3 +219,19 @@ def test_other_architectures(arch):
     if arch == "gpt2":  # Conv1D layers read their input along dim 0
         stats = imp.activation_stats(model, graph, x, progress=False)
         assert stats["transformer.h.0.mlp.c_proj.weight"].shape == (64,)
+
+
+def test_batched_gradient_equals_mean_of_per_sample_gradients():
+    """First-order methods take one batched pass; with equal lengths its gradient is the per-sample mean."""
+    import depgraph
+    from archs import ARCHS, ids
+    from depgraph.importance import gradient_stats
+
+    model = ARCHS["llama-gqa"]()
+    graph = depgraph.trace(model)
+    batch = ids(11, batch=3, length=12)
+    per = gradient_stats(model, graph, batch, progress=False)
+    once = gradient_stats(model, graph, batch, progress=False, per_sample=False)
+    assert once.fisher == {} and once.num_samples == 3
+    for name, g in per.grad.items():
+        torch.testing.assert_close(once.grad[name], g, rtol=1e-4, atol=1e-6)
