@@ -56,6 +56,7 @@ def add_prune(subparsers, add_model_argument) -> None:
                    help="fold removed units' mean contribution into the next layer's bias (FLAP)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None, help="folder laid out like ../shared/data")
+    p.add_argument("--no-report", action="store_true", help="do not write report.html into the output folder")
     p.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
     p.set_defaults(func=run_prune)
 
@@ -112,6 +113,13 @@ def run_prune(args) -> int:
                                extra_files={"plan.json": plan_json, "report.json": json.dumps(report, indent=1)})
     report["times"]["save_s"] = time.perf_counter() - t
     (out / "report.json").write_text(json.dumps(report, indent=1))
+    if not args.no_report:
+        try:
+            from viz import report as html_report
+
+            html_report(out)
+        except ImportError as e:  # matplotlib is an optional extra
+            print(f"no report.html ({e}); install depgraph[viz]", file=sys.stderr)
     print(f"pruned {report['params_before']:,} -> {report['params_after']:,} parameters "
           f"({100 * report['removed_fraction']:.1f}% removed, method {args.method}); wrote {out}")
     return 0

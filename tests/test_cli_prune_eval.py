@@ -33,6 +33,8 @@ def test_prune_end_to_end(tiny_folder, tmp_path, capsys):
     plan = depgraph.Plan.from_json((out / "plan.json").read_text())
     assert plan.params_removed() == report["params_before"] - report["params_after"]
     assert "wrote" in capsys.readouterr().out
+    html = (out / "report.html").read_text()
+    assert "<html" in html.lower() and "http://" not in html
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -1,0 +1,251 @@
+"""Benchmark pruning on SmolLM2-135M: quality per method and target, cost of scoring, speed of the result.
+
+    python bench/prune.py [--part quality|cost|speed|all] [--windows 48]
+
+Writes bench/results/prune.json (updated after every row, so a partial run keeps its rows) and
+bench/results/prune.md. Perplexity follows LLM-Pruner's protocol (non-overlapping 128-token windows) on the
+first ``--windows`` windows of WikiText-2 test and PTB; dense is measured on the same windows. The full test
+sets take about 50 minutes per model on this 2-core CPU, so every row uses the same fixed subset.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+# bench/recover.py would shadow the recover package: drop this script's folder from the import path
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+METHODS = ("random", "l2", "l1", "taylor", "fisher", "taylor+fisher", "taylor-vector", "activation")
+TARGETS = (0.2, 0.3, 0.5)
+LLM_PRUNER = {"removed": 0.211, "params_after": 106.2e6, "wikitext2": 405.0, "ptb": 586.0,
+              "dense_wikitext2": 56.1, "dense_ptb": 87.1}
+
+
+def _load():
+    from depgraph.models import load_model
+
+    model, tok = load_model()
+    model.config.use_cache = False
+    return model, tok
+
+
+def _calib(tok, model, source="alpaca", n=10, length=64, seed=0):
+    from depgraph.calibration import load_calibration
+
+    return load_calibration(source, tok, n_samples=n, seq_len=length, seed=seed, model=model)
+
+
+def _ppl(model, tok, windows):
+    from recover.evaluate import perplexity
+
+    return {name: round(perplexity(model, tok, name, window=128, limit=windows)["ppl"], 2)
+            for name in ("wikitext2", "ptb")}
+
+
+class Results:
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {}
+
+    def save(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.data, indent=1) + "\n")
+
+
+def part_quality(res: Results, windows: int) -> None:
+    import depgraph
+
+    dense, tok = _load()
+    q = res.data.setdefault("quality", {"windows": windows, "window": 128, "rows": []})
+    if q.get("windows") != windows:
+        q.update(windows=windows, rows=[])
+    done = {(r["method"], r["target"], r.get("variant", "")) for r in q["rows"]}
+
+    def row(method, target, variant="", **kw):
+        if (method, target, variant) in done:
+            return
+        model = copy.deepcopy(dense)
+        t = time.perf_counter()
+        calib = None if method in ("random", "l1", "l2") and not kw.get("compensate") else \
+            _calib(tok, model, **kw.pop("calib", {}))
+        _, report, _ = depgraph.prune(model, calib, target=target, method=method, progress=False, **kw)
+        prune_s = time.perf_counter() - t
+        r = {"method": method, "target": target, "variant": variant,
+             "removed": round(report["removed_fraction"], 4), "params": report["params_after"],
+             "prune_s": round(prune_s, 1), **_ppl(model, tok, windows)}
+        q["rows"].append(r)
+        res.save()
+        print(r, flush=True)
+
+    if ("dense", 0.0, "") not in done:
+        q["rows"].append({"method": "dense", "target": 0.0, "variant": "", "removed": 0.0,
+                          "params": sum(p.numel() for p in dense.parameters()), **_ppl(dense, tok, windows)})
+        res.save()
+    # the LLM-Pruner comparison point first (same parameter count), then the method x target table
+    row("taylor", LLM_PRUNER["removed"], "vs LLM-Pruner")
+    row("taylor", LLM_PRUNER["removed"], "vs LLM-Pruner, layers 3:27", layers=range(3, 27))
+    row("taylor", LLM_PRUNER["removed"], "vs LLM-Pruner, compensated", compensate=True)
+    for target in TARGETS:
+        for method in METHODS:
+            row(method, target)
+    for target in TARGETS:
+        row("taylor", target, "compensated", compensate=True)
+    row("taylor", 0.2, "calib 32x128", calib={"n": 32, "length": 128})
+    row("taylor", 0.2, "calib self-generated", calib={"source": "self"})
+    row("taylor", 0.2, "global policy", policy="global", normalize="mean")
+    row("taylor", 0.2, "iterative 4 steps", steps=4)
+
+
+def part_cost(res: Results) -> None:
+    """Scoring time against a plain forward+backward over the same calibration set."""
+    import depgraph
+
+    model, tok = _load()
+    graph = depgraph.trace(model)
+    calib = _calib(tok, model)
+    out = {}
+
+    def plain():
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=calib, labels=calib).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    plain()  # warm-up
+    for method in ("taylor", "taylor+fisher", "activation"):
+        t = time.perf_counter()
+        plain()
+        base = time.perf_counter() - t
+        t = time.perf_counter()
+        depgraph.score(model, graph, calib, method=method, progress=False)
+        cost = time.perf_counter() - t
+        out[method] = {"score_s": round(cost, 2), "plain_fwd_bwd_s": round(base, 2), "ratio": round(cost / base, 2)}
+        print(method, out[method], flush=True)
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    out["calibration"] = "alpaca, 10 x 64 tokens"
+    res.data["cost"] = out
+    res.save()
+
+
+def _decode_tps(model, ids, new_tokens=64):
+    model.config.use_cache = True
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=4, do_sample=False)
+        t = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        dt = time.perf_counter() - t
+    model.config.use_cache = False
+    return (out.shape[1] - ids.shape[1]) / dt
+
+
+def _latency(model, n=512, reps=5):
+    ids = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(ids)
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            model(ids)
+            times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def part_speed(res: Results) -> None:
+    import depgraph
+
+    dense, tok = _load()
+    pruned = copy.deepcopy(dense)
+    depgraph.prune(pruned, _calib(tok, pruned), target=0.2, method="taylor", progress=False)
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    n_dense = sum(p.numel() for p in dense.parameters())
+    n_pruned = sum(p.numel() for p in pruned.parameters())
+    out = {"params_dense": n_dense, "params_pruned": n_pruned, "ideal_speedup": round(n_dense / n_pruned, 3),
+           "threads": torch.get_num_threads()}
+    # back to back, alternating, in one process
+    d_tps, p_tps, d_lat, p_lat = [], [], [], []
+    for _ in range(3):
+        d_tps.append(_decode_tps(dense, ids))
+        p_tps.append(_decode_tps(pruned, ids))
+        d_lat.append(_latency(dense))
+        p_lat.append(_latency(pruned))
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    out.update(decode_tps_dense=round(med(d_tps), 1), decode_tps_pruned=round(med(p_tps), 1),
+               latency_512_dense_s=round(med(d_lat), 3), latency_512_pruned_s=round(med(p_lat), 3))
+    out["decode_speedup"] = round(out["decode_tps_pruned"] / out["decode_tps_dense"], 3)
+    out["latency_speedup"] = round(out["latency_512_dense_s"] / out["latency_512_pruned_s"], 3)
+    out["decode_share_of_ideal"] = round(out["decode_speedup"] / out["ideal_speedup"], 3)
+    out["latency_share_of_ideal"] = round(out["latency_speedup"] / out["ideal_speedup"], 3)
+    print(out, flush=True)
+    res.data["speed"] = out
+    res.save()
+
+
+def write_markdown(res: Results) -> None:
+    d = res.data
+    lines = ["# Pruning benchmark: SmolLM2-135M-Instruct", "",
+             f"Machine: {platform.machine()}, {__import__('os').cpu_count()} cores, CPU only.", ""]
+    q = d.get("quality")
+    if q:
+        rows = q["rows"]
+        dense = next((r for r in rows if r["method"] == "dense"), None)
+        lines += [f"## Quality (perplexity, window {q['window']}, first {q['windows']} windows of WikiText-2 test "
+                  f"and PTB; no recovery)", "",
+                  "| method | target | variant | removed | params | WikiText-2 | x dense | PTB | x dense |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            xw = f"{r['wikitext2'] / dense['wikitext2']:.2f}" if dense else ""
+            xp = f"{r['ptb'] / dense['ptb']:.2f}" if dense else ""
+            lines.append(f"| {r['method']} | {r['target']:.3g} | {r.get('variant', '')} | {100 * r['removed']:.1f}% "
+                         f"| {r['params'] / 1e6:.1f}M | {r['wikitext2']:.1f} | {xw} | {r['ptb']:.1f} | {xp} |")
+        lp = LLM_PRUNER
+        lines += ["", f"LLM-Pruner's own code on this model (measured on this machine, full test sets): "
+                      f"{100 * lp['removed']:.1f}% removed, WikiText-2 {lp['dense_wikitext2']} -> {lp['wikitext2']} "
+                      f"({lp['wikitext2'] / lp['dense_wikitext2']:.1f}x), PTB {lp['dense_ptb']} -> {lp['ptb']} "
+                      f"({lp['ptb'] / lp['dense_ptb']:.1f}x). Target: at most 3.6x dense on WikiText-2.", ""]
+    c = d.get("cost")
+    if c:
+        lines += ["## Cost of scoring (10 x 64 calibration tokens)", "",
+                  "| method | scoring (s) | plain forward+backward (s) | ratio |", "|---|---|---|---|"]
+        for m, v in c.items():
+            if isinstance(v, dict):
+                lines.append(f"| {m} | {v['score_s']} | {v['plain_fwd_bwd_s']} | {v['ratio']} |")
+        lines += ["", f"Peak RSS of the cost run: {c.get('peak_rss_mb')} MB.", ""]
+    s = d.get("speed")
+    if s:
+        lines += ["## Speed of the pruned model (taylor, 20%)", "",
+                  f"Parameters {s['params_dense']:,} -> {s['params_pruned']:,}: ideal speed-up {s['ideal_speedup']}.",
+                  "", "| measure | dense | pruned | speed-up | share of ideal |", "|---|---|---|---|---|",
+                  f"| greedy decoding (tokens/s) | {s['decode_tps_dense']} | {s['decode_tps_pruned']} | "
+                  f"{s['decode_speedup']} | {s['decode_share_of_ideal']} |",
+                  f"| 1x512 forward (s) | {s['latency_512_dense_s']} | {s['latency_512_pruned_s']} | "
+                  f"{s['latency_speedup']} | {s['latency_share_of_ideal']} |", ""]
+    (RESULTS / "prune.md").write_text("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=("quality", "cost", "speed", "all", "markdown"), default="all")
+    ap.add_argument("--windows", type=int, default=48)
+    args = ap.parse_args()
+    res = Results(RESULTS / "prune.json")
+    if args.part in ("cost", "all"):
+        part_cost(res)
+    if args.part in ("speed", "all"):
+        part_speed(res)
+    if args.part in ("quality", "all"):
+        part_quality(res, args.windows)
+    write_markdown(res)
+
+
+if __name__ == "__main__":
+    main()
