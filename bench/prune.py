@@ -92,9 +92,12 @@ def part_quality(res: Results, windows: int) -> None:
                           "params": sum(p.numel() for p in dense.parameters()), **_ppl(dense, tok, windows)})
         res.save()
     # the LLM-Pruner comparison point first (same parameter count), then the method x target table
-    row("taylor", LLM_PRUNER["removed"], "vs LLM-Pruner")
-    row("taylor", LLM_PRUNER["removed"], "vs LLM-Pruner, layers 3:27", layers=range(3, 27))
-    row("taylor", LLM_PRUNER["removed"], "vs LLM-Pruner, compensated", compensate=True)
+    both = ("attention", "mlp")
+    row("taylor", LLM_PRUNER["removed"], "default (mlp, layers 1:29)")
+    row("taylor", LLM_PRUNER["removed"], "default, compensated", compensate=True)
+    row("taylor", LLM_PRUNER["removed"], "heads+mlp, layers 3:27", kinds=both, layers=range(3, 27))
+    row("taylor", LLM_PRUNER["removed"], "heads+mlp, all layers", kinds=both, layers=None)
+    row("taylor", LLM_PRUNER["removed"], "mlp, all layers", layers=None)
     for target in TARGETS:
         for method in METHODS:
             row(method, target)
@@ -235,7 +238,7 @@ def write_markdown(res: Results) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=("quality", "cost", "speed", "all", "markdown"), default="all")
-    ap.add_argument("--windows", type=int, default=48)
+    ap.add_argument("--windows", type=int, default=32)
     args = ap.parse_args()
     res = Results(RESULTS / "prune.json")
     if args.part in ("cost", "all"):

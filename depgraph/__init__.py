@@ -16,3 +16,6 @@ __all__ += ["score"]
 from .prune import prune
 
 __all__ += ["prune"]
+from .sparsify import SparsifyError, sparsify, to_semi_structured
+
+__all__ += ["sparsify", "SparsifyError", "to_semi_structured"]

@@ -5,7 +5,7 @@ function that does the work and returns an exit status. Heavy imports (torch, tr
 happen inside the ``_run_*`` functions, so ``depgraph --help`` stays fast.
 
 Exit status: 0 on success, 1 on a user-facing error (printed as one line ``depgraph: error: ...``), 2 on a usage
-error or a subcommand that is not implemented yet.
+error.
 """
 
 from __future__ import annotations
@@ -42,21 +42,6 @@ def _load(args):
     from depgraph.models import load_model
 
     return load_model(args.model, dtype=getattr(torch, args.dtype))
-
-
-def _not_implemented(name: str):
-    def run(args) -> int:
-        print(f"{PROG} {name}: not implemented yet", file=sys.stderr)
-        return 2
-
-    return run
-
-
-def _add_stub(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(name, help=f"{help_text} (not implemented yet)", description=help_text)
-    parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    parser.set_defaults(func=_not_implemented(name))
-    return parser
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -104,7 +89,112 @@ def _add_eval(subparsers) -> None:
 
 
 def _add_recover(subparsers) -> None:
-    _add_stub(subparsers, "recover", "recover a pruned model's quality with LoRA or distillation")
+    parser = subparsers.add_parser(
+        "recover", help="recover a pruned model's quality with LoRA (optionally distilling the dense model)",
+        description="LoRA-fine-tune PRUNED on Alpaca-format instruction data (LLM-Pruner's recipe) with transformers' "
+                    "Trainer, merge the adapters and save the model to OUT/model (loads with load_pruned). Run it "
+                    "under `accelerate launch -m depgraph.cli recover ...` for multi-GPU, FSDP or DeepSpeed.",
+    )
+    parser.add_argument("pruned", metavar="PRUNED", help="the pruned model: a save_pruned folder (or any MODEL "
+                                                         "that `depgraph trace` accepts)")
+    parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="dtype to load the model in "
+                                                                              "(default: %(default)s)")
+    parser.add_argument("--data", required=True, metavar="SOURCE",
+                        help="Alpaca-format .json/.jsonl file, 'alpaca' (the shared 5,000-example subset), or a "
+                             "Hugging Face dataset name such as yahma/alpaca-cleaned (needs the hub)")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (model/, adapter/, "
+                                                                             "checkpoints/, summary.json)")
+    parser.add_argument("--max-steps", type=int, default=None, metavar="N", help="optimizer steps (overrides "
+                                                                                "--epochs)")
+    parser.add_argument("--epochs", type=float, default=2.0, metavar="E", help="epochs (default: %(default)s)")
+    parser.add_argument("--max-minutes", type=float, default=None, metavar="M",
+                        help="stop (and checkpoint) after M minutes of training")
+    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=64, help="examples per optimizer step (default: "
+                                                                    "%(default)s)")
+    parser.add_argument("--micro-batch-size", type=int, default=4, help="examples per forward pass per device "
+                                                                         "(default: %(default)s)")
+    parser.add_argument("--cutoff-len", type=int, default=256, help="tokens per example (default: %(default)s)")
+    parser.add_argument("--val-size", type=float, default=0, metavar="N",
+                        help="held-out validation examples (an integer, or a fraction < 1; default: none)")
+    parser.add_argument("--eval-steps", type=int, default=None, help="evaluate every N steps (default: "
+                                                                      "--save-steps)")
+    parser.add_argument("--save-steps", type=int, default=200, help="checkpoint every N steps (default: "
+                                                                     "%(default)s)")
+    parser.add_argument("--early-stopping", type=int, default=None, metavar="PATIENCE",
+                        help="stop after PATIENCE evaluations without a better validation loss; keep the best")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N examples of the data")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank (default: %(default)s)")
+    parser.add_argument("--alpha", type=int, default=16, help="LoRA alpha (default: %(default)s)")
+    parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (default: %(default)s)")
+    parser.add_argument("--target-modules", default=None, metavar="NAMES",
+                        help="comma-separated module names for LoRA (default: every linear layer but lm_head)")
+    parser.add_argument("--warmup-steps", type=int, default=100, help="warm-up steps, at most a tenth of the run "
+                                                                       "(default: %(default)s)")
+    parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
+                        help="bf16 mixed precision (default: auto = when the GPU supports it)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                        help="resume from the last checkpoint in OUT/checkpoints (or from CHECKPOINT)")
+    parser.add_argument("--distill", action="store_true",
+                        help="mix the LM loss with KL to the dense teacher's logits (needs --teacher)")
+    parser.add_argument("--teacher", default=None, metavar="DENSE", help="the dense model to distil from")
+    parser.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the KL term (default: "
+                                                                          "%(default)s)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (default: "
+                                                                        "%(default)s)")
+    parser.add_argument("--seed", type=int, default=42, help="seed (default: %(default)s)")
+    parser.add_argument("--data-dir", default=None, help="shared data folder (default: $DEPGRAPH_DATA or "
+                                                         "../shared/data)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--json", action="store_true", help="print the final summary as one JSON line")
+    parser.set_defaults(func=_run_recover)
+
+
+def _run_recover(args) -> int:
+    import torch
+
+    from depgraph.models import load_model
+
+    if args.distill and not args.teacher:
+        raise ValueError("--distill needs --teacher DENSE: the dense model the pruned one came from")
+    if args.teacher and not args.distill:
+        raise ValueError("--teacher is used only with --distill")
+    from recover.lora import recover
+
+    log = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, file=sys.stderr, **k))
+    log(f"loading {args.pruned}")
+    model, tokenizer = load_model(args.pruned, dtype=getattr(torch, args.dtype))
+    if tokenizer is None:
+        raise ValueError(f"{args.pruned}: no tokenizer saved with the model; save it with save_pruned(model, path, "
+                         f"tokenizer=...)")
+    teacher = None
+    if args.distill:
+        log(f"loading teacher {args.teacher}")
+        teacher, _ = load_model(args.teacher, dtype=getattr(torch, args.dtype))
+    val = int(args.val_size) if args.val_size >= 1 else args.val_size
+    _, summary = recover(
+        model, tokenizer, args.data, args.output, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
+        target_modules=args.target_modules, max_steps=args.max_steps, epochs=args.epochs, lr=args.lr,
+        batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, cutoff_len=args.cutoff_len,
+        val_size=val, eval_steps=args.eval_steps, early_stopping_patience=args.early_stopping,
+        save_steps=args.save_steps, warmup_steps=args.warmup_steps,
+        bf16={"auto": None, "on": True, "off": False}[args.bf16], gradient_checkpointing=args.gradient_checkpointing,
+        resume_from_checkpoint=args.resume, distill=args.distill, teacher=teacher, distill_alpha=args.distill_alpha,
+        temperature=args.temperature, seed=args.seed, limit=args.limit, data_dir=args.data_dir,
+        max_minutes=args.max_minutes, progress=log if not args.quiet else False,
+    )
+    if args.json:
+        print(json.dumps(summary, default=str))
+    else:
+        loss = summary.get("final_loss")
+        ev = summary.get("final_eval_loss")
+        print(f"recovered: {summary['steps']} steps, {summary['train_examples']} examples, "
+              f"train loss {summary.get('first_loss')} -> {loss}"
+              + (f", eval loss {ev:.4f}" if ev is not None else "")
+              + f", {summary['tokens_per_second']:.0f} tokens/s, {summary['train_runtime_s']:.1f} s")
+        print(f"saved {summary.get('model_dir')} (load with depgraph.load_pruned)")
+    return 0
 
 
 def _add_viz(subparsers) -> None:
@@ -171,7 +261,9 @@ def _run_report(args) -> int:
 
 
 def _add_sparsify(subparsers) -> None:
-    _add_stub(subparsers, "sparsify", "sparsify a model's weights")
+    from depgraph.sparsify import add_cli
+
+    add_cli(subparsers, _add_model_argument)
 
 
 _SUBCOMMANDS = (_add_trace, _add_prune, _add_eval, _add_recover, _add_viz, _add_report, _add_sparsify)

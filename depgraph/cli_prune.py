@@ -14,7 +14,9 @@ KINDS = ("attention", "mlp", "hidden")
 
 
 def _layers(text: str):
-    """``3:27`` -> range(3, 27); ``0,5,7`` -> [0, 5, 7]."""
+    """``3:27`` -> range(3, 27); ``0,5,7`` -> [0, 5, 7]; ``all`` -> None; ``auto`` -> "auto"."""
+    if text in ("all", "auto"):
+        return None if text == "all" else "auto"
     try:
         if ":" in text:
             lo, hi = text.split(":")
@@ -45,8 +47,10 @@ def add_prune(subparsers, add_model_argument) -> None:
                                                      "wikitext2, self, or an HF dataset name (default: alpaca)")
     p.add_argument("--n-samples", type=int, default=10)
     p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--kinds", default="attention,mlp", help="comma list of group kinds to prune")
-    p.add_argument("--layers", type=_layers, default=None, help="only these layers, e.g. 3:27")
+    p.add_argument("--kinds", default="mlp", help="comma list of group kinds to prune: attention, mlp, hidden "
+                                                  "(default: mlp, the best on SmolLM2; see bench/results/prune.md)")
+    p.add_argument("--layers", type=_layers, default="auto",
+                   help="only these layers, e.g. 3:27 or 0,5,7; 'all'; default 'auto': all but the first and last")
     p.add_argument("--policy", choices=("uniform", "global"), default="uniform")
     p.add_argument("--round-to", type=int, default=8, help="keep MLP widths a multiple of this")
     p.add_argument("--gqa", choices=("heads", "kv"), default="heads")

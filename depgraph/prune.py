@@ -15,11 +15,19 @@ def _params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def prune(model, calibration=None, target: float = 0.2, method: str = "taylor", kinds=("attention", "mlp"),
-          policy: str = "uniform", layers=None, round_to: int = 8, gqa: str = "heads", aggregate: str = "sum",
+DEFAULT_KINDS = ("mlp",)
+
+
+def prune(model, calibration=None, target: float = 0.2, method: str = "taylor", kinds=DEFAULT_KINDS,
+          policy: str = "uniform", layers="auto", round_to: int = 8, gqa: str = "heads", aggregate: str = "sum",
           normalize=None, steps: int = 1, uniform: bool = False, compensate: bool = False,
           progress: bool = True):
-    """Shrink ``model`` in place by ``target`` (fraction of *all* parameters); returns (model, report).
+    """Shrink ``model`` in place by ``target`` (fraction of *all* parameters); returns (model, report, plans).
+
+    Defaults come from bench/results/prune.md on SmolLM2: first-order Taylor scores, MLP neurons only
+    (a 9-head GQA layer loses a third of its heads at the smallest legal step), and ``layers="auto"``:
+    every layer but the first and the last, which are the most sensitive (LLM-Pruner keeps them too).
+    ``layers=None`` prunes every layer.
 
     ``calibration``: token ids [N, L] (:func:`depgraph.calibration.load_calibration`), needed by the
     gradient and activation methods. ``steps > 1`` prunes iteratively, re-tracing and re-scoring after
@@ -36,6 +44,11 @@ def prune(model, calibration=None, target: float = 0.2, method: str = "taylor", 
         raise PlanError("compensate=True needs calibration data (the removed units' mean activations)")
     if uniform:
         policy, layers = "uniform", None
+    if isinstance(layers, str):
+        if layers != "auto":
+            raise PlanError(f"layers must be 'auto', None or a list of layer indices, got {layers!r}")
+        found = sorted({g.layer for g in trace(model).groups() if g.layer is not None})
+        layers = found[1:-1] if len(found) > 2 else found
     original = _params(model)
     times = {"trace_s": 0.0, "score_s": 0.0, "plan_s": 0.0, "shrink_s": 0.0}
     groups, plans = {}, []

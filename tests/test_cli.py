@@ -10,7 +10,6 @@ import pytest
 from depgraph import cli
 
 COMMANDS = ("trace", "prune", "eval", "recover", "viz", "report", "sparsify")
-STUBS = ("sparsify",)
 
 
 def test_help_lists_every_subcommand(capsys):
@@ -34,12 +33,6 @@ def test_no_command_prints_usage(capsys):
 def test_unknown_option_is_a_usage_error(capsys):
     assert cli.main(["trace", "--no-such-option"]) == 2
     assert "unrecognized arguments" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("name", STUBS)
-def test_stubs_exit_2(name, capsys):
-    assert cli.main([name, "some-model", "--whatever", "1"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
 
 
 def test_missing_model_folder_is_a_one_line_error(tmp_path, capsys):

@@ -1,0 +1,247 @@
+"""Benchmark LoRA recovery (issue 4) on the bundled SmolLM2-135M-Instruct pruned by 20%.
+
+1. dense SmolLM2 -> WikiText-2 / PTB perplexity and the seven zero-shot accuracies (first ``--zs-limit`` docs of
+   each task, lm-eval 0.4.x on the local copies);
+2. ``depgraph.prune(model, calib, target=0.2, method="taylor")`` with 10 x 64 Alpaca calibration tokens -> same
+   evaluation;
+3. ``recover.lora.recover`` on the shared 5,000-example Alpaca subset (LLM-Pruner's settings, ``--val-size`` held out,
+   early stopping, stopped by ``--max-minutes``, default 55, so recovery takes at most 60 minutes) -> same
+   evaluation, and the share of the dense quality that recovery wins back;
+4. training throughput (non-padding tokens/s over ``--tp-steps`` optimizer steps) of ``recover()`` against a plain
+   PEFT + ``Trainer`` run of the same pruned model and data, interleaved ``--tp-reps`` times; target ratio >= 0.95.
+
+Writes ``bench/results/recover.json`` and ``bench/results/recover.md`` (``--out`` to change).  Smoke run:
+``python bench/recover.py --max-steps 2 --limit 2 --ppl-limit 2 --tp-steps 2 --tp-reps 1 --out /tmp/rb``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import depgraph  # noqa: E402
+from depgraph.calibration import load_calibration  # noqa: E402
+from depgraph.models import load_model  # noqa: E402
+from recover.data import DataCollator, build_datasets  # noqa: E402
+from recover.evaluate import LM_EVAL_TASKS, perplexity, zero_shot  # noqa: E402
+from recover.lora import default_target_modules, recover  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def evaluate(model, tok, args) -> dict:
+    t0 = time.perf_counter()
+    out = {"ppl": {}, "tasks": {}}
+    for ds in args.ppl:
+        r = perplexity(model, tok, ds, window=args.window, limit=args.ppl_limit, progress=False)
+        out["ppl"][ds] = r["ppl"]
+        out.setdefault("ppl_windows", {})[ds] = r["windows"]
+    if args.tasks:
+        zs = zero_shot(model, tok, args.tasks, limit=args.zs_limit)
+        out["tasks"] = {t: {"acc": v.get("acc"), "acc_norm": v.get("acc_norm"), "n": v.get("n")}
+                        for t, v in zs["tasks"].items()}
+        out["lm_eval_version"] = zs.get("lm_eval_version")
+        out["zs_split"] = zs.get("split")
+        accs = [v["acc"] for v in out["tasks"].values() if v["acc"] is not None]
+        out["mean_acc"] = sum(accs) / len(accs) if accs else None
+    out["eval_s"] = time.perf_counter() - t0
+    return out
+
+
+def recovered_share(dense: float, pruned: float, rec: float) -> float | None:
+    """(rec - pruned) / (dense - pruned): 1 = all of the lost quality back, 0 = none, < 0 = worse."""
+    gap = dense - pruned
+    return None if abs(gap) < 1e-12 else (rec - pruned) / gap
+
+
+def plain_peft_run(model, tok, train_ds, args, out_dir) -> dict:
+    """The reference: LoRA with PEFT and a stock Trainer + DataCollatorForSeq2Seq (LLM-Pruner's own setup)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+
+    set_seed(args.seed)
+    tok = copy.deepcopy(tok)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model.config.use_cache = False
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, bias="none",
+                                                  task_type="CAUSAL_LM",
+                                                  target_modules=default_target_modules(model)))
+    targs = TrainingArguments(
+        output_dir=str(out_dir), per_device_train_batch_size=args.micro_batch_size,
+        gradient_accumulation_steps=args.batch_size // args.micro_batch_size, max_steps=args.tp_steps,
+        learning_rate=args.lr, warmup_steps=0, optim="adamw_torch", logging_steps=10, save_strategy="no",
+        eval_strategy="no", report_to="none", seed=args.seed, data_seed=args.seed, remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding", disable_tqdm=True, dataloader_pin_memory=False,
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+    )
+    trainer = Trainer(model=peft_model, args=targs, train_dataset=train_ds,
+                      data_collator=DataCollatorForSeq2Seq(tok, pad_to_multiple_of=8, return_tensors="pt",
+                                                           padding=True))
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    m = trainer.train().metrics
+    return {"tokens": int(trainer.state.num_input_tokens_seen), "runtime_s": m["train_runtime"],
+            "tokens_per_second": trainer.state.num_input_tokens_seen / m["train_runtime"]}
+
+
+def ours_run(model, tok, train_ds, args, out_dir) -> dict:
+    _, s = recover(model, tok, (train_ds, None), out_dir, max_steps=args.tp_steps, batch_size=args.batch_size,
+                   micro_batch_size=args.micro_batch_size, lr=args.lr, warmup_steps=0, save=False, progress=False,
+                   seed=args.seed, logging_steps=10, save_steps=10**9)
+    return {"tokens": s["train_tokens"], "runtime_s": s["train_runtime_s"], "tokens_per_second": s["tokens_per_second"]}
+
+
+def throughput(pruned, tok, args) -> dict:
+    train_ds, _ = build_datasets("alpaca", tok, cutoff_len=args.cutoff_len, limit=args.tp_examples)
+    ours, plain = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.tp_reps):
+            plain.append(plain_peft_run(copy.deepcopy(pruned), tok, train_ds, args, Path(tmp) / f"plain{i}"))
+            ours.append(ours_run(copy.deepcopy(pruned), tok, train_ds, args, Path(tmp) / f"ours{i}"))
+    o = statistics.median(r["tokens_per_second"] for r in ours)
+    p = statistics.median(r["tokens_per_second"] for r in plain)
+    return {"steps": args.tp_steps, "reps": args.tp_reps, "ours": ours, "plain": plain,
+            "ours_tokens_per_second": o, "plain_tokens_per_second": p, "ratio": o / p, "target": 0.95,
+            "meets_target": o / p >= 0.95,
+            "note": "median over interleaved reps; both count non-padding tokens with Trainer's "
+                    "include_num_input_tokens_seen over the same steps, data and order"}
+
+
+def fmt(x, nd=2):
+    return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
+
+
+def write_md(res: dict, path: Path) -> None:
+    rows = ["dense", "pruned", "recovered"]
+    lines = ["# LoRA recovery of SmolLM2-135M-Instruct pruned by 20% (taylor)", "",
+             f"{res['machine']}; torch {res['torch']}, transformers {res['transformers']}, peft {res['peft']}; "
+             f"lm-eval {res['evals']['dense'].get('lm_eval_version')}", "",
+             f"Recovery: {res['recovery']['steps']} steps in {res['recovery']['train_runtime_s']:.0f} s on "
+             f"{res['recovery']['train_examples']} Alpaca examples ({res['recovery']['val_examples']} held out); "
+             f"perplexity windows of {res['args']['window']} tokens (limit {res['args']['ppl_limit']}); zero-shot on "
+             f"the first {res['args']['zs_limit']} docs of each task (0-shot).", ""]
+    ppl = res["args"]["ppl"]
+    tasks = res["args"]["tasks"]
+    head = "| model | params | " + " | ".join(f"{d} ppl" for d in ppl) + " | " + " | ".join(tasks) + " | mean acc |"
+    lines += [head, "|" + "---|" * (3 + len(ppl) + len(tasks))]
+    for r in rows:
+        e = res["evals"][r]
+        cells = [r, f"{res['params'][r]:,}"] + [fmt(e["ppl"].get(d)) for d in ppl]
+        cells += [fmt(e["tasks"].get(t, {}).get("acc"), 3) for t in tasks] + [fmt(e.get("mean_acc"), 3)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Share of the dense quality recovery wins back ((recovered - pruned) / (dense - pruned)):", ""]
+    for k, v in res["recovered_share"].items():
+        lines.append(f"- {k}: {fmt(v, 3)}")
+    tp = res.get("throughput")
+    if tp:
+        lines += ["", f"Training throughput over {tp['steps']} steps ({tp['reps']} interleaved reps, median): "
+                      f"recover() {tp['ours_tokens_per_second']:.0f} tokens/s, plain PEFT + Trainer "
+                      f"{tp['plain_tokens_per_second']:.0f} tokens/s, ratio {tp['ratio']:.3f} "
+                      f"(target >= 0.95: {'met' if tp['meets_target'] else 'NOT met'})."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target", type=float, default=0.2)
+    ap.add_argument("--ppl", default="wikitext2,ptb")
+    ap.add_argument("--window", type=int, default=128)
+    ap.add_argument("--ppl-limit", type=int, default=None, help="windows per perplexity set (default: all)")
+    ap.add_argument("--tasks", default=",".join(LM_EVAL_TASKS))
+    ap.add_argument("--zs-limit", type=int, default=200, help="first N docs of each zero-shot task")
+    ap.add_argument("--limit", type=int, default=None, help="Alpaca examples to use (default: all 5,000); also "
+                                                           "caps --zs-limit in smoke runs")
+    ap.add_argument("--val-size", type=int, default=200)
+    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--epochs", type=float, default=2.0)
+    ap.add_argument("--max-minutes", type=float, default=55.0)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--micro-batch-size", type=int, default=4)
+    ap.add_argument("--cutoff-len", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--eval-steps", type=int, default=20)
+    ap.add_argument("--patience", type=int, default=3)
+    ap.add_argument("--tp-steps", type=int, default=5)
+    ap.add_argument("--tp-reps", type=int, default=2)
+    ap.add_argument("--tp-examples", type=int, default=1000)
+    ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    args.ppl = [d for d in args.ppl.split(",") if d]
+    args.tasks = [t for t in args.tasks.split(",") if t]
+    if args.limit is not None:
+        args.zs_limit = min(args.zs_limit, args.limit)
+        args.tp_examples = min(args.tp_examples, max(args.limit, args.batch_size))
+        args.val_size = min(args.val_size, max(1, args.limit // 4))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    t_all = time.perf_counter()
+
+    import peft
+    import transformers
+
+    res = {"args": vars(args), "machine": f"{platform.machine()} {os.cpu_count()} CPUs"
+           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+           "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+           "evals": {}, "params": {}}
+    model, tok = load_model()
+    res["params"]["dense"] = sum(p.numel() for p in model.parameters())
+    print("== dense", flush=True)
+    res["evals"]["dense"] = evaluate(model, tok, args)
+
+    print("== prune", flush=True)
+    calib = load_calibration("alpaca", tok, n_samples=10, seq_len=64)
+    model = depgraph.prune(model, calib, target=args.target, method="taylor", progress=False)[0]
+    res["params"]["pruned"] = sum(p.numel() for p in model.parameters())
+    res["evals"]["pruned"] = evaluate(model, tok, args)
+    pruned_copy = copy.deepcopy(model)
+
+    print("== recover", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        merged, summary = recover(
+            model, tok, "alpaca", tmp, max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size,
+            micro_batch_size=args.micro_batch_size, cutoff_len=args.cutoff_len, lr=args.lr, val_size=args.val_size,
+            eval_steps=args.eval_steps, save_steps=args.eval_steps, early_stopping_patience=args.patience,
+            max_minutes=args.max_minutes, limit=args.limit, seed=args.seed, save_total_limit=2,
+            progress=lambda *a, **k: print(*a, flush=True, **k))
+    res["recovery"] = summary
+    res["params"]["recovered"] = sum(p.numel() for p in merged.parameters())
+    res["evals"]["recovered"] = evaluate(merged, tok, args)
+
+    d, p, r = (res["evals"][k] for k in ("dense", "pruned", "recovered"))
+    share = {}
+    for ds in args.ppl:  # lower is better: negate
+        share[f"{ds} ppl"] = recovered_share(-d["ppl"][ds], -p["ppl"][ds], -r["ppl"][ds])
+    if args.tasks:
+        share["mean zero-shot acc"] = recovered_share(d["mean_acc"], p["mean_acc"], r["mean_acc"])
+    res["recovered_share"] = share
+
+    if not args.skip_throughput:
+        print("== throughput", flush=True)
+        res["throughput"] = throughput(pruned_copy, tok, args)
+    res["total_s"] = time.perf_counter() - t_all
+    (out / "recover.json").write_text(json.dumps(res, indent=2, default=str))
+    write_md(res, out / "recover.md")
+    print((out / "recover.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,464 @@
+"""LoRA recovery of a pruned model with PEFT and transformers' ``Trainer`` (optionally distilling a dense teacher).
+
+Everything distributed comes from ``Trainer``: run a script that calls :func:`recover` under ``accelerate launch``
+(or ``torchrun``) and it trains data-parallel, with FSDP or DeepSpeed as the accelerate config says, with no code
+of ours.  LoRA adapters are per-module, so pruned models with non-uniform per-layer widths need nothing special.
+
+After training the adapters are merged (``merge_and_unload``) and the model is written with
+:func:`depgraph.save_pruned` to ``output_dir/model`` (loads with :func:`depgraph.load_pruned`).  The adapter alone
+is kept in ``output_dir/adapter``, Trainer checkpoints in ``output_dir/checkpoints`` and the run summary in
+``output_dir/summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from recover.data import IGNORE_INDEX, DataCollator, TokenizedDataset, build_datasets
+
+__all__ = ["DistillTrainer", "default_target_modules", "distill_kl", "recover", "resolve_target_modules"]
+
+
+# ============================================================================ target modules
+
+
+def _output_module_names(model) -> set[str]:
+    out = set()
+    try:
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        head = None
+    for name, mod in model.named_modules():
+        if head is not None and mod is head:
+            out.add(name)
+        elif name.rsplit(".", 1)[-1] == "lm_head":
+            out.add(name)
+    return out
+
+
+def default_target_modules(model) -> list[str]:
+    """The leaf names of every ``nn.Linear`` of ``model`` except the output head (``lm_head``)."""
+    heads = _output_module_names(model)
+    names = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name not in heads:
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf not in names:
+                names.append(leaf)
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer (besides the output head) to put LoRA on")
+    return names
+
+
+def resolve_target_modules(model, target_modules: str | Sequence[str] | None) -> list[str]:
+    """``target_modules`` checked against the model: each name must match (exactly, or as a dotted suffix) at least
+    one ``nn.Linear``; ``None`` gives :func:`default_target_modules`.  A comma-separated string is accepted."""
+    if target_modules is None:
+        return default_target_modules(model)
+    if isinstance(target_modules, str):
+        target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
+    targets = list(target_modules)
+    if not targets:
+        raise ValueError("target_modules is empty; give module names such as q_proj,v_proj or None for all linears")
+    modules = dict(model.named_modules())
+    linear_leaves = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, torch.nn.Linear)})
+    for t in targets:
+        hits = [n for n in modules if n == t or n.endswith("." + t)]
+        if not hits:
+            raise ValueError(f"LoRA target module {t!r} matches no module of {type(model).__name__}; "
+                             f"its linear layers are named: {', '.join(linear_leaves)}")
+        if not any(isinstance(modules[n], torch.nn.Linear) for n in hits):
+            kinds = sorted({type(modules[n]).__name__ for n in hits})
+            raise ValueError(f"LoRA target module {t!r} matches only {', '.join(kinds)} modules, not nn.Linear; "
+                             f"linear layers: {', '.join(linear_leaves)}")
+    return targets
+
+
+# ============================================================================ distillation
+
+
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+               temperature: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions at every position that predicts a labelled token
+    (``labels[:, 1:] != -100``), times ``temperature**2``.  ``reduction``: ``"mean"`` over those positions or
+    ``"sum"``."""
+    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise ValueError(f"teacher vocabulary ({teacher_logits.shape[-1]}) differs from the student's "
+                         f"({student_logits.shape[-1]}); distillation needs the same tokenizer")
+    keep = labels[:, 1:] != IGNORE_INDEX
+    s = student_logits[:, :-1][keep].float() / temperature
+    t = teacher_logits[:, :-1][keep].float() / temperature
+    if s.numel() == 0:
+        return student_logits.sum() * 0.0
+    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
+    kl = kl * temperature**2
+    return kl.sum() if reduction == "sum" else kl.mean()
+
+
+def _trainer_cls():
+    from transformers import Trainer
+
+    class RecoveryTrainer(Trainer):
+        """``Trainer`` whose loss is ``(1 - distill_alpha) * LM loss + distill_alpha * KL(teacher || student)`` when a
+        teacher is given (plain ``Trainer`` loss otherwise).  The KL is normalised exactly like the LM loss: by the
+        number of labelled tokens of the whole accumulated batch when the Trainer passes ``num_items_in_batch``."""
+
+        def __init__(self, *args, teacher=None, distill_alpha: float = 0.5, temperature: float = 1.0, **kw):
+            super().__init__(*args, **kw)
+            self.teacher = teacher
+            self.distill_alpha = float(distill_alpha)
+            self.temperature = float(temperature)
+            self.last_losses: dict[str, float] = {}
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.teacher is None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            labels = inputs["labels"]
+            lm_loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            if next(self.teacher.parameters()).device != labels.device:
+                self.teacher.to(labels.device)
+            with torch.no_grad():
+                t_logits = self.teacher(input_ids=inputs["input_ids"],
+                                        attention_mask=inputs.get("attention_mask")).logits
+            s_logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
+            if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+                kl = distill_kl(s_logits, t_logits, labels, self.temperature, "sum") / num_items_in_batch
+                if self.args.average_tokens_across_devices:
+                    kl = kl * self.accelerator.num_processes
+            else:
+                kl = distill_kl(s_logits, t_logits, labels, self.temperature, "mean")
+            a = self.distill_alpha
+            loss = (1 - a) * lm_loss + a * kl
+            if model.training:
+                self.last_losses = {"lm": float(lm_loss.detach()), "kl": float(kl.detach())}
+            return (loss, outputs) if return_outputs else loss
+
+    return RecoveryTrainer
+
+
+def DistillTrainer(*args, **kwargs):  # noqa: N802 - a factory that reads like the class
+    """Build the ``Trainer`` subclass used by :func:`recover` (``teacher=``, ``distill_alpha=``, ``temperature=``)."""
+    return _trainer_cls()(*args, **kwargs)
+
+
+# ============================================================================ helpers
+
+
+def _bf16_supported() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def _time_budget_callback(minutes: float):
+    from transformers import TrainerCallback
+
+    class TimeBudget(TrainerCallback):
+        def __init__(self):
+            self.start = None
+            self.stopped_early = False
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.start = time.time()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.start is not None and time.time() - self.start > minutes * 60:
+                self.stopped_early = True
+                control.should_training_stop = True
+                control.should_save = True
+            return control
+
+    return TimeBudget()
+
+
+def _progress_callback(print_fn):
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and state.is_world_process_zero:
+                shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in logs.items()
+                         if k in ("loss", "eval_loss", "learning_rate", "grad_norm", "epoch")}
+                if shown:
+                    print_fn(f"step {state.global_step}/{state.max_steps}: "
+                             + ", ".join(f"{k}={v}" for k, v in shown.items()))
+
+    return Progress()
+
+
+def _load_teacher(teacher):
+    if teacher is None:
+        return None
+    if isinstance(teacher, (str, os.PathLike)):
+        from depgraph.models import load_model
+
+        teacher, _ = load_model(teacher)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _as_datasets(data, tokenizer, cutoff_len, val_size, seed, limit, data_dir, train_on_inputs):
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.utils.data.Dataset):
+        return data
+    if isinstance(data, torch.utils.data.Dataset):
+        return data, None
+    return build_datasets(data, tokenizer, cutoff_len=cutoff_len, val_size=val_size, seed=seed, limit=limit,
+                          train_on_inputs=train_on_inputs, data_dir=data_dir)
+
+
+# ============================================================================ recover
+
+
+def recover(
+    model,
+    tokenizer,
+    data,
+    output_dir: str | os.PathLike,
+    *,
+    rank: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.05,
+    target_modules: str | Sequence[str] | None = None,
+    max_steps: int | None = None,
+    epochs: float = 2.0,
+    lr: float = 1e-4,
+    batch_size: int = 64,
+    micro_batch_size: int = 4,
+    cutoff_len: int = 256,
+    val_size: int | float = 0,
+    eval_steps: int | None = None,
+    early_stopping_patience: int | None = None,
+    save_steps: int = 200,
+    save_total_limit: int | None = 3,
+    warmup_steps: int = 100,
+    lr_scheduler_type: str = "linear",
+    weight_decay: float = 0.0,
+    bf16: bool | None = None,
+    gradient_checkpointing: bool = False,
+    resume_from_checkpoint: bool | str | None = None,
+    distill: bool = False,
+    teacher=None,
+    distill_alpha: float = 0.5,
+    temperature: float = 1.0,
+    seed: int = 42,
+    limit: int | None = None,
+    data_dir: str | os.PathLike | None = None,
+    train_on_inputs: bool = False,
+    logging_steps: int = 10,
+    max_minutes: float | None = None,
+    save: bool = True,
+    progress: bool | Any = True,
+    training_args: dict | None = None,
+    callbacks: list | None = None,
+):
+    """LoRA-fine-tune ``model`` (a pruned causal LM, modified in place) on ``data``, merge and save it.
+
+    ``data``: a source for :func:`recover.data.load_examples` (a JSON/JSONL path, ``"alpaca"``, a hub dataset
+    name, a list of dicts), a tokenised ``Dataset``, or a ``(train, val)`` pair of them.  Defaults follow
+    LLM-Pruner's ``post_training.py`` (rank 8, alpha 16, dropout 0.05, lr 1e-4, 2 epochs, batch 64 of micro-batches
+    of 4, cutoff 256, 100 warm-up steps -- capped at a tenth of the run).  ``target_modules=None`` puts LoRA on
+    every ``nn.Linear`` except ``lm_head``; a name that matches nothing raises ``ValueError``.
+
+    ``val_size`` holds out examples (int or fraction) evaluated every ``eval_steps`` (default ``save_steps``);
+    ``early_stopping_patience`` stops after that many evaluations without improvement and loads the best
+    checkpoint.  ``bf16=None`` uses bf16 when the GPU supports it (never fp16: it gave NaN losses in LLM-Pruner).
+    ``resume_from_checkpoint=True`` resumes from the last checkpoint in ``output_dir/checkpoints`` (or give a
+    path); resuming reproduces an uninterrupted run exactly (same seeds, data order, optimizer and scheduler).
+    ``max_steps`` overrides ``epochs``; ``max_minutes`` stops (and checkpoints) after that much training time.
+
+    ``distill=True`` mixes the LM loss with KL to ``teacher``'s logits (a model or a path for
+    :func:`depgraph.models.load_model`; the dense model the pruned one came from):
+    ``(1 - distill_alpha) * LM + distill_alpha * T^2 * KL(teacher || student)``.
+
+    Returns ``(merged_model, summary)``; ``summary`` holds losses, steps, runtime, ``tokens_per_second``
+    (non-padding tokens of the training batches per second of ``Trainer`` training time) and the output paths.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
+
+    from depgraph.io import save_pruned
+
+    if tokenizer is None:
+        raise ValueError("recover needs the model's tokenizer")
+    for name, v in (("rank", rank), ("micro_batch_size", micro_batch_size), ("batch_size", batch_size)):
+        if int(v) < 1:
+            raise ValueError(f"{name} must be >= 1 (got {v})")
+    if batch_size % micro_batch_size:
+        raise ValueError(f"batch_size ({batch_size}) must be a multiple of micro_batch_size ({micro_batch_size})")
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1 (got {max_steps})")
+    if max_steps is None and not epochs > 0:
+        raise ValueError(f"epochs must be > 0 (got {epochs})")
+    if not 0 <= distill_alpha <= 1:
+        raise ValueError(f"distill_alpha must be in [0, 1] (got {distill_alpha})")
+    if distill and teacher is None:
+        raise ValueError("distill=True needs a teacher: the dense model (or its path) the pruned model came from")
+    if early_stopping_patience is not None and not val_size:
+        raise ValueError("early stopping needs a validation split: set val_size > 0")
+    print_fn = progress if callable(progress) else (print if progress else (lambda *a, **k: None))
+
+    output_dir = Path(output_dir)
+    ckpt_dir = output_dir / "checkpoints"
+    set_seed(seed)
+    targets = resolve_target_modules(model, target_modules)
+    train_ds, val_ds = _as_datasets(data, tokenizer, cutoff_len, val_size, seed, limit, data_dir, train_on_inputs)
+    if len(train_ds) == 0:
+        raise ValueError("the training set is empty")
+    teacher_model = _load_teacher(teacher) if distill else None
+
+    # ---- steps and schedule
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    grad_accum = max(1, batch_size // (micro_batch_size * world))
+    steps_per_epoch = max(1, math.ceil(len(train_ds) / (micro_batch_size * world)) // grad_accum)
+    total_steps = max_steps if max_steps is not None else math.ceil(steps_per_epoch * epochs)
+    warmup = min(int(warmup_steps), total_steps // 10)
+    use_bf16 = _bf16_supported() if bf16 is None else bool(bf16)
+    do_eval = val_ds is not None and len(val_ds) > 0
+    eval_every = int(eval_steps or save_steps)
+    if early_stopping_patience is not None and save_steps % eval_every:
+        raise ValueError(f"with early stopping, save_steps ({save_steps}) must be a multiple of eval_steps "
+                         f"({eval_every})")
+
+    # ---- model
+    model.config.use_cache = False
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    lora_config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
+                             task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lora_config)
+    n_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in peft_model.parameters())
+
+    args = dict(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=micro_batch_size,
+        per_device_eval_batch_size=micro_batch_size,
+        gradient_accumulation_steps=grad_accum,
+        num_train_epochs=float(epochs),
+        max_steps=int(max_steps) if max_steps is not None else -1,
+        learning_rate=lr,
+        weight_decay=weight_decay,
+        warmup_steps=warmup,
+        lr_scheduler_type=lr_scheduler_type,
+        optim="adamw_torch",
+        bf16=use_bf16,
+        fp16=False,
+        logging_steps=logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=save_total_limit,
+        eval_strategy="steps" if do_eval else "no",
+        eval_steps=eval_every if do_eval else None,
+        load_best_model_at_end=early_stopping_patience is not None,
+        metric_for_best_model="eval_loss" if early_stopping_patience is not None else None,
+        greater_is_better=False if early_stopping_patience is not None else None,
+        seed=seed,
+        data_seed=seed,
+        report_to="none",
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        ddp_find_unused_parameters=False if world > 1 else None,
+    )
+    args.update(training_args or {})
+    cbs = list(callbacks or [])
+    if early_stopping_patience is not None:
+        cbs.append(EarlyStoppingCallback(early_stopping_patience=early_stopping_patience))
+    budget = _time_budget_callback(max_minutes) if max_minutes else None
+    if budget is not None:
+        cbs.append(budget)
+    if progress:
+        cbs.append(_progress_callback(print_fn))
+
+    trainer = DistillTrainer(
+        model=peft_model,
+        args=TrainingArguments(**args),
+        train_dataset=train_ds,
+        eval_dataset=val_ds if do_eval else None,
+        data_collator=DataCollator.for_tokenizer(tokenizer),
+        processing_class=tokenizer,
+        callbacks=cbs,
+        teacher=teacher_model,
+        distill_alpha=distill_alpha,
+        temperature=temperature,
+    )
+    if not progress:  # Trainer prints every log dict when tqdm is off; progress=False means quiet
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    resume = resume_from_checkpoint
+    if resume is True and not any(ckpt_dir.glob("checkpoint-*")):
+        print_fn(f"no checkpoint in {ckpt_dir}; starting from scratch")
+        resume = None
+    print_fn(f"LoRA r={rank} alpha={alpha} dropout={dropout} on {', '.join(targets)}: {n_trainable:,} trainable of "
+             f"{n_total:,} parameters; {len(train_ds)} train / {len(val_ds) if do_eval else 0} val examples, "
+             f"{total_steps} steps of {micro_batch_size}x{grad_accum}x{world}, bf16={use_bf16}"
+             f"{', distilling' if teacher_model is not None else ''}")
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics = dict(result.metrics)
+    runtime = float(metrics.get("train_runtime", 0.0)) or 1e-9
+    session_tokens = int(trainer.state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0))
+
+    train_losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    eval_losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    final_eval = None
+    if do_eval:  # reuse the evaluation of the final (or, with early stopping, the loaded best) weights if there is one
+        last = [h for h in trainer.state.log_history if "eval_loss" in h]
+        if early_stopping_patience is not None and trainer.state.best_metric is not None:
+            final_eval = float(trainer.state.best_metric)
+        elif last and last[-1].get("step") == trainer.state.global_step:
+            final_eval = float(last[-1]["eval_loss"])
+        else:
+            final_eval = float(trainer.evaluate()["eval_loss"])
+
+    summary: dict[str, Any] = {
+        "rank": rank, "alpha": alpha, "dropout": dropout, "target_modules": targets,
+        "trainable_params": n_trainable, "total_params": n_total,
+        "train_examples": len(train_ds), "val_examples": len(val_ds) if do_eval else 0,
+        "steps": int(trainer.state.global_step), "planned_steps": int(trainer.state.max_steps),
+        "epochs": float(trainer.state.epoch or 0.0),
+        "micro_batch_size": micro_batch_size, "grad_accum": grad_accum, "world_size": world,
+        "lr": lr, "bf16": use_bf16, "gradient_checkpointing": gradient_checkpointing,
+        "distill": teacher_model is not None, "distill_alpha": distill_alpha if teacher_model is not None else None,
+        "first_loss": train_losses[0] if train_losses else None,
+        "final_loss": train_losses[-1] if train_losses else None,
+        "train_loss": metrics.get("train_loss"),
+        "eval_losses": eval_losses, "final_eval_loss": final_eval,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "stopped_by_time_budget": bool(budget and budget.stopped_early),
+        "train_runtime_s": runtime,
+        "train_tokens": session_tokens,
+        "tokens_per_second": session_tokens / runtime,  # train_runtime includes in-training evals/saves
+        "samples_per_second": metrics.get("train_samples_per_second"),
+        "resumed_from": str(resume) if resume else None,
+    }
+
+    # ---- adapter, merge, save
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    is_main = trainer.is_world_process_zero()
+    if save and is_main:
+        unwrapped.save_pretrained(str(output_dir / "adapter"))
+    merged = unwrapped.merge_and_unload()
+    merged.config.use_cache = True
+    if gradient_checkpointing and hasattr(merged, "gradient_checkpointing_disable"):
+        merged.gradient_checkpointing_disable()
+    merged.eval()
+    if save and is_main:
+        save_pruned(merged, output_dir / "model", tokenizer=tokenizer)
+        summary["model_dir"] = str(output_dir / "model")
+        summary["adapter_dir"] = str(output_dir / "adapter")
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return merged, summary
