@@ -36,12 +36,25 @@ def _fraction(text: str) -> float:
     return v
 
 
+def _ratios(text: str) -> dict:
+    """``attention=0.25,mlp=0.3`` -> {"attention": 0.25, "mlp": 0.3}."""
+    out = {}
+    for part in text.split(","):
+        kind, _, value = part.partition("=")
+        if kind not in KINDS or not value:
+            raise argparse.ArgumentTypeError(f"--ratios takes KIND=FRACTION pairs with KIND in {KINDS}, got {part!r}")
+        out[kind] = _fraction(value)
+    return out
+
+
 def add_prune(subparsers, add_model_argument) -> None:
     p = subparsers.add_parser("prune", help="score, plan and shrink a model, then save it",
                               description="Prune MODEL to a parameter target and write the pruned model folder "
                                           "with plan.json and report.json.")
     add_model_argument(p)
     p.add_argument("--target", type=_fraction, default=0.2, help="fraction of all parameters to remove")
+    p.add_argument("--ratios", type=_ratios, default=None,
+                   help="per-kind fractions of units instead of --target, e.g. attention=0.25,mlp=0.3")
     p.add_argument("--method", choices=METHODS, default="taylor")
     p.add_argument("--calib", default="alpaca", help="calibration source: a text/JSON/JSONL file, alpaca, ptb, "
                                                      "wikitext2, self, or an HF dataset name (default: alpaca)")
@@ -105,7 +118,7 @@ def run_prune(args) -> int:
     model, report, plans = depgraph.prune(model, calib, target=args.target, method=args.method, kinds=kinds,
                                           policy=args.policy, layers=args.layers, round_to=args.round_to,
                                           gqa=args.gqa, steps=args.steps, uniform=args.uniform,
-                                          compensate=args.compensate)
+                                          compensate=args.compensate, ratios=args.ratios)
     report["times"]["load_s"] = load_s
     report["model"] = args.model or "SmolLM2-135M-Instruct (bundled)"
     report["calibration"] = None if calib is None else {"source": args.calib, "n_samples": args.n_samples,

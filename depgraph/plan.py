@@ -84,17 +84,26 @@ class Plan:
         return cls.from_units(graph, removals)
 
     @classmethod
-    def from_scores(cls, graph, scores: dict, target: float, kinds=("attention", "mlp"), policy: str = "uniform",
-                    layers=None, round_to: int = 8, gqa: str = "heads") -> "Plan":
+    def from_scores(cls, graph, scores: dict, target: float | None = None, kinds=("attention", "mlp"),
+                    policy: str = "uniform", layers=None, round_to: int = 8, gqa: str = "heads",
+                    ratios: dict | None = None) -> "Plan":
         """Remove the lowest-scored units until ``target`` (fraction of *all* parameters, embeddings
-        included, counted exactly) is reached.
+        included, counted exactly) is reached, or, with ``ratios={"attention": 0.25, "mlp": 0.3}``, that
+        fraction of the units of every group of each kind.
 
         ``policy="uniform"``: the same fraction of units in every group (bisection on that fraction);
         ``"global"``: one threshold on the (normalised) scores across groups. ``layers``: only groups of
         these layers (e.g. ``range(3, 27)``). ``round_to``: MLP widths kept a multiple of it. ``gqa``:
         ``"heads"`` removes the same number of query heads per kv group, ``"kv"`` whole kv groups.
         """
-        check_ratio(target)
+        if (target is None) == (ratios is None):
+            raise PlanError("give either a parameter target or per-kind ratios")
+        if ratios is not None:
+            for kind, r in ratios.items():
+                check_ratio(r)
+            kinds = tuple(ratios)
+        else:
+            check_ratio(target)
         if policy not in ("uniform", "global"):
             raise PlanError(f"policy must be 'uniform' or 'global', got {policy!r}")
         layers = None if layers is None else set(layers)
@@ -102,6 +111,9 @@ class Plan:
         if not groups:
             raise PlanError(f"no scored groups of kinds {kinds} in layers {sorted(layers) if layers else 'all'}")
         total = graph.num_params
+        if ratios is not None:
+            return cls.from_units(graph, {g.id: _select(g, np.asarray(scores[g.id], dtype=np.float64),
+                                                        ratios[g.kind], round_to, gqa) for g in groups})
 
         def plan_for(x):
             removals = {}

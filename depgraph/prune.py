@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from .compensate import apply_bias, bias_deltas
 from .errors import PlanError
 from .graph import trace
@@ -15,13 +17,22 @@ def _params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _embedding_params(model) -> int:
+    """Parameters of embedding tables (counted once when tied to the output head)."""
+    seen = {}
+    for m in model.modules():
+        if isinstance(m, torch.nn.Embedding):
+            seen[id(m.weight)] = m.weight.numel()
+    return sum(seen.values())
+
+
 DEFAULT_KINDS = ("mlp",)
 
 
 def prune(model, calibration=None, target: float = 0.2, method: str = "taylor", kinds=DEFAULT_KINDS,
           policy: str = "uniform", layers="auto", round_to: int = 8, gqa: str = "heads", aggregate: str = "sum",
           normalize=None, steps: int = 1, uniform: bool = False, compensate: bool = False,
-          progress: bool = True):
+          ratios: dict | None = None, progress: bool = True):
     """Shrink ``model`` in place by ``target`` (fraction of *all* parameters); returns (model, report, plans).
 
     Defaults come from bench/results/prune.md on SmolLM2: first-order Taylor scores, MLP neurons only
@@ -35,6 +46,10 @@ def prune(model, calibration=None, target: float = 0.2, method: str = "taylor", 
     group, all layers), so stock ``from_pretrained`` loads the result. ``compensate=True`` folds removed
     units' mean contribution over the calibration tokens into the consumer's bias (FLAP).
     """
+    if ratios is not None:
+        if steps != 1:
+            raise PlanError("per-kind ratios are applied in one step; use a parameter target with steps > 1")
+        kinds = tuple(ratios)
     check_ratio(target)
     if method not in METHODS:
         raise PlanError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -62,10 +77,10 @@ def prune(model, calibration=None, target: float = 0.2, method: str = "taylor", 
         times["score_s"] += time.perf_counter() - t
         current = _params(model)
         goal = original * (1 - target * step / steps)  # parameters left after this step
-        step_target = max(0.0, 1 - goal / current)
+        step_target = None if ratios is not None else max(0.0, 1 - goal / current)
         t = time.perf_counter()
         plan = Plan.from_scores(graph, scores, step_target, kinds=kinds, policy=policy, layers=layers,
-                                round_to=round_to, gqa=gqa)
+                                round_to=round_to, gqa=gqa, ratios=ratios)
         times["plan_s"] += time.perf_counter() - t
         t = time.perf_counter()
         deltas = bias_deltas(model, plan, calibration) if compensate else {}
@@ -78,12 +93,15 @@ def prune(model, calibration=None, target: float = 0.2, method: str = "taylor", 
                                                 "units_before": e.num_units,
                                                 "scores": [float(x) for x in scores[e.group]]})
             first["units_after"] = e.units_after
+            first["params_removed"] = first.get("params_removed", 0) + Plan([e], plan.shapes).params_removed()
     after = _params(model)
+    emb = _embedding_params(model)
     report = {
         "method": method, "target": target, "policy": policy, "steps": steps, "uniform": uniform,
         "compensate": compensate,
         "layers": None if layers is None else sorted(layers), "round_to": round_to, "gqa": gqa,
         "params_before": original, "params_after": after, "removed_fraction": (original - after) / original,
+        "non_embedding_removed_fraction": (original - after) / (original - emb), "ratios": ratios,
         "stock_loadable": bool(getattr(getattr(model, "config", None), "depgraph", {}).get("uniform")),
         "times": times, "groups": list(groups.values()),
     }

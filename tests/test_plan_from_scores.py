@@ -52,3 +52,14 @@ def test_gqa_policies(graph):
 def test_bad_target(graph):
     with pytest.raises(depgraph.PlanError, match="ratio must be in"):
         depgraph.Plan.from_scores(graph, _scores(graph), 1.5)
+
+
+def test_per_kind_ratios(graph):
+    plan = depgraph.Plan.from_scores(graph, _scores(graph), ratios={"attention": 0.34, "mlp": 0.25}, round_to=1)
+    for e in plan.entries:
+        if e.kind == "mlp":
+            assert e.units_after == 48
+        else:
+            assert e.attention["heads_after"] == 4 and e.attention["kv_after"] == 2
+    with pytest.raises(depgraph.PlanError, match="either a parameter target or per-kind ratios"):
+        depgraph.Plan.from_scores(graph, _scores(graph), 0.1, ratios={"mlp": 0.2})

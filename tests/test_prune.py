@@ -1,6 +1,7 @@
 """depgraph.prune end to end on a tiny model."""
 import copy
 
+import pytest
 import torch
 
 import depgraph
@@ -109,3 +110,12 @@ def test_prune_with_compensation_needs_calibration():
         raise AssertionError("no error")
     _, report, _ = depgraph.prune(model, ids(2), target=0.1, method="l2", compensate=True, progress=False)
     assert report["compensate"] and report["removed_fraction"] > 0.05
+
+
+def test_report_counts_parameters_per_group_and_without_embeddings():
+    model = ARCHS["llama-gqa"]()
+    _, report, plans = depgraph.prune(model, None, method="l2", ratios={"mlp": 0.25}, round_to=1, progress=False)
+    removed = report["params_before"] - report["params_after"]
+    assert sum(g["params_removed"] for g in report["groups"]) == removed
+    emb = model.model.embed_tokens.weight.numel()
+    assert report["non_embedding_removed_fraction"] == pytest.approx(removed / (report["params_before"] - emb))
