@@ -26,13 +26,13 @@ def _layers(text: str):
         raise argparse.ArgumentTypeError(f"--layers takes START:STOP or a comma list, got {text!r}") from None
 
 
-def _fraction(text: str) -> float:
+def _fraction(text: str, what: str = "--target") -> float:
     try:
         v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"{what}: not a number: {text!r}") from None
     if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"--target must be in [0, 1), got {v}")
+        raise argparse.ArgumentTypeError(f"{what} must be in [0, 1), got {v}")
     return v
 
 
@@ -43,7 +43,7 @@ def _ratios(text: str) -> dict:
         kind, _, value = part.partition("=")
         if kind not in KINDS or not value:
             raise argparse.ArgumentTypeError(f"--ratios takes KIND=FRACTION pairs with KIND in {KINDS}, got {part!r}")
-        out[kind] = _fraction(value)
+        out[kind] = _fraction(value, f"--ratios {kind}")
     return out
 
 
