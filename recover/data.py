@@ -45,20 +45,16 @@ __all__ = [
     "tokenize_example",
 ]
 
+from depgraph.calibration import ALPACA_TEMPLATE as _CALIB_TEMPLATE  # noqa: E402
+from depgraph.calibration import ALPACA_TEMPLATE_NO_INPUT as _CALIB_TEMPLATE_NO_INPUT  # noqa: E402
+from depgraph.calibration import _records_from_json  # noqa: E402
+
 IGNORE_INDEX = -100
 
-# LLM-Pruner/templates/alpaca.json (the Alpaca-LoRA template), verbatim
+# LLM-Pruner/templates/alpaca.json (the Alpaca-LoRA template): one copy, shared with calibration
 ALPACA_TEMPLATE = {
-    "prompt_input": (
-        "Below is an instruction that describes a task, paired with an input that provides further context. "
-        "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-    ),
-    "prompt_no_input": (
-        "Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\n{instruction}\n\n### Response:\n"
-    ),
+    "prompt_input": _CALIB_TEMPLATE,
+    "prompt_no_input": _CALIB_TEMPLATE_NO_INPUT,
     "response_split": "### Response:",
 }
 
@@ -70,30 +66,8 @@ _SHORTHANDS = {"alpaca", "alpaca-5000", "alpaca_5000"}
 
 
 def _read_json_file(path: Path) -> list:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".jsonl":
-        rows = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {i} is not valid JSON ({e.msg})") from e
-        return rows
-    try:
-        data = json.loads(text) if text.strip() else []
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); "
-                         f"use a .jsonl suffix for one object per line") from e
-    if isinstance(data, dict):
-        for key in ("data", "train", "examples"):
-            if isinstance(data.get(key), list):
-                return data[key]
-        raise ValueError(f"{path}: expected a JSON list of examples (or an object with a 'data'/'train' list)")
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of examples, got {type(data).__name__}")
-    return data
+    """Records of a JSON list / JSONL file (the reader calibration uses; errors name file and line)."""
+    return _records_from_json(path)
 
 
 def _looks_like_path(s: str) -> bool:

@@ -147,7 +147,7 @@ def test_bad_data_errors(tmp_path, tok):
     with pytest.raises(ValueError, match="empty"):
         load_examples(tmp_path / "blank.jsonl")
     (tmp_path / "broken.json").write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
+    with pytest.raises(ValueError, match="invalid JSON"):
         load_examples(tmp_path / "broken.json")
     with pytest.raises(FileNotFoundError, match="no such data file"):
         load_examples(str(tmp_path / "missing.json"))
