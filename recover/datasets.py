@@ -34,23 +34,13 @@ class DataNotFoundError(FileNotFoundError):
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The shared data folder (see module docstring); raises :class:`DataNotFoundError`."""
-    candidates: list[Path] = []
-    if data_dir is not None:
-        candidates.append(Path(data_dir))
-    elif os.environ.get("DEPGRAPH_DATA"):
-        candidates.append(Path(os.environ["DEPGRAPH_DATA"]))
-    else:
-        repo_root = Path(__file__).resolve().parents[1]
-        candidates += [repo_root.parent / "shared" / "data", Path.cwd() / "shared" / "data"]
-    for c in candidates:
-        if c.is_dir():
-            return c.resolve()
-    raise DataNotFoundError(
-        "shared data directory not found (tried "
-        + ", ".join(str(c) for c in candidates)
-        + "); set DEPGRAPH_DATA to the folder holding wikitext2/, ptb/, zeroshot/"
-    )
+    """The shared data folder (same search as calibration); raises :class:`DataNotFoundError`."""
+    from depgraph.calibration import CalibrationError, shared_data_dir
+
+    try:
+        return shared_data_dir(data_dir).resolve()
+    except CalibrationError as e:
+        raise DataNotFoundError(str(e)) from None
 
 
 def _need(path: Path) -> Path:
