@@ -93,6 +93,8 @@ def part_quality(res: Results, windows: int) -> None:
         res.save()
     # the LLM-Pruner comparison point first (same parameter count), then the method x target table
     both = ("attention", "mlp")
+    row("activation", LLM_PRUNER["removed"], "default (mlp, layers 1:29)")
+    row("activation", LLM_PRUNER["removed"], "default, compensated", compensate=True)
     row("taylor", LLM_PRUNER["removed"], "default (mlp, layers 1:29)")
     row("taylor", LLM_PRUNER["removed"], "default, compensated", compensate=True)
     row("taylor", LLM_PRUNER["removed"], "heads+mlp, layers 3:27", kinds=both, layers=range(3, 27))
@@ -103,6 +105,9 @@ def part_quality(res: Results, windows: int) -> None:
             row(method, target)
     for target in TARGETS:
         row("taylor", target, "compensated", compensate=True)
+        row("activation", target, "compensated", compensate=True)
+    row("activation", 0.2, "calib 32x128", calib={"n": 32, "length": 128})
+    row("activation", 0.2, "calib self-generated", calib={"source": "self"})
     row("taylor", 0.2, "calib 32x128", calib={"n": 32, "length": 128})
     row("taylor", 0.2, "calib self-generated", calib={"source": "self"})
     row("taylor", 0.2, "global policy", policy="global", normalize="mean")

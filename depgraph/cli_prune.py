@@ -55,7 +55,8 @@ def add_prune(subparsers, add_model_argument) -> None:
     p.add_argument("--target", type=_fraction, default=0.2, help="fraction of all parameters to remove")
     p.add_argument("--ratios", type=_ratios, default=None,
                    help="per-kind fractions of units instead of --target, e.g. attention=0.25,mlp=0.3")
-    p.add_argument("--method", choices=METHODS, default="taylor")
+    p.add_argument("--method", choices=METHODS, default="activation",
+                   help="importance estimator (default: activation, the best on SmolLM2 in bench/results/prune.md)")
     p.add_argument("--calib", default="alpaca", help="calibration source: a text/JSON/JSONL file, alpaca, ptb, "
                                                      "wikitext2, self, or an HF dataset name (default: alpaca)")
     p.add_argument("--n-samples", type=int, default=10)

@@ -48,7 +48,7 @@ def main() -> None:
     print(f"traced in {time.perf_counter() - start:.1f} s")
     print(graph)
 
-    # Importance-scored pruning with the measured defaults (taylor on 10 x 64 Alpaca tokens, MLP neurons,
+    # Importance-scored pruning with the measured defaults (activation scores on 10 x 64 Alpaca tokens, MLP neurons,
     # every layer but the first and last); see bench/results/prune.md
     from depgraph.calibration import load_calibration
     from recover.evaluate import perplexity
