@@ -205,12 +205,14 @@ def main(argv=None) -> int:
     res["params"]["dense"] = sum(p.numel() for p in model.parameters())
     print("== dense", flush=True)
     res["evals"]["dense"] = evaluate(model, tok, args)
+    (out / "recover.json").write_text(json.dumps(res, indent=2, default=str))  # partial results survive a stop
 
     print("== prune", flush=True)
     calib = load_calibration("alpaca", tok, n_samples=10, seq_len=64)
     model = depgraph.prune(model, calib, target=args.target, method="taylor", progress=False)[0]
     res["params"]["pruned"] = sum(p.numel() for p in model.parameters())
     res["evals"]["pruned"] = evaluate(model, tok, args)
+    (out / "recover.json").write_text(json.dumps(res, indent=2, default=str))
     pruned_copy = copy.deepcopy(model)
 
     print("== recover", flush=True)
