@@ -57,8 +57,10 @@ def add_prune(subparsers, add_model_argument) -> None:
                    help="per-kind fractions of units instead of --target, e.g. attention=0.25,mlp=0.3")
     p.add_argument("--method", choices=METHODS, default="activation",
                    help="importance estimator (default: activation, the best on SmolLM2 in bench/results/prune.md)")
-    p.add_argument("--calib", default="alpaca", help="calibration source: a text/JSON/JSONL file, alpaca, ptb, "
-                                                     "wikitext2, self, or an HF dataset name (default: alpaca)")
+    p.add_argument("--calib", default="self",
+                   help="calibration source: self (data-free text sampled from the model; the best on SmolLM2 in "
+                        "bench/results/prune.md), alpaca, ptb, wikitext2, a text/JSON/JSONL file, or an HF "
+                        "dataset name (default: self)")
     p.add_argument("--n-samples", type=int, default=10)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--kinds", default="mlp", help="comma list of group kinds to prune: attention, mlp, hidden "

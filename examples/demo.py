@@ -48,12 +48,12 @@ def main() -> None:
     print(f"traced in {time.perf_counter() - start:.1f} s")
     print(graph)
 
-    # Importance-scored pruning with the measured defaults (activation scores on 10 x 64 Alpaca tokens, MLP neurons,
+    # Importance-scored pruning with the measured defaults (activation scores on 10 x 64 self-generated tokens, MLP neurons,
     # every layer but the first and last); see bench/results/prune.md
     from depgraph.calibration import load_calibration
     from recover.evaluate import perplexity
 
-    calib = load_calibration("alpaca", tokenizer, n_samples=10, seq_len=64, seed=args.seed)
+    calib = load_calibration("self", tokenizer, n_samples=10, seq_len=64, seed=args.seed, model=model)
     dense_ppl = perplexity(model, tokenizer, "wikitext2", window=128, limit=args.windows)["ppl"]
     model, report, plans = depgraph.prune(model, calib, target=args.ratio)
     after = count_parameters(model)
