@@ -8,7 +8,7 @@ can never produce a wrong group.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -67,7 +67,6 @@ class Ctx:
     node: torch.fx.Node
     op: str
     where: str
-    pending: list = field(default_factory=list)
 
     @property
     def store(self) -> SpaceStore:
