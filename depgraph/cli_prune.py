@@ -47,6 +47,16 @@ def _ratios(text: str) -> dict:
     return out
 
 
+def calibration_from_args(args, model, tok):
+    """Calibration ids [n_samples, seq_len] from the --calib/--n-samples/--seq-len/--seed/--data-dir options."""
+    from depgraph.calibration import load_calibration_set
+
+    if tok is None and args.calib != "self":
+        raise DepgraphError(f"{args.model}: no tokenizer to tokenize the calibration data")
+    return load_calibration_set(args.calib, tok, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
+                                model=model, data_dir=args.data_dir).input_ids
+
+
 def add_prune(subparsers, add_model_argument) -> None:
     p = subparsers.add_parser("prune", help="score, plan and shrink a model, then save it",
                               description="Prune MODEL to a parameter target and write the pruned model folder "
@@ -101,8 +111,6 @@ def _check_prune_args(args) -> list:
 def run_prune(args) -> int:
     kinds = _check_prune_args(args)
     import depgraph
-    from depgraph.calibration import load_calibration
-
     from .cli import _load
 
     t0 = time.perf_counter()
@@ -110,14 +118,7 @@ def run_prune(args) -> int:
     load_s = time.perf_counter() - t0
     calib = None
     if args.method not in ("random", "l1", "l2", "magnitude") or args.compensate:
-        if tok is None and args.calib != "self":
-            raise DepgraphError(f"{args.model}: no tokenizer to tokenize the calibration data")
-        import os
-
-        if args.data_dir:
-            os.environ["DEPGRAPH_DATA"] = args.data_dir
-        calib = load_calibration(args.calib, tok, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
-                                 model=model)
+        calib = calibration_from_args(args, model, tok)
     model, report, plans = depgraph.prune(model, calib, target=args.target, method=args.method, kinds=kinds,
                                           policy=args.policy, layers=args.layers, round_to=args.round_to,
                                           gqa=args.gqa, steps=args.steps, uniform=args.uniform,

@@ -568,8 +568,6 @@ def add_cli(subparsers, add_model_argument) -> None:
 
 
 def run_cli(args) -> int:
-    import os
-
     from .cli import _load
     from .io import save_pruned
 
@@ -580,14 +578,9 @@ def run_cli(args) -> int:
     model, tok = _load(args)
     calib = None
     if args.method != "magnitude":
-        if tok is None and args.calib != "self":
-            raise SparsifyError(f"{args.model}: no tokenizer to tokenize the calibration data")
-        from .calibration import load_calibration
+        from .cli_prune import calibration_from_args
 
-        if args.data_dir:
-            os.environ["DEPGRAPH_DATA"] = args.data_dir
-        calib = load_calibration(args.calib, tok, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
-                                 model=model)
+        calib = calibration_from_args(args, model, tok)
     skip = tuple(s for s in args.skip.split(",") if s)
     model, report = sparsify(model, args.method, sparsity=sparsity, nm=nm, calibration=calib, per_row=args.per_row,
                              blocksize=args.blocksize, damp=args.damp, skip=skip, device=args.device,
