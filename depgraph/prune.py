@@ -60,11 +60,8 @@ def prune(model, calibration=None, target: float = 0.2, method: str = "activatio
         raise PlanError("compensate=True needs calibration data (the removed units' mean activations)")
     if uniform:
         policy, layers = "uniform", None
-    if isinstance(layers, str):
-        if layers != "auto":
-            raise PlanError(f"layers must be 'auto', None or a list of layer indices, got {layers!r}")
-        found = sorted({g.layer for g in trace(model).groups() if g.layer is not None})
-        layers = found[1:-1] if len(found) > 2 else found
+    if isinstance(layers, str) and layers != "auto":
+        raise PlanError(f"layers must be 'auto', None or a list of layer indices, got {layers!r}")
     original = _params(model)
     times = {"trace_s": 0.0, "score_s": 0.0, "plan_s": 0.0, "shrink_s": 0.0}
     groups, plans = {}, []
@@ -72,6 +69,9 @@ def prune(model, calibration=None, target: float = 0.2, method: str = "activatio
         t = time.perf_counter()
         graph = trace(model)
         times["trace_s"] += time.perf_counter() - t
+        if layers == "auto":  # every layer but the first and the last, read off the first graph
+            found = sorted({g.layer for g in graph.groups() if g.layer is not None})
+            layers = found[1:-1] if len(found) > 2 else found
         t = time.perf_counter()
         scores = score(model, graph, calibration, method=method, aggregate=aggregate, normalize=normalize,
                        kinds=kinds, progress=progress)
