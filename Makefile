@@ -18,7 +18,7 @@ test:
 	$(PYTHON) -m pytest -q -x --timeout=900 tests
 
 bench:
-	@set -e; for f in bench/*.py; do \
+	@set -e; for f in bench/[!_]*.py; do \
 		[ -e "$$f" ] || continue; \
 		echo "== $$f"; \
 		$(PYTHON) "$$f"; \

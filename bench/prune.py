@@ -11,32 +11,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import resource
 import sys
 import time
-from pathlib import Path
 
-# bench/recover.py would shadow the recover package: drop this script's folder from the import path
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+from _common import RESULTS, Results, load_smollm2  # first: it takes bench/ off sys.path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
-METHODS = ("random", "l2", "l1", "taylor", "fisher", "taylor+fisher", "taylor-vector", "activation")
+METHODS = ("random", "l2", "l1", "taylor", "fisher", "taylor+fisher", "taylor-vector", "activation", "fluctuation")
 TARGETS = (0.2, 0.3, 0.5)
 LLM_PRUNER = {"removed": 0.211, "params_after": 106.2e6, "wikitext2": 405.0, "ptb": 586.0,
               "dense_wikitext2": 56.1, "dense_ptb": 87.1}
-
-
-def _load():
-    from depgraph.models import load_model
-
-    model, tok = load_model()
-    model.config.use_cache = False
-    return model, tok
 
 
 def _calib(tok, model, source="alpaca", n=10, length=64, seed=0):
@@ -52,20 +40,10 @@ def _ppl(model, tok, windows):
             for name in ("wikitext2", "ptb")}
 
 
-class Results:
-    def __init__(self, path: Path):
-        self.path = path
-        self.data = json.loads(path.read_text()) if path.exists() else {}
-
-    def save(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.data, indent=1) + "\n")
-
-
 def part_quality(res: Results, windows: int) -> None:
     import depgraph
 
-    dense, tok = _load()
+    dense, tok = load_smollm2()
     q = res.data.setdefault("quality", {"windows": windows, "window": 128, "rows": []})
     if q.get("windows") != windows:
         q.update(windows=windows, rows=[])
@@ -106,8 +84,11 @@ def part_quality(res: Results, windows: int) -> None:
     for target in TARGETS:
         row("taylor", target, "compensated", compensate=True)
         row("activation", target, "compensated", compensate=True)
+        row("fluctuation", target, "compensated (FLAP)", compensate=True)
     row("activation", 0.2, "calib 32x128", calib={"n": 32, "length": 128})
     row("activation", 0.2, "calib self-generated", calib={"source": "self"})
+    row("fluctuation", 0.2, "calib self-generated", calib={"source": "self"})
+    row("fluctuation", 0.2, "compensated, calib self-generated", compensate=True, calib={"source": "self"})
     row("taylor", 0.2, "calib 32x128", calib={"n": 32, "length": 128})
     row("taylor", 0.2, "calib self-generated", calib={"source": "self"})
     row("taylor", 0.2, "global policy", policy="global", normalize="mean")
@@ -118,7 +99,7 @@ def part_cost(res: Results) -> None:
     """Scoring time against a plain forward+backward over the same calibration set."""
     import depgraph
 
-    model, tok = _load()
+    model, tok = load_smollm2()
     graph = depgraph.trace(model)
     calib = _calib(tok, model)
     out = {}
@@ -171,7 +152,7 @@ def _latency(model, n=512, reps=5):
 def part_speed(res: Results) -> None:
     import depgraph
 
-    dense, tok = _load()
+    dense, tok = load_smollm2()
     pruned = copy.deepcopy(dense)
     depgraph.prune(pruned, _calib(tok, pruned), target=0.2, method="taylor", progress=False)
     ids = tok("The capital of France is", return_tensors="pt").input_ids

@@ -2,8 +2,8 @@
 
 1. dense SmolLM2 -> WikiText-2 / PTB perplexity and the seven zero-shot accuracies (first ``--zs-limit`` docs of
    each task, lm-eval 0.4.x on the local copies);
-2. ``depgraph.prune(model, calib, target=0.2, method="taylor")`` with 10 x 64 Alpaca calibration tokens -> same
-   evaluation;
+2. ``depgraph.prune(model, calib, target=0.2)`` with the library's defaults (activation scores on 10 x 64
+   self-generated calibration tokens, MLP neurons, every layer but the first and last) -> same evaluation;
 3. ``recover.lora.recover`` on the shared 5,000-example Alpaca subset (LLM-Pruner's settings, ``--val-size`` held out,
    early stopping, stopped by ``--max-minutes``, default 55, so recovery takes at most 60 minutes) -> same
    evaluation, and the share of the dense quality that recovery wins back;
@@ -128,7 +128,8 @@ def fmt(x, nd=2):
 
 def write_md(res: dict, path: Path) -> None:
     rows = ["dense", "pruned", "recovered"]
-    lines = ["# LoRA recovery of SmolLM2-135M-Instruct pruned by 20% (taylor)", "",
+    lines = [f"# LoRA recovery of SmolLM2-135M-Instruct pruned by {res['args']['target']:.0%} "
+             f"({res['args']['method']}, {res['args']['calib']} calibration)", "",
              f"{res['machine']}; torch {res['torch']}, transformers {res['transformers']}, peft {res['peft']}; "
              f"lm-eval {res['evals']['dense'].get('lm_eval_version')}", "",
              f"Recovery: {res['recovery']['steps']} steps in {res['recovery']['train_runtime_s']:.0f} s on "
@@ -159,6 +160,8 @@ def write_md(res: dict, path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", type=float, default=0.2)
+    ap.add_argument("--method", default="activation", help="importance method (default: depgraph.prune's)")
+    ap.add_argument("--calib", default="self", help="calibration source (default: the CLI's, self-generated)")
     ap.add_argument("--ppl", default="wikitext2,ptb")
     ap.add_argument("--window", type=int, default=128)
     ap.add_argument("--ppl-limit", type=int, default=None, help="windows per perplexity set (default: all)")
@@ -208,8 +211,9 @@ def main(argv=None) -> int:
     (out / "recover.json").write_text(json.dumps(res, indent=2, default=str))  # partial results survive a stop
 
     print("== prune", flush=True)
-    calib = load_calibration("alpaca", tok, n_samples=10, seq_len=64)
-    model = depgraph.prune(model, calib, target=args.target, method="taylor", progress=False)[0]
+    calib = load_calibration(args.calib, tok, n_samples=10, seq_len=64, model=model)
+    model, report, _ = depgraph.prune(model, calib, target=args.target, method=args.method, progress=False)
+    res["prune"] = {"method": args.method, "calib": args.calib, "removed_fraction": report.get("removed_fraction")}
     res["params"]["pruned"] = sum(p.numel() for p in model.parameters())
     res["evals"]["pruned"] = evaluate(model, tok, args)
     (out / "recover.json").write_text(json.dumps(res, indent=2, default=str))

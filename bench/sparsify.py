@@ -21,26 +21,15 @@ import resource
 import sys
 import threading
 import time
-from pathlib import Path
 
-# bench/recover.py would shadow the recover package: drop this script's folder from the import path
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+from _common import RESULTS, Results, load_smollm2  # first: it takes bench/ off sys.path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
 METHODS = ("magnitude", "wanda", "sparsegpt")
 PATTERNS = (("50%", {"sparsity": 0.5}), ("2:4", {"nm": (2, 4)}))
 # LLaMA-7B, WikiText-2, 50% unstructured (Wanda paper, Sun et al. 2023): the ordering to expect
 PUBLISHED = {"model": "LLaMA-7B", "dense": 5.68, "magnitude": 17.29, "wanda": 7.26, "sparsegpt": 7.22}
-
-
-def _load():
-    from depgraph.models import load_model
-
-    model, tok = load_model()
-    model.config.use_cache = False
-    return model.eval(), tok
 
 
 def _ppl(model, tok, windows):
@@ -85,16 +74,6 @@ def measure(fn):
     return result, round(seconds, 2), round((peak[0] - base) / 2 ** 20, 1), cuda_mb
 
 
-class Results:
-    def __init__(self, path: Path):
-        self.path = path
-        self.data = json.loads(path.read_text()) if path.exists() else {}
-
-    def save(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.data, indent=1) + "\n")
-
-
 def run(res: Results, args) -> None:
     import depgraph
     from depgraph.calibration import load_calibration
@@ -106,7 +85,7 @@ def run(res: Results, args) -> None:
         res.data = {"setup": setup, "rows": []}
     rows = res.data["rows"]
     done = {r["name"] for r in rows}
-    dense, tok = _load()
+    dense, tok = load_smollm2()
     params = sum(p.numel() for p in dense.parameters())
     calib = load_calibration(args.calib, tok, n_samples=args.n_samples, seq_len=args.seq_len, seed=0, model=dense)
 

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 from depgraph.errors import DepgraphError
+from depgraph.importance import METHODS, NEEDS_CALIBRATION
 
-METHODS = ("random", "l1", "l2", "magnitude", "taylor", "fisher", "taylor+fisher", "taylor-vector", "activation")
 KINDS = ("attention", "mlp", "hidden")
 
 
@@ -99,7 +99,7 @@ def _check_prune_args(args) -> list:
     if args.steps < 1 or args.n_samples < 1 or args.seq_len < 2:
         raise DepgraphError("--steps, --n-samples must be >= 1 and --seq-len >= 2")
     calib = Path(args.calib).expanduser()
-    needs_calib = args.method not in ("random", "l1", "l2", "magnitude") or args.compensate
+    needs_calib = args.method in NEEDS_CALIBRATION or args.compensate
     if needs_calib and (calib.suffix or "/" in args.calib):
         if not calib.is_file():
             raise DepgraphError(f"--calib: file {calib} does not exist")
@@ -117,7 +117,7 @@ def run_prune(args) -> int:
     model, tok = _load(args)
     load_s = time.perf_counter() - t0
     calib = None
-    if args.method not in ("random", "l1", "l2", "magnitude") or args.compensate:
+    if args.method in NEEDS_CALIBRATION or args.compensate:
         calib = calibration_from_args(args, model, tok)
     model, report, plans = depgraph.prune(model, calib, target=args.target, method=args.method, kinds=kinds,
                                           policy=args.policy, layers=args.layers, round_to=args.round_to,

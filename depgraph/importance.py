@@ -24,6 +24,11 @@ Methods (``w`` weight, ``g`` gradient of the mean calibration loss, ``F`` diagon
 ``activation``     |w| · ‖x_j‖₂ (Wanda), where ‖x_j‖₂ is the L2 norm over all calibration tokens of the
                    input feature j of the linear layer. Only defined for members along a linear layer's
                    input-feature dim; every other member (output rows, norms, embeddings) falls back to |w|.
+``fluctuation``    w² · Var(x_j) (FLAP's fluctuation metric): the variance over all calibration tokens of the
+                   input feature j, times the squared weights that read it, i.e. how much the layer's output
+                   moves when the feature is replaced by its mean (which ``compensate=True`` folds into the
+                   bias). Only the members along a linear layer's input-feature dim count (the consumer: o_proj
+                   for heads, down_proj for neurons); groups with no such member score 0.
 """
 from __future__ import annotations
 
@@ -33,7 +38,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-METHODS = ("random", "l1", "l2", "magnitude", "taylor", "fisher", "taylor+fisher", "taylor-vector", "activation")
+METHODS = ("random", "l1", "l2", "magnitude", "taylor", "fisher", "taylor+fisher", "taylor-vector", "activation",
+           "fluctuation")
+NEEDS_CALIBRATION = ("taylor", "fisher", "taylor+fisher", "taylor-vector", "activation", "fluctuation")
 AGGREGATES = ("sum", "mean", "max", "prod")
 NORMALIZE = (None, "mean", "max")
 _GRAD_METHODS = ("taylor", "fisher", "taylor+fisher", "taylor-vector")
@@ -177,10 +184,11 @@ def _input_dims(model, graph) -> dict:
 
 
 @torch.no_grad()
-def activation_stats(model, graph, batches, progress: bool = True) -> dict:
-    """Gradient-free pass: ``{weight name: [in_features] tensor}``, the squared L2 norm of each input
-    feature over every calibration token, for every linear layer whose weight is a group member along its
-    input-feature dim. A weight used by several layers (tied) accumulates over all of them."""
+def input_moments(model, graph, batches, progress: bool = True) -> dict:
+    """Gradient-free pass over the calibration rows: ``{weight name: (n, sum [in], sum of squares [in])}``
+    of each input feature over every calibration token (float64 sums), for every linear layer whose weight
+    is a group member along its input-feature dim. A weight used by several layers (tied) accumulates over
+    all of them."""
     batches = _check_batches(batches)
     sites = _input_dims(model, graph)
     stats, hooks = {}, []
@@ -188,11 +196,9 @@ def activation_stats(model, graph, batches, progress: bool = True) -> dict:
     def hook(wname):
         def fn(_mod, inputs, _out):
             x = inputs[0].detach()
-            sq = x.reshape(-1, x.shape[-1]).float().pow(2).sum(0)
-            if wname in stats:
-                stats[wname] += sq.to(stats[wname].device)
-            else:
-                stats[wname] = sq
+            x = x.reshape(-1, x.shape[-1]).double()
+            n, s1, s2 = stats.get(wname, (0, 0.0, 0.0))
+            stats[wname] = (n + x.shape[0], s1 + x.sum(0), s2 + x.pow(2).sum(0))
         return fn
 
     modules = dict(model.named_modules())
@@ -209,6 +215,22 @@ def activation_stats(model, graph, batches, progress: bool = True) -> dict:
             h.remove()
         model.train(was_training)
     return stats
+
+
+def activation_stats(model, graph, batches, progress: bool = True) -> dict:
+    """``{weight name: [in_features] float32}``: the squared L2 norm of each input feature over every
+    calibration token (see :func:`input_moments`)."""
+    return {w: s2.float() for w, (_, _, s2) in input_moments(model, graph, batches, progress).items()}
+
+
+def fluctuation_stats(model, graph, batches, progress: bool = True) -> dict:
+    """``{weight name: [in_features] float32}``: the (population) variance of each input feature over every
+    calibration token (see :func:`input_moments`)."""
+    out = {}
+    for w, (n, s1, s2) in input_moments(model, graph, batches, progress).items():
+        mean = s1 / n
+        out[w] = (s2 / n - mean * mean).clamp_min(0).float()
+    return out
 
 
 # -- element scores -> unit scores -----------------------------------------------------------
@@ -233,6 +255,10 @@ def _element_scores(method, w, g=None, fisher=None, act=None, act_dim=None):
         shape = [1] * w.dim()
         shape[act_dim] = -1
         return w.abs() * act.float().sqrt().to(w.device).reshape(shape)
+    if method == "fluctuation":
+        shape = [1] * w.dim()
+        shape[act_dim] = -1
+        return w * w * act.float().to(w.device).reshape(shape)
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -279,8 +305,8 @@ def score(model, graph, calibration=None, method: str = "taylor", aggregate: str
     """Importance of every unit of every group: ``{group id: float64 array [num_units]}``.
 
     ``calibration``: [N, L] token ids (not needed for ``random``/``l1``/``l2``/``magnitude``).
-    ``stats``: precomputed :class:`GradStats` (gradient methods) or :func:`activation_stats` output
-    (``activation``), to skip the calibration pass. ``kinds`` restricts the groups scored.
+    ``stats``: precomputed :class:`GradStats` (gradient methods), :func:`activation_stats` output
+    (``activation``) or :func:`fluctuation_stats` output (``fluctuation``), to skip the calibration pass. ``kinds`` restricts the groups scored.
     See the module docstring for the methods.
     """
     if method not in METHODS:
@@ -301,11 +327,12 @@ def score(model, graph, calibration=None, method: str = "taylor", aggregate: str
         stats = gradient_stats(model, graph, calibration, progress=progress,
                                per_sample=method in ("fisher", "taylor+fisher"))
     act_dims = {}
-    if method == "activation":
+    if method in ("activation", "fluctuation"):
         if stats is None:
             if calibration is None:
-                raise ValueError("method 'activation' needs calibration token ids")
-            stats = activation_stats(model, graph, calibration, progress=progress)
+                raise ValueError(f"method {method!r} needs calibration token ids")
+            pass_ = activation_stats if method == "activation" else fluctuation_stats
+            stats = pass_(model, graph, calibration, progress=progress)
         act_dims = {w: d for w, d in _input_dims(model, graph).values()}
 
     canon = _canonical_map(graph)
@@ -329,6 +356,11 @@ def score(model, graph, calibration=None, method: str = "taylor", aggregate: str
                     kw = {"g": stats.grad[name], "fisher": stats.fisher.get(name)}
                 elif method == "activation" and act_dims.get(name) == m.dim:
                     kw = {"act": stats.get(name), "act_dim": m.dim}
+                elif method == "fluctuation":
+                    if act_dims.get(name) != m.dim or name not in stats:  # not a consumer: FLAP ignores it
+                        cache[key] = None
+                        continue
+                    kw = {"act": stats[name], "act_dim": m.dim}
                 e = _element_scores(method, w, **kw)
                 other = [d for d in range(e.dim()) if d != m.dim]
                 cache[key] = (e.sum(other) if other else e).double().cpu().numpy()

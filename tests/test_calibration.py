@@ -17,10 +17,9 @@ from depgraph.calibration import (
     shared_data_dir,
 )
 
-TEXT = (
-    "The quick brown fox jumps over the lazy dog. A lazy dog sleeps in the sun while the fox runs.\n"
-    "Question: how do you keep a dog cool? Answer: give it water and shade.\n"
-) * 20
+from tiny import SENTENCES, tiny_tokenizer
+
+TEXT = SENTENCES * 20
 
 ALPACA = [
     {"instruction": "Name a colour.", "input": "", "output": "Blue is a colour."},
@@ -29,29 +28,10 @@ ALPACA = [
 ] * 10
 
 
-def _tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([TEXT], trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-
 
 @pytest.fixture(scope="module")
 def tok():
-    return _tiny_tokenizer()
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,14 @@ import torch
 
 import depgraph
 from depgraph.cli import main
-from test_evaluate import TEXT, _tiny_model, _tiny_tokenizer
+from test_evaluate import TEXT, _tiny_model
+from tiny import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny")
-    tok = _tiny_tokenizer()
+    tok = tiny_tokenizer()
     model = _tiny_model(len(tok))
     model.save_pretrained(folder)
     tok.save_pretrained(folder)

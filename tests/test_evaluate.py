@@ -16,31 +16,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from recover.datasets import DataNotFoundError, resolve_data_dir  # noqa: E402
 from recover.evaluate import _TEMPLATES, choice_loglikelihoods, perplexity, task_configs, zero_shot  # noqa: E402
 
-TEXT = (
-    "The quick brown fox jumps over the lazy dog. A lazy dog sleeps in the sun while the fox runs.\n"
-    "Question: how do you keep a dog cool? Answer: give it water and shade.\n"
-) * 6
+from tiny import SENTENCES, tiny_tokenizer  # noqa: E402
 
+TEXT = SENTENCES * 6
 
-def _tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([TEXT], trainer)
-    # LLaMA-like: BOS prepended by default, so the BOS paths of both protocols are exercised
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
 def _tiny_model(vocab: int):
@@ -62,7 +41,7 @@ def _tiny_model(vocab: int):
 
 @pytest.fixture(scope="module")
 def tok():
-    return _tiny_tokenizer()
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -197,6 +197,51 @@ def test_activation_needs_no_backward(gqa, monkeypatch):
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+def test_fluctuation_is_variance_times_squared_consumer_weights(gqa):
+    """FLAP's metric: Var_tokens(x_j) * ||W[:, j]||^2 of the consumer (o_proj / down_proj) alone."""
+    model, graph = gqa
+    x = ids(seed=4, batch=3)
+    seen = {}
+    layer = model.model.layers[1]
+    hooks = [layer.mlp.down_proj.register_forward_hook(lambda m, i, o: seen.setdefault("mlp", []).append(i[0])),
+             layer.self_attn.o_proj.register_forward_hook(lambda m, i, o: seen.setdefault("attn", []).append(i[0]))]
+    with torch.no_grad():
+        for row in x:
+            model(input_ids=row[None])
+    for h in hooks:
+        h.remove()
+    got = imp.score(model, graph, x, method="fluctuation", kinds=("mlp", "attention"), progress=False)
+
+    def var(key):
+        a = torch.cat([t.reshape(-1, t.shape[-1]) for t in seen[key]]).double()
+        return a.var(0, unbiased=False)
+
+    w = layer.mlp.down_proj.weight.detach().double()
+    np.testing.assert_allclose(got["mlp.1"], (w.pow(2).sum(0) * var("mlp")).numpy(), rtol=1e-5)
+    # heads: the sum over each head's head_dim input columns of o_proj
+    w = layer.self_attn.o_proj.weight.detach().double()
+    per_col = (w.pow(2).sum(0) * var("attn")).numpy()
+    heads = graph.group("attention.1").num_units
+    np.testing.assert_allclose(got["attention.1"], per_col.reshape(heads, -1).sum(1), rtol=1e-5)
+
+    # a feature that is constant over the calibration tokens carries no information: score 0
+    saved = _state(model)
+    with torch.no_grad():
+        layer.mlp.up_proj.weight[3].zero_()
+        layer.mlp.gate_proj.weight[3].zero_()
+    try:
+        s = imp.score(model, graph, x, method="fluctuation", kinds="mlp", progress=False)["mlp.1"]
+        assert s[3] == pytest.approx(0.0, abs=1e-12) and (np.delete(s, 3) > 0).all()
+    finally:
+        model.load_state_dict(saved)
+
+
+def test_fluctuation_needs_calibration(gqa):
+    model, graph = gqa
+    with pytest.raises(ValueError, match="'fluctuation' needs calibration"):
+        imp.score(model, graph, method="fluctuation")
+
+
 def test_random_is_seeded(gqa):
     model, graph = gqa
     a = imp.score(model, graph, method="random", seed=1)

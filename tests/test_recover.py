@@ -21,7 +21,7 @@ from recover.data import (  # noqa: E402
     tokenize_example,
 )
 from recover.lora import distill_kl, recover, resolve_target_modules  # noqa: E402
-from test_evaluate import _tiny_tokenizer  # noqa: E402
+from tiny import tiny_tokenizer  # noqa: E402
 
 EXAMPLES = [
     {"instruction": "Give the opposite of the word.", "input": "hot", "output": "cold"},
@@ -37,7 +37,7 @@ EXAMPLES = [
 
 @pytest.fixture(scope="module")
 def tok():
-    return _tiny_tokenizer()
+    return tiny_tokenizer()
 
 
 def _pruned(vocab: int, seed: int = 0):

@@ -1,0 +1,37 @@
+"""Helpers shared by the benchmark scripts.
+
+Importing this module first also drops ``bench/`` from ``sys.path``: ``bench/recover.py`` would otherwise shadow the
+``recover`` package for every script run from this folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+RESULTS = Path(_HERE) / "results"
+
+
+class Results:
+    """A JSON file of benchmark results, re-read on start so a partial run keeps its rows."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {}
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.data, indent=1) + "\n")
+
+
+def load_smollm2():
+    """The bundled SmolLM2-135M-Instruct in eval mode with the KV cache off (tracing needs it off)."""
+    from depgraph.models import load_model
+
+    model, tok = load_model()
+    model.config.use_cache = False
+    return model.eval(), tok
