@@ -61,10 +61,52 @@ def evaluate(model, tok, args) -> dict:
     return out
 
 
-def recovered_share(dense: float, pruned: float, rec: float) -> float | None:
-    """(rec - pruned) / (dense - pruned): 1 = all of the lost quality back, 0 = none, < 0 = worse."""
+def recovered_share(dense: float, pruned: float, rec: float, min_gap: float = 1e-12) -> float | None:
+    """(rec - pruned) / (dense - pruned): 1 = all of the lost quality back, 0 = none, < 0 = worse; None when
+    pruning lost less than ``min_gap`` (the ratio of two noise-sized numbers means nothing)."""
     gap = dense - pruned
-    return None if abs(gap) < 1e-12 else (rec - pruned) / gap
+    return None if abs(gap) < min_gap else (rec - pruned) / gap
+
+
+def boolq_yes_share(limit: int | None) -> float | None:
+    """Share of "yes" answers among the BoolQ docs scored (the local HF copy), or None when it is not at hand."""
+    from recover.datasets import zeroshot_file
+
+    try:
+        import datasets
+
+        fmt, path = zeroshot_file("boolq", "validation")
+        answers = datasets.Dataset.from_file(str(path))["answer"][:limit] if fmt == "hf" else None
+    except Exception:  # noqa: BLE001 - a note in the table, never a failure
+        return None
+    return sum(map(bool, answers)) / len(answers) if answers else None
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def recovered_shares(res: dict) -> dict:
+    """Share of the lost quality won back, per perplexity set and for mean zero-shot accuracies.
+
+    BoolQ is also left out of one mean: a 135M model answers it near the majority class, so pruning can move it
+    either way by chance (yes/no bias), which hides what happens on the other six tasks."""
+    d, p, r = (res["evals"][k] for k in ("dense", "pruned", "recovered"))
+    share = {}
+    for ds in res["args"]["ppl"]:  # lower is better: negate
+        share[f"{ds} ppl"] = recovered_share(-d["ppl"][ds], -p["ppl"][ds], -r["ppl"][ds])
+    tasks = res["args"]["tasks"]
+    if tasks:
+        def mean(e, key, skip=()):
+            return _mean([e["tasks"][t][key] for t in tasks if t not in skip and t in e["tasks"]])
+
+        for label, key, skip in (("mean acc", "acc", ()), ("mean acc without BoolQ", "acc", ("boolq",)),
+                                 ("mean acc_norm", "acc_norm", ())):
+            vals = [mean(e, key, skip) for e in (d, p, r)]
+            if None not in vals:  # accuracies on a few hundred docs: a gap under one point is noise
+                share[label] = recovered_share(*vals, min_gap=0.01)
+    return share
 
 
 def plain_peft_run(model, tok, train_ds, args, out_dir) -> dict:
@@ -110,15 +152,17 @@ def throughput(pruned, tok, args) -> dict:
     train_ds, _ = build_datasets("alpaca", tok, cutoff_len=args.cutoff_len, limit=args.tp_examples)
     ours, plain = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for i in range(args.tp_reps):
-            plain.append(plain_peft_run(copy.deepcopy(pruned), tok, train_ds, args, Path(tmp) / f"plain{i}"))
-            ours.append(ours_run(copy.deepcopy(pruned), tok, train_ds, args, Path(tmp) / f"ours{i}"))
+        for i in range(args.tp_reps):  # ABBA order: neither side always runs first (warm-up, thermal drift)
+            order = ("plain", "ours") if i % 2 == 0 else ("ours", "plain")
+            for who in order:
+                run, into = (plain_peft_run, plain) if who == "plain" else (ours_run, ours)
+                into.append(run(copy.deepcopy(pruned), tok, train_ds, args, Path(tmp) / f"{who}{i}"))
     o = statistics.median(r["tokens_per_second"] for r in ours)
     p = statistics.median(r["tokens_per_second"] for r in plain)
     return {"steps": args.tp_steps, "reps": args.tp_reps, "ours": ours, "plain": plain,
             "ours_tokens_per_second": o, "plain_tokens_per_second": p, "ratio": o / p, "target": 0.95,
             "meets_target": o / p >= 0.95,
-            "note": "median over interleaved reps; both count non-padding tokens with Trainer's "
+            "note": "median over interleaved reps (ABBA order); both count non-padding tokens with Trainer's "
                     "include_num_input_tokens_seen over the same steps, data and order"}
 
 
@@ -127,33 +171,65 @@ def fmt(x, nd=2):
 
 
 def write_md(res: dict, path: Path) -> None:
-    rows = ["dense", "pruned", "recovered"]
-    lines = [f"# LoRA recovery of SmolLM2-135M-Instruct pruned by {res['args']['target']:.0%} "
-             f"({res['args']['method']}, {res['args']['calib']} calibration)", "",
+    rows = [r for r in ("dense", "pruned", "recovered") if r in res["evals"]]
+    a, rec = res["args"], res.get("recovery", {})
+    zs = res["evals"]["dense"].get("zs_split") or {}
+    lines = [f"# LoRA recovery of SmolLM2-135M-Instruct pruned by {a['target']:.0%} "
+             f"({a['method']}, {a['calib']} calibration)", "",
              f"{res['machine']}; torch {res['torch']}, transformers {res['transformers']}, peft {res['peft']}; "
-             f"lm-eval {res['evals']['dense'].get('lm_eval_version')}", "",
-             f"Recovery: {res['recovery']['steps']} steps in {res['recovery']['train_runtime_s']:.0f} s on "
-             f"{res['recovery']['train_examples']} Alpaca examples ({res['recovery']['val_examples']} held out); "
-             f"perplexity windows of {res['args']['window']} tokens (limit {res['args']['ppl_limit']}); zero-shot on "
-             f"the first {res['args']['zs_limit']} docs of each task (0-shot).", ""]
-    ppl = res["args"]["ppl"]
-    tasks = res["args"]["tasks"]
-    head = "| model | params | " + " | ".join(f"{d} ppl" for d in ppl) + " | " + " | ".join(tasks) + " | mean acc |"
-    lines += [head, "|" + "---|" * (3 + len(ppl) + len(tasks))]
-    for r in rows:
-        e = res["evals"][r]
-        cells = [r, f"{res['params'][r]:,}"] + [fmt(e["ppl"].get(d)) for d in ppl]
-        cells += [fmt(e["tasks"].get(t, {}).get("acc"), 3) for t in tasks] + [fmt(e.get("mean_acc"), 3)]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Share of the dense quality recovery wins back ((recovered - pruned) / (dense - pruned)):", ""]
-    for k, v in res["recovered_share"].items():
-        lines.append(f"- {k}: {fmt(v, 3)}")
+             f"lm-eval {res['evals']['dense'].get('lm_eval_version')}. Command: `python bench/recover.py "
+             f"{res.get('argv', '')}`.", ""]
+    if rec:
+        stop = "stopped by the time budget" if rec.get("stopped_by_time_budget") else "ran to its planned end"
+        lines += [f"Recovery: LoRA r={rec['rank']}, alpha={rec['alpha']} on {', '.join(rec['target_modules'])} "
+                  f"({rec['trainable_params']:,} trainable); {rec['steps']} steps of {a['batch_size']} examples "
+                  f"(lr {rec['lr']}, cutoff {a['cutoff_len']} tokens) in {rec['train_runtime_s'] / 60:.1f} min, "
+                  f"{stop} ({rec['epochs']:.2f} epochs of {rec['train_examples']} Alpaca examples, "
+                  f"{rec['val_examples']} held out); {rec['tokens_per_second']:.0f} tokens/s counting the validation passes; "
+                  f"validation loss "
+                  + " -> ".join(f"{x:.3f}" for x in rec.get("eval_losses", [])) + ".", ""]
+    lines += [f"Perplexity: LLM-Pruner's protocol, windows of {a['window']} tokens, the first {a['ppl_limit'] or 'all'} "
+              f"windows of each test set. Zero-shot: lm-eval, 0-shot, the first {a['zs_limit']} docs of each task "
+              f"(splits: " + ", ".join(f"{t} {sp}" for t, sp in zs.items()) + ").", ""]
+    ppl, tasks = a["ppl"], a["tasks"]
+    for key in ("acc", "acc_norm"):
+        shown = [t for t in tasks if any(res["evals"][r]["tasks"].get(t, {}).get(key) is not None for r in rows)]
+        with_ppl = key == "acc"  # perplexity once, in the first table
+        extra = ["mean without BoolQ"] if "boolq" in shown else []
+        if not shown:
+            continue
+        head = ["model", "params"] + ([f"{d} ppl" for d in ppl] if with_ppl else []) + shown + ["mean"] + extra
+        lines += [f"**{key}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            e = res["evals"][r]
+            vals = [e["tasks"].get(t, {}).get(key) for t in shown]
+            cells = [r, f"{res['params'][r]:,}"] + ([fmt(e["ppl"].get(d)) for d in ppl] if with_ppl else [])
+            cells += [fmt(v, 3) for v in vals] + [fmt(_mean(vals), 3)]
+            if extra:
+                cells.append(fmt(_mean([v for t, v in zip(shown, vals) if t != "boolq"]), 3))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    yes = boolq_yes_share(a["zs_limit"]) if "boolq" in tasks else None
+    if yes is not None:
+        lines += [f"BoolQ at this size is a yes/no bias, not reading: {yes:.1%} of these answers are \"yes\", and a "
+                  "model that leans to \"yes\" scores near that whatever it understands, so pruning can raise it. "
+                  "The mean without BoolQ is the fairer summary.", ""]
+    if tasks and a["zs_limit"]:
+        lines += [f"With {a['zs_limit']} docs a task's standard error is up to {50 / a['zs_limit'] ** 0.5:.1f} points "
+                  "(sqrt(p(1-p)/n)); smaller per-task differences are noise.", ""]
+    if res.get("recovered_share"):
+        lines += ["Share of the lost quality that recovery wins back, (recovered - pruned) / (dense - pruned):", ""]
+        lines += [f"- {k}: " + (fmt(v, 3) if v is not None else "- (pruning lost under one point: no gap to win back)")
+                  for k, v in res["recovered_share"].items()]
     tp = res.get("throughput")
     if tp:
-        lines += ["", f"Training throughput over {tp['steps']} steps ({tp['reps']} interleaved reps, median): "
+        lines += ["", f"Training throughput over {tp['steps']} optimizer steps ({tp['reps']} interleaved reps, median): "
                       f"recover() {tp['ours_tokens_per_second']:.0f} tokens/s, plain PEFT + Trainer "
                       f"{tp['plain_tokens_per_second']:.0f} tokens/s, ratio {tp['ratio']:.3f} "
-                      f"(target >= 0.95: {'met' if tp['meets_target'] else 'NOT met'})."]
+                      f"(target >= 0.95: {'met' if tp['meets_target'] else 'NOT met'})"
+                      + (f"; measured separately with `python bench/recover.py {tp['argv']}`" if tp.get("argv") else "")
+                      + ". Per run: recover() " + ", ".join(f"{r['tokens_per_second']:.0f}" for r in tp["ours"])
+                      + "; plain " + ", ".join(f"{r['tokens_per_second']:.0f}" for r in tp["plain"]) + " tokens/s."]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -185,7 +261,25 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--markdown-only", action="store_true", help="rewrite recover.md from recover.json")
+    ap.add_argument("--throughput-only", action="store_true",
+                    help="prune, rerun only the throughput comparison and update recover.json / recover.md")
     args = ap.parse_args(argv)
+    if args.markdown_only or args.throughput_only:
+        path = Path(args.out) / "recover.json"
+        res = json.loads(path.read_text())
+        if args.throughput_only:
+            model, tok = load_model()
+            calib = load_calibration(res["args"]["calib"], tok, n_samples=10, seq_len=64, model=model)
+            depgraph.prune(model, calib, target=res["args"]["target"], method=res["args"]["method"], progress=False)
+            print("== throughput", flush=True)
+            res["throughput"] = throughput(model, tok, args)
+            res["throughput"]["argv"] = " ".join(sys.argv[1:] if argv is None else argv)
+        res["recovered_share"] = recovered_shares(res)
+        path.write_text(json.dumps(res, indent=2, default=str))
+        write_md(res, Path(args.out) / "recover.md")
+        print((Path(args.out) / "recover.md").read_text())
+        return 0
     args.ppl = [d for d in args.ppl.split(",") if d]
     args.tasks = [t for t in args.tasks.split(",") if t]
     if args.limit is not None:
@@ -200,7 +294,7 @@ def main(argv=None) -> int:
     import peft
     import transformers
 
-    res = {"args": vars(args), "machine": f"{platform.machine()} {os.cpu_count()} CPUs"
+    res = {"args": vars(args), "argv": " ".join(sys.argv[1:] if argv is None else argv), "machine": f"{platform.machine()} {os.cpu_count()} CPUs"
            + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
            "evals": {}, "params": {}}
@@ -231,13 +325,7 @@ def main(argv=None) -> int:
     res["params"]["recovered"] = sum(p.numel() for p in merged.parameters())
     res["evals"]["recovered"] = evaluate(merged, tok, args)
 
-    d, p, r = (res["evals"][k] for k in ("dense", "pruned", "recovered"))
-    share = {}
-    for ds in args.ppl:  # lower is better: negate
-        share[f"{ds} ppl"] = recovered_share(-d["ppl"][ds], -p["ppl"][ds], -r["ppl"][ds])
-    if args.tasks:
-        share["mean zero-shot acc"] = recovered_share(d["mean_acc"], p["mean_acc"], r["mean_acc"])
-    res["recovered_share"] = share
+    res["recovered_share"] = recovered_shares(res)
 
     if not args.skip_throughput:
         print("== throughput", flush=True)

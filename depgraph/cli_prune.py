@@ -66,7 +66,8 @@ def add_prune(subparsers, add_model_argument) -> None:
     p.add_argument("--ratios", type=_ratios, default=None,
                    help="per-kind fractions of units instead of --target, e.g. attention=0.25,mlp=0.3")
     p.add_argument("--method", choices=METHODS, default="activation",
-                   help="importance estimator (default: activation, the best on SmolLM2 in bench/results/prune.md)")
+                   help="importance estimator (default: activation; it and fluctuation lead on SmolLM2 in "
+                        "bench/results/prune.md)")
     p.add_argument("--calib", default="self",
                    help="calibration source: self (data-free text sampled from the model; the best on SmolLM2 in "
                         "bench/results/prune.md), alpaca, ptb, wikitext2, a text/JSON/JSONL file, or an HF "

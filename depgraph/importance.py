@@ -306,7 +306,8 @@ def score(model, graph, calibration=None, method: str = "taylor", aggregate: str
 
     ``calibration``: [N, L] token ids (not needed for ``random``/``l1``/``l2``/``magnitude``).
     ``stats``: precomputed :class:`GradStats` (gradient methods), :func:`activation_stats` output
-    (``activation``) or :func:`fluctuation_stats` output (``fluctuation``), to skip the calibration pass. ``kinds`` restricts the groups scored.
+    (``activation``) or :func:`fluctuation_stats` output (``fluctuation``), to skip the calibration pass.
+    ``kinds`` restricts the groups scored.
     See the module docstring for the methods.
     """
     if method not in METHODS:

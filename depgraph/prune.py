@@ -36,7 +36,8 @@ def prune(model, calibration=None, target: float = 0.2, method: str = "activatio
     """Shrink ``model`` in place by ``target`` (fraction of *all* parameters); returns (model, report, plans).
 
     Defaults come from bench/results/prune.md on SmolLM2: gradient-free activation scores (|w| times
-    the input feature's norm; the best row at 20% and 30%, and no backward pass), MLP neurons only
+    the input feature's norm; with FLAP's ``fluctuation`` the best scores at 20% and 30%, within about 5% of
+    each other, and no backward pass), MLP neurons only
     (a 9-head GQA layer loses a third of its heads at the smallest legal step), and ``layers="auto"``:
     every layer but the first and the last, which are the most sensitive (LLM-Pruner keeps them too).
     ``layers=None`` prunes every layer.
