@@ -100,8 +100,10 @@ def _add_recover(subparsers) -> None:
     parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="dtype to load the model in "
                                                                               "(default: %(default)s)")
     parser.add_argument("--data", required=True, metavar="SOURCE",
-                        help="Alpaca-format .json/.jsonl file, 'alpaca' (the shared 5,000-example subset), or a "
-                             "Hugging Face dataset name such as yahma/alpaca-cleaned (needs the hub)")
+                        help="Alpaca-format .json/.jsonl file, 'alpaca' (the shared 5,000-example subset), a "
+                             "plain-text file (one example per paragraph), 'self' (--limit texts sampled from the "
+                             "--teacher, else from the pruned model: no data needed), or a Hugging Face dataset "
+                             "name such as yahma/alpaca-cleaned (needs the hub)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (model/, adapter/, "
                                                                              "checkpoints/, summary.json)")
     parser.add_argument("--max-steps", type=int, default=None, metavar="N", help="optimizer steps (overrides "

@@ -6,6 +6,10 @@ Sources (:func:`load_examples`):
   with one object a line;
 * ``"alpaca"`` / ``"alpaca-5000"``: the shared 5,000-example random subset of Alpaca
   (``<data dir>/alpaca/alpaca_5000_random_subset.json``, data dir resolved as in :mod:`recover.datasets`);
+* a plain-text file (``.txt``, ``.raw``, ``.tokens``, ``.text``, ``.md``): one text example per paragraph (blank-line
+  separated; one per line when the file has no blank lines) -- for self-distillation on your own text;
+* ``"self"`` / ``"generated"``: text sampled from a model (the dense teacher when distilling), one text example per
+  sample of ``cutoff_len`` tokens, ``limit`` samples (default 256) -- self-distillation with no data at all;
 * anything else that is not a local path: a Hugging Face dataset name (LLM-Pruner's default is
   ``yahma/alpaca-cleaned``), loaded with ``datasets.load_dataset(name, split="train")`` -- needs the hub;
 * an in-memory list of dicts.
@@ -60,6 +64,8 @@ ALPACA_TEMPLATE = {
 
 ALPACA_SUBSET = "alpaca/alpaca_5000_random_subset.json"
 _SHORTHANDS = {"alpaca", "alpaca-5000", "alpaca_5000"}
+_SELF_SOURCES = ("self", "generated")
+_TEXT_SUFFIXES = (".txt", ".raw", ".tokens", ".text", ".md")
 
 
 # ============================================================================ loading
@@ -100,14 +106,43 @@ def validate_examples(rows: Sequence[Any], where: str = "data") -> list[dict]:
     return out
 
 
-def load_examples(source, data_dir: str | os.PathLike | None = None, limit: int | None = None) -> list[dict]:
-    """The validated examples of ``source`` (see the module docstring); ``limit`` keeps the first ones."""
+def _text_file_examples(path: Path) -> list[dict]:
+    """One ``{"text"}`` example per blank-line separated paragraph of a text file (per line when it has none)."""
+    import re
+
+    text = path.read_text(encoding="utf-8", errors="replace").strip()  # leading/trailing blank lines: no break
+    parts = re.split(r"\n\s*\n", text) if re.search(r"\n\s*\n", text) else text.splitlines()
+    return [{"text": t.strip()} for t in parts if t.strip()]
+
+
+def _generated_examples(model, tokenizer, n: int, seq_len: int, seed: int) -> list[dict]:
+    """``n`` texts of ``seq_len`` tokens sampled from ``model`` (the same sampler as calibration's ``self``)."""
+    from depgraph.calibration import load_calibration
+
+    if model is None or tokenizer is None:
+        raise ValueError("data source 'self' samples text from a model: pass model= (recover() uses the teacher "
+                         "when distilling, else the pruned model) and a tokenizer")
+    ids = load_calibration("self", tokenizer, n_samples=n, seq_len=seq_len, seed=seed, model=model)
+    return [{"text": t} for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+def load_examples(source, data_dir: str | os.PathLike | None = None, limit: int | None = None, *, model=None,
+                  tokenizer=None, seq_len: int = 256, seed: int = 0) -> list[dict]:
+    """The validated examples of ``source`` (see the module docstring); ``limit`` keeps the first ones.
+
+    ``model``/``tokenizer``/``seq_len``/``seed`` are used only by the ``"self"`` source (``limit`` samples,
+    default 256, of ``seq_len`` tokens)."""
     if isinstance(source, (list, tuple)):
         rows, where = list(source), "data"
     else:
         s = str(source)
         path = Path(s).expanduser()
-        if s.lower() in _SHORTHANDS:
+        if s.lower() in _SELF_SOURCES:
+            rows = _generated_examples(model, tokenizer, int(limit or 256), int(seq_len), seed)
+            where = "self-generated text"
+        elif path.is_file() and path.suffix.lower() in _TEXT_SUFFIXES:
+            rows, where = _text_file_examples(path), str(path)
+        elif s.lower() in _SHORTHANDS:
             path = resolve_data_dir(data_dir) / ALPACA_SUBSET
             if not path.is_file():
                 raise DataNotFoundError(f"the shared Alpaca subset {path} is missing")
@@ -254,11 +289,15 @@ def split_examples(examples: list, val_size: int | float = 0, seed: int = 42) ->
 
 def build_datasets(source, tokenizer, cutoff_len: int = 256, val_size: int | float = 0, seed: int = 42,
                    limit: int | None = None, train_on_inputs: bool = False,
-                   data_dir: str | os.PathLike | None = None) -> tuple[TokenizedDataset, TokenizedDataset | None]:
-    """Load ``source``, hold out ``val_size`` examples, tokenise both parts.  Returns ``(train, val or None)``."""
+                   data_dir: str | os.PathLike | None = None,
+                   model=None) -> tuple[TokenizedDataset, TokenizedDataset | None]:
+    """Load ``source``, hold out ``val_size`` examples, tokenise both parts.  Returns ``(train, val or None)``.
+
+    ``model`` samples the text of the ``"self"`` source (``cutoff_len`` tokens each)."""
     if tokenizer is None:
         raise ValueError("a tokenizer is needed to build the recovery data")
-    examples = load_examples(source, data_dir=data_dir, limit=limit)
+    examples = load_examples(source, data_dir=data_dir, limit=limit, model=model, tokenizer=tokenizer,
+                             seq_len=cutoff_len, seed=seed)
     train, val = split_examples(examples, val_size, seed)
 
     def tok(rows: Iterable[dict]) -> TokenizedDataset:

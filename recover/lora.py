@@ -205,13 +205,13 @@ def _load_teacher(teacher):
     return teacher
 
 
-def _as_datasets(data, tokenizer, cutoff_len, val_size, seed, limit, data_dir, train_on_inputs):
+def _as_datasets(data, tokenizer, cutoff_len, val_size, seed, limit, data_dir, train_on_inputs, generator=None):
     if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.utils.data.Dataset):
         return data
     if isinstance(data, torch.utils.data.Dataset):
         return data, None
     return build_datasets(data, tokenizer, cutoff_len=cutoff_len, val_size=val_size, seed=seed, limit=limit,
-                          train_on_inputs=train_on_inputs, data_dir=data_dir)
+                          train_on_inputs=train_on_inputs, data_dir=data_dir, model=generator)
 
 
 # ============================================================================ recover
@@ -261,7 +261,8 @@ def recover(
 ):
     """LoRA-fine-tune ``model`` (a pruned causal LM, modified in place) on ``data``, merge and save it.
 
-    ``data``: a source for :func:`recover.data.load_examples` (a JSON/JSONL path, ``"alpaca"``, a hub dataset
+    ``data``: a source for :func:`recover.data.load_examples` (a JSON/JSONL path, ``"alpaca"``, a plain-text file,
+    ``"self"`` -- ``limit`` texts sampled from the teacher when distilling, else from ``model`` --, a hub dataset
     name, a list of dicts), a tokenised ``Dataset``, or a ``(train, val)`` pair of them.  Defaults follow
     LLM-Pruner's ``post_training.py`` (rank 8, alpha 16, dropout 0.05, lr 1e-4, 2 epochs, batch 64 of micro-batches
     of 4, cutoff 256, 100 warm-up steps -- capped at a tenth of the run).  ``target_modules=None`` puts LoRA on
@@ -309,10 +310,12 @@ def recover(
     ckpt_dir = output_dir / "checkpoints"
     set_seed(seed)
     targets = resolve_target_modules(model, target_modules)
-    train_ds, val_ds = _as_datasets(data, tokenizer, cutoff_len, val_size, seed, limit, data_dir, train_on_inputs)
+    teacher_model = _load_teacher(teacher) if distill else None
+    # data "self": text sampled from the teacher when distilling (its own distribution), else from the model
+    train_ds, val_ds = _as_datasets(data, tokenizer, cutoff_len, val_size, seed, limit, data_dir, train_on_inputs,
+                                    generator=teacher_model if teacher_model is not None else model)
     if len(train_ds) == 0:
         raise ValueError("the training set is empty")
-    teacher_model = _load_teacher(teacher) if distill else None
 
     # ---- steps and schedule
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -122,6 +122,48 @@ def test_load_sources_and_split(tmp_path):
     assert len(split_examples(EXAMPLES, 0.25)[1]) == 2
 
 
+def test_text_file_source_trains_on_every_token(tmp_path, tok):
+    p = tmp_path / "notes.txt"
+    p.write_text("The quick brown fox.\nIt jumps.\n\n  \nA lazy dog sleeps in the sun.\n\nGive it water.\n")
+    rows = load_examples(p)
+    assert rows == [{"text": "The quick brown fox.\nIt jumps."}, {"text": "A lazy dog sleeps in the sun."},
+                    {"text": "Give it water."}]
+    lines = tmp_path / "lines.txt"
+    lines.write_text("one line\nanother line\n\n")  # a trailing blank line is not a paragraph break
+    assert [r["text"] for r in load_examples(lines)] == ["one line", "another line"]
+    train, _ = build_datasets(p, tok, cutoff_len=64)
+    for ex in (train[i] for i in range(len(train))):
+        assert ex["labels"] == ex["input_ids"] and IGNORE_INDEX not in ex["labels"]
+
+
+def test_self_generated_source(tok):
+    from archs import ARCHS
+
+    model = ARCHS["llama-gqa"]()
+    with pytest.raises(ValueError, match="data source 'self' samples text from a model"):
+        load_examples("self", limit=2, tokenizer=tok)
+    small = dict(limit=3, model=model, tokenizer=tok, seq_len=12)
+    rows = load_examples("self", seed=1, **small)
+    assert len(rows) == 3 and all(set(r) == {"text"} and r["text"] for r in rows)
+    assert load_examples("self", seed=1, **small) == rows  # seeded
+    assert load_examples("self", seed=2, **small) != rows
+
+
+def test_self_distillation_needs_no_data(tok, tmp_path, monkeypatch):
+    """recover(data="self", distill=True) samples its training text from the teacher, then distils."""
+    import recover.data as data_mod
+
+    used = []
+    real = data_mod._generated_examples
+    monkeypatch.setattr(data_mod, "_generated_examples", lambda model, *a, **k: used.append(model) or real(model, *a, **k))
+    teacher = _pruned(len(tok))
+    m = _pruned(len(tok), seed=8)
+    _, summary = recover(m, tok, "self", tmp_path / "s", max_steps=2, limit=4, distill=True, teacher=teacher,
+                         save=False, **{**FAST, "cutoff_len": 16})
+    assert used == [teacher]
+    assert summary["distill"] and summary["steps"] == 2 and summary["train_examples"] == 4
+
+
 def test_shared_alpaca_subset(tok):
     from recover.datasets import DataNotFoundError
 
