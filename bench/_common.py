@@ -35,3 +35,11 @@ def load_smollm2():
     model, tok = load_model()
     model.config.use_cache = False
     return model.eval(), tok
+
+
+def perplexities(model, tok, windows: int, sets=("wikitext2", "ptb"), digits: int = 2) -> dict:
+    """{set: perplexity} with LLM-Pruner's protocol (windows of 128 tokens), the first ``windows`` windows."""
+    from recover.evaluate import perplexity
+
+    return {name: round(perplexity(model, tok, name, window=128, limit=windows, progress=False)["ppl"], digits)
+            for name in sets}

@@ -17,7 +17,7 @@ import platform
 import tempfile
 import time
 
-from _common import RESULTS, load_smollm2  # first: it takes bench/ off sys.path
+from _common import RESULTS, load_smollm2, perplexities  # first: it takes bench/ off sys.path
 
 import torch
 
@@ -25,7 +25,6 @@ import torch
 def main(argv=None) -> None:
     import depgraph
     from depgraph.calibration import load_calibration
-    from recover.evaluate import perplexity
     from recover.lora import recover
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -40,8 +39,7 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
 
     def ppl(model):
-        return {d: round(perplexity(model, tok, d, window=128, limit=args.ppl_limit, progress=False)["ppl"], 2)
-                for d in ("wikitext2", "ptb")}
+        return perplexities(model, tok, args.ppl_limit)
 
     dense, tok = load_smollm2()
     pruned = copy.deepcopy(dense)

@@ -17,7 +17,7 @@ import resource
 import sys
 import time
 
-from _common import RESULTS, Results, load_smollm2  # first: it takes bench/ off sys.path
+from _common import RESULTS, Results, load_smollm2, perplexities  # first: it takes bench/ off sys.path
 
 import torch
 
@@ -31,13 +31,6 @@ def _calib(tok, model, source="alpaca", n=10, length=64, seed=0):
     from depgraph.calibration import load_calibration
 
     return load_calibration(source, tok, n_samples=n, seq_len=length, seed=seed, model=model)
-
-
-def _ppl(model, tok, windows):
-    from recover.evaluate import perplexity
-
-    return {name: round(perplexity(model, tok, name, window=128, limit=windows)["ppl"], 2)
-            for name in ("wikitext2", "ptb")}
 
 
 def part_quality(res: Results, windows: int) -> None:
@@ -60,14 +53,14 @@ def part_quality(res: Results, windows: int) -> None:
         prune_s = time.perf_counter() - t
         r = {"method": method, "target": target, "variant": variant,
              "removed": round(report["removed_fraction"], 4), "params": report["params_after"],
-             "prune_s": round(prune_s, 1), **_ppl(model, tok, windows)}
+             "prune_s": round(prune_s, 1), **perplexities(model, tok, windows)}
         q["rows"].append(r)
         res.save()
         print(r, flush=True)
 
     if ("dense", 0.0, "") not in done:
         q["rows"].append({"method": "dense", "target": 0.0, "variant": "", "removed": 0.0,
-                          "params": sum(p.numel() for p in dense.parameters()), **_ppl(dense, tok, windows)})
+                          "params": sum(p.numel() for p in dense.parameters()), **perplexities(dense, tok, windows)})
         res.save()
     # the LLM-Pruner comparison point first (same parameter count), then the method x target table
     both = ("attention", "mlp")

@@ -55,8 +55,7 @@ def evaluate(model, tok, args) -> dict:
                         for t, v in zs["tasks"].items()}
         out["lm_eval_version"] = zs.get("lm_eval_version")
         out["zs_split"] = zs.get("split")
-        accs = [v["acc"] for v in out["tasks"].values() if v["acc"] is not None]
-        out["mean_acc"] = sum(accs) / len(accs) if accs else None
+        out["mean_acc"] = zs["mean_acc"]
     out["eval_s"] = time.perf_counter() - t0
     return out
 

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 
-from _common import RESULTS, Results, load_smollm2  # first: it takes bench/ off sys.path
+from _common import RESULTS, Results, load_smollm2, perplexities  # first: it takes bench/ off sys.path
 
 import torch
 
@@ -30,12 +30,6 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 PATTERNS = (("50%", {"sparsity": 0.5}), ("2:4", {"nm": (2, 4)}))
 # LLaMA-7B, WikiText-2, 50% unstructured (Wanda paper, Sun et al. 2023): the ordering to expect
 PUBLISHED = {"model": "LLaMA-7B", "dense": 5.68, "magnitude": 17.29, "wanda": 7.26, "sparsegpt": 7.22}
-
-
-def _ppl(model, tok, windows):
-    from recover.evaluate import perplexity
-
-    return round(perplexity(model, tok, "wikitext2", window=128, limit=windows, progress=False)["ppl"], 3)
 
 
 def _rss_bytes() -> int:
@@ -96,7 +90,7 @@ def run(res: Results, args) -> None:
 
     if "dense" not in done:
         add({"name": "dense", "method": "dense", "pattern": "", "sparsity": 0.0, "params": params,
-             "wikitext2": _ppl(dense, tok, args.windows)})
+             "wikitext2": perplexities(dense, tok, args.windows, ("wikitext2",), 3)["wikitext2"]})
     for label, kw in PATTERNS:
         for method in METHODS:
             name = f"{method} {label}"
@@ -109,7 +103,7 @@ def run(res: Results, args) -> None:
                  "model_zero_fraction": report["model_zero_fraction"], "params": params, "seconds": secs,
                  "peak_extra_rss_mb": mem, "cuda_peak_mb": cuda_mb,
                  "layer_sparsity": [r["sparsity"] for r in report["layers"]],
-                 "wikitext2": _ppl(model, tok, args.windows)})
+                 "wikitext2": perplexities(model, tok, args.windows, ("wikitext2",), 3)["wikitext2"]})
             del model
     # 20% structured (taylor) then 50% Wanda on what is left
     if "shrink 20%" not in done or "shrink 20% + wanda 50%" not in done:
@@ -120,7 +114,7 @@ def run(res: Results, args) -> None:
         if "shrink 20%" not in done:
             add({"name": "shrink 20%", "method": "taylor (structured)", "pattern": "structured",
                  "sparsity": 0.0, "removed": round(prep["removed_fraction"], 4), "params": kept, "seconds": p_secs,
-                 "peak_extra_rss_mb": p_mem, "cuda_peak_mb": p_cuda, "wikitext2": _ppl(model, tok, args.windows)})
+                 "peak_extra_rss_mb": p_mem, "cuda_peak_mb": p_cuda, "wikitext2": perplexities(model, tok, args.windows, ("wikitext2",), 3)["wikitext2"]})
         (_, report), secs, mem, cuda_mb = measure(lambda: sparsify(model, "wanda", sparsity=0.5, calibration=calib,
                                                                    device=args.device))
         add({"name": "shrink 20% + wanda 50%", "method": "taylor + wanda", "pattern": "structured + 50%",
@@ -129,7 +123,7 @@ def run(res: Results, args) -> None:
              "seconds": round(p_secs + secs, 2), "shrink_seconds": p_secs, "sparsify_seconds": secs,
              "peak_extra_rss_mb": max(p_mem, mem), "cuda_peak_mb": cuda_mb,
              "layer_sparsity": [r["sparsity"] for r in report["layers"]],
-             "wikitext2": _ppl(model, tok, args.windows)})
+             "wikitext2": perplexities(model, tok, args.windows, ("wikitext2",), 3)["wikitext2"]})
     res.data["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     res.save()
 

@@ -249,16 +249,13 @@ def _element_scores(method, w, g=None, fisher=None, act=None, act_dim=None):
         return (w * g.float() - 0.5 * w * w * fisher.float()).abs()
     if method == "taylor-vector":
         return w * g.float()
-    if method == "activation":
-        if act is None:
+    if method in ("activation", "fluctuation"):
+        if act is None:  # activation only: a member that does not read the features falls back to |w|
             return w.abs()
         shape = [1] * w.dim()
         shape[act_dim] = -1
-        return w.abs() * act.float().sqrt().to(w.device).reshape(shape)
-    if method == "fluctuation":
-        shape = [1] * w.dim()
-        shape[act_dim] = -1
-        return w * w * act.float().to(w.device).reshape(shape)
+        per_feature = act.float().to(w.device).reshape(shape)  # ||x_j||^2 or Var(x_j), along act_dim
+        return w.abs() * per_feature.sqrt() if method == "activation" else w * w * per_feature
     raise ValueError(f"unknown method {method!r}")
 
 

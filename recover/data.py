@@ -51,7 +51,7 @@ __all__ = [
 
 from depgraph.calibration import ALPACA_TEMPLATE as _CALIB_TEMPLATE  # noqa: E402
 from depgraph.calibration import ALPACA_TEMPLATE_NO_INPUT as _CALIB_TEMPLATE_NO_INPUT  # noqa: E402
-from depgraph.calibration import _records_from_json  # noqa: E402
+from depgraph.calibration import _SELF_SOURCES, _TEXT_SUFFIXES, _records_from_json  # noqa: E402
 
 IGNORE_INDEX = -100
 
@@ -64,16 +64,9 @@ ALPACA_TEMPLATE = {
 
 ALPACA_SUBSET = "alpaca/alpaca_5000_random_subset.json"
 _SHORTHANDS = {"alpaca", "alpaca-5000", "alpaca_5000"}
-_SELF_SOURCES = ("self", "generated")
-_TEXT_SUFFIXES = (".txt", ".raw", ".tokens", ".text", ".md")
 
 
 # ============================================================================ loading
-
-
-def _read_json_file(path: Path) -> list:
-    """Records of a JSON list / JSONL file (the reader calibration uses; errors name file and line)."""
-    return _records_from_json(path)
 
 
 def _looks_like_path(s: str) -> bool:
@@ -146,9 +139,9 @@ def load_examples(source, data_dir: str | os.PathLike | None = None, limit: int 
             path = resolve_data_dir(data_dir) / ALPACA_SUBSET
             if not path.is_file():
                 raise DataNotFoundError(f"the shared Alpaca subset {path} is missing")
-            rows, where = _read_json_file(path), str(path)
+            rows, where = _records_from_json(path), str(path)
         elif path.is_file():
-            rows, where = _read_json_file(path), str(path)
+            rows, where = _records_from_json(path), str(path)
         elif path.is_dir():
             try:
                 from datasets import load_from_disk
