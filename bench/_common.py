@@ -37,9 +37,12 @@ def load_smollm2():
     return model.eval(), tok
 
 
-def perplexities(model, tok, windows: int, sets=("wikitext2", "ptb"), digits: int = 2) -> dict:
-    """{set: perplexity} with LLM-Pruner's protocol (windows of 128 tokens), the first ``windows`` windows."""
+def perplexities(model, tok, windows: int | None, sets=("wikitext2", "ptb"), digits: int = 2,
+                 protocol: str = "bos", batch_size: int = 8) -> dict:
+    """{set: perplexity} on windows of 128 tokens, the first ``windows`` windows (None: the whole set), with
+    ``protocol`` (``"bos"``: the tokenizer's BOS first when it adds one; ``"llm-pruner"``: bare windows)."""
     from recover.evaluate import perplexity
 
-    return {name: round(perplexity(model, tok, name, window=128, limit=windows, progress=False)["ppl"], digits)
+    return {name: round(perplexity(model, tok, name, window=128, limit=windows, progress=False, protocol=protocol,
+                                   batch_size=batch_size)["ppl"], digits)
             for name in sets}

@@ -62,6 +62,10 @@ __all__ = [
     "load_calibration_set",
     "render_alpaca",
     "shared_data_dir",
+    "PROTOCOLS",
+    "bos_prefix",
+    "bos_windows",
+    "check_protocol",
 ]
 
 
@@ -86,6 +90,11 @@ BUILTIN_SOURCES: dict[str, str] = {
     "wikitext2": "wikitext2/wiki.valid.tokens",
 }
 _SELF_SOURCES = ("self", "generated")
+
+# How token windows start: "bos" puts the tokenizer's BOS in front of every window when the tokenizer adds one
+# (lm-eval's convention: every rolling window is scored after a prefix token); "llm-pruner" cuts bare windows
+# from the text tokenized once, as LLM-Pruner's PPL and calibration code do (only the first window gets a BOS).
+PROTOCOLS = ("bos", "llm-pruner")
 _TEXT_SUFFIXES = {".txt", ".raw", ".tokens", ".text", ".md"}
 _JSON_SUFFIXES = {".json", ".jsonl"}
 
@@ -101,6 +110,7 @@ class CalibrationSet:
     seed: int
     total_tokens: int | None = None  # tokens the windows were drawn from (None for "self")
     starts: list[int] = field(default_factory=list)  # window offsets (empty for "self")
+    protocol: str = "bos"  # "bos": BOS first when the tokenizer adds one; "llm-pruner": bare windows
 
     @property
     def n_samples(self) -> int:
@@ -109,6 +119,35 @@ class CalibrationSet:
     @property
     def seq_len(self) -> int:
         return int(self.input_ids.shape[1])
+
+
+def check_protocol(protocol: str) -> str:
+    """``protocol`` if it is one of :data:`PROTOCOLS`; otherwise a one-line ``CalibrationError``."""
+    if protocol not in PROTOCOLS:
+        raise CalibrationError(f"unknown window protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    return protocol
+
+
+def bos_prefix(tokenizer) -> int | None:
+    """The BOS id when ``tokenizer`` puts one in front of encoded text by default (LLaMA, Gemma), else None
+    (GPT-2 and SmolLM2 tokenizers add nothing)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return int(bos) if ids and int(ids[0]) == int(bos) else None
+
+
+def bos_windows(ids, window: int, bos: int | None) -> torch.Tensor:
+    """Non-overlapping windows [n, window] of the token list ``ids``: each is ``bos`` then ``window - 1`` tokens
+    (or ``window`` bare tokens when ``bos`` is None); a last partial window is dropped."""
+    step = window - 1 if bos is not None else window
+    t = torch.as_tensor(ids, dtype=torch.long)
+    n = t.numel() // step
+    body = t[: n * step].view(n, step)
+    if bos is None:
+        return body
+    return torch.cat([torch.full((n, 1), bos, dtype=torch.long), body], dim=1)
 
 
 # --------------------------------------------------------------------------- data dir
@@ -328,15 +367,21 @@ def _tokenize_pieces(tokenizer, pieces: Iterable[str]) -> list[int]:
     return ids
 
 
-def _windows(ids: list[int], n_samples: int, seq_len: int, seed: int, origin: str) -> tuple[torch.Tensor, list[int]]:
-    if len(ids) < seq_len:
+def _windows(ids: list[int], n_samples: int, seq_len: int, seed: int, origin: str,
+             bos: int | None = None) -> tuple[torch.Tensor, list[int]]:
+    """``n_samples`` windows at seeded offsets; with ``bos`` each is BOS + ``seq_len - 1`` text tokens."""
+    body = seq_len - 1 if bos is not None and seq_len >= 2 else seq_len
+    if len(ids) < body:
         raise CalibrationError(
             f"calibration file {origin} has too few tokens for one window: {len(ids)} tokens < seq_len={seq_len}"
+            + (f" (BOS + {body} text tokens)" if body < seq_len else "")
         )
     t = torch.tensor(ids, dtype=torch.long)
     g = torch.Generator().manual_seed(int(seed))
-    starts = torch.randint(0, len(ids) - seq_len + 1, (n_samples,), generator=g)
-    out = torch.stack([t[s : s + seq_len] for s in starts.tolist()])
+    starts = torch.randint(0, len(ids) - body + 1, (n_samples,), generator=g)
+    out = torch.stack([t[s : s + body] for s in starts.tolist()])
+    if body < seq_len:
+        out = torch.cat([torch.full((n_samples, 1), int(bos), dtype=torch.long), out], dim=1)
     return out, starts.tolist()
 
 
@@ -409,8 +454,10 @@ def load_calibration_set(
     seed: int = 0,
     model=None,
     data_dir: str | os.PathLike | None = None,
+    protocol: str = "bos",
 ) -> CalibrationSet:
     """Like :func:`load_calibration`, with provenance (resolved file, window offsets)."""
+    check_protocol(protocol)
     if int(n_samples) < 1 or int(seq_len) < 1:
         raise CalibrationError(f"calibration: n_samples and seq_len must be >= 1 (got {n_samples}, {seq_len})")
     n_samples, seq_len = int(n_samples), int(seq_len)
@@ -445,8 +492,9 @@ def load_calibration_set(
     ids = _tokenize_pieces(tokenizer, pieces)
     if not ids:
         raise CalibrationError(f"calibration file {origin} tokenizes to no tokens")
-    windows, starts = _windows(ids, n_samples, seq_len, seed, origin)
-    return CalibrationSet(windows, src, origin, kind, seed, total_tokens=len(ids), starts=starts)
+    bos = bos_prefix(tokenizer) if protocol == "bos" else None
+    windows, starts = _windows(ids, n_samples, seq_len, seed, origin, bos)
+    return CalibrationSet(windows, src, origin, kind, seed, total_tokens=len(ids), starts=starts, protocol=protocol)
 
 
 def load_calibration(
@@ -456,8 +504,12 @@ def load_calibration(
     seq_len: int = 64,
     seed: int = 0,
     model=None,
+    protocol: str = "bos",
 ) -> torch.Tensor:
     """Calibration token windows, ``LongTensor [n_samples, seq_len]`` on the CPU.
+
+    ``protocol="bos"`` (default) starts every window with the tokenizer's BOS when the tokenizer adds one
+    (then ``seq_len - 1`` text tokens follow), as evaluation does; ``"llm-pruner"``: bare text windows.
 
     ``source``: a text file, an Alpaca-style ``.json`` / ``.jsonl`` file, a built-in name
     (``"alpaca"``, ``"ptb"``, ``"wikitext2"`` — local held-out files, see the module
@@ -466,4 +518,4 @@ def load_calibration(
     seeded with ``seed`` (global RNG untouched), so the same arguments give the same
     tensor.  Raises :class:`CalibrationError` (a ``ValueError``) on bad input.
     """
-    return load_calibration_set(source, tokenizer, n_samples, seq_len, seed, model).input_ids
+    return load_calibration_set(source, tokenizer, n_samples, seq_len, seed, model, protocol=protocol).input_ids

@@ -54,7 +54,17 @@ def calibration_from_args(args, model, tok):
     if tok is None and args.calib != "self":
         raise DepgraphError(f"{args.model}: no tokenizer to tokenize the calibration data")
     return load_calibration_set(args.calib, tok, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
-                                model=model, data_dir=args.data_dir).input_ids
+                                model=model, data_dir=args.data_dir,
+                                protocol=getattr(args, "protocol", "bos")).input_ids
+
+
+def add_protocol_argument(p) -> None:
+    """``--protocol bos|llm-pruner``: how token windows (calibration, perplexity) start."""
+    from depgraph.calibration import PROTOCOLS
+
+    p.add_argument("--protocol", choices=PROTOCOLS, default="bos",
+                   help="token windows: bos (default; the tokenizer's BOS first when it adds one, as lm-eval) or "
+                        "llm-pruner (bare windows, for comparison with LLM-Pruner's tables)")
 
 
 def add_prune(subparsers, add_model_argument) -> None:
@@ -86,6 +96,7 @@ def add_prune(subparsers, add_model_argument) -> None:
     p.add_argument("--compensate", action="store_true",
                    help="fold removed units' mean contribution into the next layer's bias (FLAP)")
     p.add_argument("--seed", type=int, default=0)
+    add_protocol_argument(p)
     p.add_argument("--data-dir", default=None, help="folder laid out like ../shared/data")
     p.add_argument("--no-report", action="store_true", help="do not write report.html into the output folder")
     p.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
@@ -127,7 +138,8 @@ def run_prune(args) -> int:
     report["times"]["load_s"] = load_s
     report["model"] = args.model or "SmolLM2-135M-Instruct (bundled)"
     report["calibration"] = None if calib is None else {"source": args.calib, "n_samples": args.n_samples,
-                                                        "seq_len": args.seq_len, "seed": args.seed}
+                                                        "seq_len": args.seq_len, "seed": args.seed,
+                                                        "protocol": args.protocol}
     plan_json = plans[0].to_json(indent=1) if len(plans) == 1 else \
         "[" + ",\n".join(p.to_json(indent=1) for p in plans) + "]"
     t = time.perf_counter()
@@ -157,6 +169,7 @@ def add_eval(subparsers, add_model_argument) -> None:
                                                 "arc_easy,arc_challenge,openbookqa")
     p.add_argument("--window", type=int, default=128, help="perplexity window in tokens (default 128)")
     p.add_argument("--limit", type=int, default=None, help="at most this many windows / examples per set")
+    add_protocol_argument(p)
     p.add_argument("--data-dir", default=None, help="folder laid out like ../shared/data")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_eval)
@@ -180,15 +193,16 @@ def run_eval(args) -> int:
     if tok is None:
         raise DepgraphError(f"{args.model}: no tokenizer in the model folder")
     result = {"model": args.model or "SmolLM2-135M-Instruct (bundled)", "window": args.window, "limit": args.limit,
-              "ppl": {}, "ppl_source": {}}
+              "protocol": args.protocol, "ppl": {}, "ppl_source": {}}
     for name in ppl_sets:
-        r = perplexity(model, tok, name, window=args.window, limit=args.limit, data_dir=args.data_dir)
+        r = perplexity(model, tok, name, window=args.window, limit=args.limit, data_dir=args.data_dir,
+                       protocol=args.protocol)
         result["ppl"][name] = r["ppl"]
         result["ppl_source"][name] = {"source": r.get("source"), "windows": r.get("windows"),
-                                      "split": r.get("split")}
+                                      "split": r.get("split"), "bos": r.get("bos")}
         if not args.json:
-            print(f"{name}: ppl {r['ppl']:.2f} (window {args.window}, {r.get('windows')} windows, "
-                  f"{r.get('source')})")
+            print(f"{name}: ppl {r['ppl']:.2f} (window {args.window}, {r.get('windows')} windows, protocol "
+                  f"{args.protocol}{'' if r.get('bos') is None else ', BOS first'}, {r.get('source')})")
     if tasks:
         z = zero_shot(model, tok, tasks=tasks, limit=args.limit, data_dir=args.data_dir)
         result.update({k: v for k, v in z.items() if k != "tasks"})

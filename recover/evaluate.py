@@ -1,10 +1,17 @@
-"""Offline evaluation: LLM-Pruner-protocol perplexity and lm-eval zero-shot accuracy.
+"""Offline evaluation: windowed perplexity and lm-eval zero-shot accuracy.
 
-* :func:`perplexity` reproduces ``LLMPruner/evaluator/ppl.py`` + ``datasets/ppl_dataset.py``:
-  the whole evaluation text is tokenized once (``tokenizer(text)``, special tokens as the
-  tokenizer adds them by default, e.g. LLaMA's BOS), cut into non-overlapping windows of
-  ``window`` tokens (last partial window dropped), and ppl = exp(mean next-token NLL over
-  every predicted position of every window).
+* :func:`perplexity` cuts the evaluation text into non-overlapping windows of ``window`` tokens
+  (last partial window dropped); ppl = exp(mean next-token NLL over every predicted position of
+  every window), the windows run ``batch_size`` at a time. Two protocols:
+
+  - ``"bos"`` (default): when the tokenizer adds a BOS token (LLaMA, Gemma), every window is that
+    BOS followed by ``window - 1`` text tokens (tokenized without special tokens), as lm-eval
+    scores every rolling window after a prefix token; a model trained with a BOS in front is
+    then scored the way it reads text. With a tokenizer that adds no BOS (GPT-2, SmolLM2) this
+    is the same as ``"llm-pruner"``.
+  - ``"llm-pruner"``: ``LLMPruner/evaluator/ppl.py`` + ``datasets/ppl_dataset.py``: the text is
+    tokenized once with the tokenizer's default special tokens (one BOS at the very start) and
+    cut into bare windows, for comparison with published tables.
 * :func:`zero_shot` runs **lm-eval** on local copies of the seven LLM-Pruner tasks: task
   YAMLs mirroring lm-eval's own configs (same ``doc_to_text`` / ``doc_to_choice`` /
   ``doc_to_target`` / metrics, helper functions copied from the installed package) are
@@ -61,8 +68,10 @@ def perplexity(
     *,
     text: str | None = None,
     progress: bool = True,
+    protocol: str = "bos",
 ) -> dict[str, Any]:
-    """Perplexity with LLM-Pruner's protocol (non-overlapping ``window``-token windows).
+    """Perplexity on non-overlapping ``window``-token windows (``protocol``: ``"bos"`` or ``"llm-pruner"``,
+    see the module docstring).
 
     ``dataset``: ``"wikitext2"`` (raw test split), ``"ptb"`` (validation split, as
     LLM-Pruner's ``get_ptb``) or ``"ptb-test"``; or pass ``text=`` to score any string
@@ -70,6 +79,9 @@ def perplexity(
     ones).  Returns ``{"dataset", "ppl", "window", "tokens", "windows", "source", ...}``
     where ``tokens`` counts the whole tokenized text and ``windows`` the windows scored.
     """
+    from depgraph.calibration import bos_prefix, bos_windows, check_protocol
+
+    check_protocol(protocol)
     if window < 2:
         raise ValueError(f"perplexity: window must be >= 2 tokens (got {window})")
     if text is None:
@@ -79,17 +91,18 @@ def perplexity(
     else:
         source, split, note = "<text>", None, "text passed by the caller"
 
-    enc = tokenizer(text, return_tensors="pt", verbose=False)
-    ids = enc["input_ids"][0]
-    n_tokens = int(ids.numel())
-    n_avail = n_tokens // window
+    bos = bos_prefix(tokenizer) if protocol == "bos" else None
+    ids = tokenizer(text, add_special_tokens=bos is None, verbose=False)["input_ids"]
+    n_tokens = len(ids)
+    all_windows = bos_windows(ids, window, bos)
+    n_avail = int(all_windows.shape[0])
     n_windows = n_avail if limit is None else max(0, min(n_avail, int(limit)))
     if n_windows == 0:
         raise ValueError(
             f"perplexity on {dataset!r}: no full window of {window} tokens to score "
             f"({n_tokens} tokens, limit={limit})"
         )
-    windows = ids[: n_windows * window].view(n_windows, window)
+    windows = all_windows[:n_windows]
 
     device = _model_device(model)
     was_training = model.training
@@ -127,7 +140,12 @@ def perplexity(
         "limit": limit,
         "split": split,
         "source": source,
-        "protocol": "LLM-Pruner PPLMetric: " + note + f"; non-overlapping {window}-token windows, last partial dropped",
+        "protocol": protocol,
+        "bos": bos,
+        "protocol_note": (f"every window: BOS id {bos} + {window - 1} text tokens; " if bos is not None else
+                          "LLM-Pruner PPLMetric, bare windows; " if protocol == "llm-pruner" else
+                          "tokenizer adds no BOS: bare windows (same as llm-pruner); ")
+        + note + f"; non-overlapping {window}-token windows, last partial dropped",
     }
 
 

@@ -62,14 +62,15 @@ def _is_window_of(row: torch.Tensor, ids: list[int]) -> bool:
 def test_text_file_shape_determinism_and_windows(tok, tmp_path):
     f = tmp_path / "corpus.txt"
     f.write_text(TEXT)
-    a = load_calibration(str(f), tok, n_samples=6, seq_len=16, seed=3)
+    bare = {"protocol": "llm-pruner"}
+    a = load_calibration(str(f), tok, n_samples=6, seq_len=16, seed=3, **bare)
     assert a.shape == (6, 16) and a.dtype == torch.long
-    assert torch.equal(a, load_calibration(f, tok, n_samples=6, seq_len=16, seed=3))
-    assert not torch.equal(a, load_calibration(f, tok, n_samples=6, seq_len=16, seed=4))
+    assert torch.equal(a, load_calibration(f, tok, n_samples=6, seq_len=16, seed=3, **bare))
+    assert not torch.equal(a, load_calibration(f, tok, n_samples=6, seq_len=16, seed=4, **bare))
     ids = tok(TEXT, add_special_tokens=False).input_ids
     assert all(_is_window_of(row, ids) for row in a)
     assert tok.bos_token_id not in a  # windows come from the text, no special tokens injected
-    cs = load_calibration_set(f, tok, n_samples=6, seq_len=16, seed=3)
+    cs = load_calibration_set(f, tok, n_samples=6, seq_len=16, seed=3, **bare)
     assert cs.kind == "text" and cs.origin == str(f) and cs.total_tokens == len(ids)
     assert all(0 <= s <= len(ids) - 16 for s in cs.starts)
     # the global RNG is not touched
@@ -84,8 +85,24 @@ def test_exact_length_text_gives_single_offset(tok, tmp_path):
     f = tmp_path / "short.txt"
     f.write_text("the quick brown fox")
     ids = tok("the quick brown fox", add_special_tokens=False).input_ids
-    out = load_calibration(f, tok, n_samples=3, seq_len=len(ids))
+    out = load_calibration(f, tok, n_samples=3, seq_len=len(ids), protocol="llm-pruner")
     assert out.tolist() == [ids] * 3
+    out = load_calibration(f, tok, n_samples=3, seq_len=len(ids) + 1)
+    assert out.tolist() == [[tok.bos_token_id] + ids] * 3
+
+
+def test_bos_protocol_starts_every_window_with_bos(tok, tmp_path):
+    """Default: the tiny tokenizer adds a BOS, so every window is BOS + seq_len-1 text tokens."""
+    f = tmp_path / "corpus.txt"
+    f.write_text(TEXT)
+    cs = load_calibration_set(f, tok, n_samples=6, seq_len=16, seed=3)
+    assert cs.protocol == "bos" and cs.input_ids.shape == (6, 16)
+    assert (cs.input_ids[:, 0] == tok.bos_token_id).all()
+    ids = tok(TEXT, add_special_tokens=False).input_ids
+    assert all(_is_window_of(row[1:], ids) for row in cs.input_ids)
+    assert tok.bos_token_id not in cs.input_ids[:, 1:]
+    with pytest.raises(CalibrationError, match="unknown window protocol 'bare'"):
+        load_calibration(f, tok, protocol="bare")
 
 
 @pytest.mark.parametrize("suffix", [".json", ".jsonl"])
@@ -95,9 +112,9 @@ def test_alpaca_json_and_jsonl(tok, tmp_path, suffix):
         f.write_text(json.dumps(ALPACA))
     else:
         f.write_text("\n".join(json.dumps(r) for r in ALPACA) + "\n")
-    out = load_calibration(f, tok, n_samples=4, seq_len=32, seed=1)
+    out = load_calibration(f, tok, n_samples=4, seq_len=32, seed=1, protocol="llm-pruner")
     assert out.shape == (4, 32) and out.dtype == torch.long
-    assert torch.equal(out, load_calibration(f, tok, n_samples=4, seq_len=32, seed=1))
+    assert torch.equal(out, load_calibration(f, tok, n_samples=4, seq_len=32, seed=1, protocol="llm-pruner"))
     full = "\n\n".join(render_alpaca(r) for r in ALPACA)
     ids = tok(full, add_special_tokens=False).input_ids
     assert all(_is_window_of(row, ids) for row in out)

@@ -69,5 +69,10 @@ def test_eval_json(tiny_folder, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["window"] == 32 and set(result["ppl"]) == {"wikitext2", "ptb"}
     assert all(v > 1 for v in result["ppl"].values())
+    assert result["protocol"] == "bos" and result["ppl_source"]["ptb"]["bos"] is not None  # tiny tokenizer adds BOS
+    rc = main(["eval", str(tiny_folder), "--ppl", "ptb", "--window", "32", "--limit", "3", "--protocol", "llm-pruner"])
+    assert rc == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "protocol llm-pruner" in line and "BOS first" not in line
     assert main(["eval", str(tiny_folder)]) == 1
     assert "nothing to evaluate" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Perplexity (LLM-Pruner protocol) and lm-eval zero-shot, offline, with a tiny random LLaMA."""
+"""Perplexity (BOS and LLM-Pruner protocols) and lm-eval zero-shot, offline, with a tiny random LLaMA."""
 
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ def _ppl_by_hand(model, tok, text, window, limit=None):
 
 @pytest.mark.parametrize("window,batch_size", [(16, 3), (32, 8), (7, 1)])
 def test_perplexity_matches_model_loss(model, tok, window, batch_size):
-    r = perplexity(model, tok, text=TEXT, window=window, batch_size=batch_size, progress=False)
+    r = perplexity(model, tok, text=TEXT, window=window, batch_size=batch_size, progress=False,
+                   protocol="llm-pruner")
     ref, n, n_tok = _ppl_by_hand(model, tok, TEXT, window)
     assert r["ppl"] == pytest.approx(ref, rel=1e-5)
     assert r["windows"] == n == n_tok // window
@@ -86,13 +87,14 @@ def test_perplexity_matches_model_loss(model, tok, window, batch_size):
 def test_perplexity_window_semantics_and_limit(model, tok):
     n_tok = len(tok(TEXT).input_ids)
     window = 10
-    full = perplexity(model, tok, text=TEXT, window=window, progress=False)
+    lp = {"protocol": "llm-pruner", "progress": False}
+    full = perplexity(model, tok, text=TEXT, window=window, **lp)
     assert full["windows"] == full["windows_available"] == n_tok // window
-    lim = perplexity(model, tok, text=TEXT, window=window, limit=3, progress=False)
+    lim = perplexity(model, tok, text=TEXT, window=window, limit=3, **lp)
     assert lim["windows"] == 3 and lim["windows_available"] == n_tok // window
     assert lim["ppl"] == pytest.approx(_ppl_by_hand(model, tok, TEXT, window, limit=3)[0], rel=1e-5)
     # limit larger than available -> all windows
-    assert perplexity(model, tok, text=TEXT, window=window, limit=10**6, progress=False)["windows"] == n_tok // window
+    assert perplexity(model, tok, text=TEXT, window=window, limit=10**6, **lp)["windows"] == n_tok // window
     with pytest.raises(ValueError, match="no full window"):
         perplexity(model, tok, text="the fox", window=64, progress=False)
 
@@ -105,13 +107,13 @@ def test_perplexity_datasets_follow_llm_pruner_layout(model, tok, tmp_path):
     ptb_lines = [" the fox runs ", " the dog sleeps in the sun "] * 8
     (tmp_path / "ptb" / "ptb.valid.txt").write_text("\n".join(ptb_lines) + "\n")
 
-    r = perplexity(model, tok, "wikitext2", window=8, data_dir=tmp_path, progress=False)
+    r = perplexity(model, tok, "wikitext2", window=8, data_dir=tmp_path, progress=False, protocol="llm-pruner")
     ref, n, n_tok = _ppl_by_hand(model, tok, "\n\n".join(rows), 8)
     assert (r["tokens"], r["windows"]) == (n_tok, n)
     assert r["ppl"] == pytest.approx(ref, rel=1e-5)
     assert r["source"].endswith("test_rows.json") and r["dataset"] == "wikitext2"
 
-    r = perplexity(model, tok, "ptb", window=8, data_dir=tmp_path, progress=False)
+    r = perplexity(model, tok, "ptb", window=8, data_dir=tmp_path, progress=False, protocol="llm-pruner")
     ref, n, n_tok = _ppl_by_hand(model, tok, "\n\n".join(s.strip() for s in ptb_lines), 8)
     assert (r["tokens"], r["windows"], r["split"]) == (n_tok, n, "validation")
     assert r["ppl"] == pytest.approx(ref, rel=1e-5)
@@ -120,6 +122,37 @@ def test_perplexity_datasets_follow_llm_pruner_layout(model, tok, tmp_path):
         perplexity(model, tok, "ptb-test", window=8, data_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="unknown perplexity dataset"):
         perplexity(model, tok, "c4", window=8, data_dir=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("window,batch_size", [(16, 3), (9, 8)])
+def test_perplexity_bos_protocol_starts_every_window_with_bos(model, tok, window, batch_size):
+    """Default protocol: each window is BOS + window-1 text tokens (the tiny tokenizer adds a BOS)."""
+    body = tok(TEXT, add_special_tokens=False).input_ids
+    n = len(body) // (window - 1)
+    losses = []
+    with torch.no_grad():
+        for i in range(n):
+            w = torch.tensor([[tok.bos_token_id] + body[i * (window - 1):(i + 1) * (window - 1)]])
+            losses.append(model(input_ids=w, labels=w).loss.item())
+    r = perplexity(model, tok, text=TEXT, window=window, batch_size=batch_size, progress=False)
+    assert (r["protocol"], r["bos"], r["windows"]) == ("bos", tok.bos_token_id, n)
+    assert r["predicted_tokens"] == n * (window - 1)
+    assert r["ppl"] == pytest.approx(math.exp(sum(losses) / n), rel=1e-5)
+    bare = perplexity(model, tok, text=TEXT, window=window, progress=False, protocol="llm-pruner")
+    assert bare["ppl"] != pytest.approx(r["ppl"], rel=1e-6)
+    with pytest.raises(ValueError, match="unknown window protocol"):
+        perplexity(model, tok, text=TEXT, window=window, progress=False, protocol="lm-pruner")
+
+
+def test_perplexity_protocols_agree_when_the_tokenizer_adds_no_bos(model):
+    from tokenizers import processors
+
+    no_bos = tiny_tokenizer()
+    no_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
+    assert no_bos("a fox").input_ids[0] != no_bos.bos_token_id
+    a = perplexity(model, no_bos, text=TEXT, window=16, progress=False)
+    b = perplexity(model, no_bos, text=TEXT, window=16, progress=False, protocol="llm-pruner")
+    assert a["bos"] is None and a["ppl"] == b["ppl"] and a["windows"] == b["windows"]
 
 
 def test_perplexity_restores_training_mode(model, tok):
