@@ -5,11 +5,12 @@ import time
 
 import torch
 
-from .compensate import apply_bias, bias_deltas
+from .compensate import apply_bias
 from .errors import PlanError
 from .graph import trace
 from .importance import METHODS, score
 from .plan import Plan, check_ratio
+from .reconstruct import ReconstructConfig, reconstruct as refit_consumers
 from .shrink import shrink
 
 
@@ -29,10 +30,23 @@ def _embedding_params(model) -> int:
 DEFAULT_KINDS = ("mlp",)
 
 
+def _refit_summary(layers) -> list:
+    """Per consumer: removed columns and the output error relative to ``||W X||^2`` before and after the re-fit."""
+    out = []
+    for rec in layers:
+        for path, v in rec["consumers"].items():
+            row = {"layer": rec["layer"], "consumer": path, "removed": v["removed"]}
+            if "signal" in v and v["signal"] > 0:
+                row["rel_error_before"] = v["error_before"] / v["signal"]
+                row["rel_error_after"] = v["error_after"] / v["signal"]
+            out.append(row)
+    return out
+
+
 def prune(model, calibration=None, target: float = 0.2, method: str = "activation", kinds=DEFAULT_KINDS,
           policy: str = "uniform", layers="auto", round_to: int = 8, gqa: str = "heads", aggregate: str = "sum",
           normalize=None, steps: int = 1, uniform: bool = False, compensate: bool = False,
-          ratios: dict | None = None, progress: bool = True):
+          ratios: dict | None = None, progress: bool = True, reconstruct: bool = False, damp: float = 0.01):
     """Shrink ``model`` in place by ``target`` (fraction of *all* parameters); returns (model, report, plans).
 
     Defaults come from bench/results/prune.md on SmolLM2: gradient-free activation scores (|w| times
@@ -47,6 +61,10 @@ def prune(model, calibration=None, target: float = 0.2, method: str = "activatio
     each partial shrink. ``uniform=True`` keeps every layer the same shape (same fraction of every
     group, all layers), so stock ``from_pretrained`` loads the result. ``compensate=True`` folds removed
     units' mean contribution over the calibration tokens into the consumer's bias (FLAP).
+    ``reconstruct=True`` re-fits the kept input columns of every consumer (the layer that reads the removed
+    units: ``down_proj`` for neurons, ``o_proj`` for heads) by least squares on the calibration inputs, block by
+    block on the outputs of the already-pruned blocks (:mod:`depgraph.reconstruct`; ``damp`` is the Gram
+    dampening); with ``compensate=True`` too, the bias joins the fit. Both are done before each shrink.
     """
     if ratios is not None:
         if steps != 1:
@@ -59,12 +77,16 @@ def prune(model, calibration=None, target: float = 0.2, method: str = "activatio
         raise PlanError(f"steps must be a positive integer, got {steps!r}")
     if compensate and calibration is None:
         raise PlanError("compensate=True needs calibration data (the removed units' mean activations)")
+    if reconstruct and calibration is None:
+        raise PlanError("reconstruct=True needs calibration data (the consumers' input Gram matrices)")
+    refit_config = ReconstructConfig(mode="lstsq" if reconstruct else "mean", intercept=compensate, damp=damp)
     if uniform:
         policy, layers = "uniform", None
     if isinstance(layers, str) and layers != "auto":
         raise PlanError(f"layers must be 'auto', None or a list of layer indices, got {layers!r}")
     original = _params(model)
-    times = {"trace_s": 0.0, "score_s": 0.0, "plan_s": 0.0, "shrink_s": 0.0}
+    times = {"trace_s": 0.0, "score_s": 0.0, "plan_s": 0.0, "reconstruct_s": 0.0, "shrink_s": 0.0}
+    refits = []
     groups, plans = {}, []
     for step in range(1, steps + 1):
         t = time.perf_counter()
@@ -85,7 +107,13 @@ def prune(model, calibration=None, target: float = 0.2, method: str = "activatio
                                 round_to=round_to, gqa=gqa, ratios=ratios)
         times["plan_s"] += time.perf_counter() - t
         t = time.perf_counter()
-        deltas = bias_deltas(model, plan, calibration) if compensate else {}
+        deltas = {}
+        if reconstruct or compensate:
+            refit = refit_consumers(model, plan, calibration, refit_config)
+            deltas = refit["bias"]
+            refits.append(refit["layers"])
+        times["reconstruct_s"] += time.perf_counter() - t
+        t = time.perf_counter()
         shrink(model, plan)
         apply_bias(model, deltas)
         times["shrink_s"] += time.perf_counter() - t
@@ -100,7 +128,8 @@ def prune(model, calibration=None, target: float = 0.2, method: str = "activatio
     emb = _embedding_params(model)
     report = {
         "method": method, "target": target, "policy": policy, "steps": steps, "uniform": uniform,
-        "compensate": compensate,
+        "compensate": compensate, "reconstruct": reconstruct, "damp": damp if reconstruct else None,
+        "reconstruction": _refit_summary(refits[-1]) if refits else None,
         "layers": None if layers is None else sorted(layers), "round_to": round_to, "gqa": gqa,
         "params_before": original, "params_after": after, "removed_fraction": (original - after) / original,
         "non_embedding_removed_fraction": (original - after) / (original - emb), "ratios": ratios,

@@ -46,7 +46,8 @@ from torch import nn
 from .errors import DepgraphError
 
 __all__ = ["sparsify", "SparsifyError", "METHODS", "parse_nm", "find_layers", "layer_linears", "wanda_mask",
-           "magnitude_mask", "sparsegpt_prune", "nm_mask", "to_semi_structured", "check_nm", "add_cli"]
+           "magnitude_mask", "sparsegpt_prune", "nm_mask", "to_semi_structured", "check_nm", "add_cli",
+           "batches_of", "capture_layer_inputs", "run_layer"]
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -286,7 +287,8 @@ def _to(obj, device):
     return obj
 
 
-def _batches(calibration, batch_size: int) -> list[torch.Tensor]:
+def batches_of(calibration, batch_size: int) -> list[torch.Tensor]:
+    """Token-id batches of at most ``batch_size`` rows from a [n, L] tensor (or a list of them), checked."""
     if isinstance(calibration, torch.Tensor):
         calibration = [calibration]
     out = []
@@ -301,7 +303,7 @@ def _batches(calibration, batch_size: int) -> list[torch.Tensor]:
     return out
 
 
-def _capture_inputs(model, layers, batches, device) -> list:
+def capture_layer_inputs(model, layers, batches, device) -> list:
     """Run the model up to the first decoder layer on every batch; return [(hidden, args, kwargs)]."""
     captured = []
 
@@ -330,7 +332,8 @@ def _capture_inputs(model, layers, batches, device) -> list:
     return captured
 
 
-def _run_layer(layer, item):
+def run_layer(layer, item):
+    """One decoder layer on one captured ``[hidden, args, kwargs]`` item; its hidden-state output."""
     hidden, rest, kwargs = item
     out = layer(hidden, *rest, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
@@ -399,7 +402,7 @@ def sparsify(model, method: str = "wanda", sparsity: float | None = None, nm=Non
         if calibration is None:
             raise SparsifyError(f"{method} needs calibration token ids [n_samples, seq_len] "
                                 f"(depgraph.calibration.load_calibration)")
-        batches = _batches(calibration, batch_size)
+        batches = batches_of(calibration, batch_size)
 
     # ---- work
     t0 = time.perf_counter()
@@ -412,7 +415,7 @@ def sparsify(model, method: str = "wanda", sparsity: float | None = None, nm=Non
             inputs = None
             if batches is not None:
                 dev = torch.device(device) if device is not None else next(layers[0].parameters()).device
-                inputs = _capture_inputs(model, layers, batches, dev)
+                inputs = capture_layer_inputs(model, layers, batches, dev)
             for i, (layer, linears) in enumerate(zip(layers, targets)):
                 home = next(layer.parameters()).device
                 if device is not None:
@@ -425,7 +428,7 @@ def sparsify(model, method: str = "wanda", sparsity: float | None = None, nm=Non
                                for n, m in linears]
                     try:
                         for item in inputs:
-                            _run_layer(layer, item)
+                            run_layer(layer, item)
                     finally:
                         for h in handles:
                             h.remove()
@@ -440,7 +443,7 @@ def sparsify(model, method: str = "wanda", sparsity: float | None = None, nm=Non
                     stats.pop(n, None)
                 if inputs is not None and i + 1 < len(layers):
                     for item in inputs:  # sparsified outputs feed the next layer
-                        item[0] = _run_layer(layer, item)
+                        item[0] = run_layer(layer, item)
                 if device is not None:
                     layer.to(home)
                 zeros = sum(v["zeros"] for v in modules.values())

@@ -11,7 +11,7 @@ from torch import nn
 import depgraph
 from archs import ARCHS, ids
 from depgraph import cli
-from depgraph.sparsify import (METHODS, SparsifyError, _capture_inputs, _run_layer, check_nm, find_layers,
+from depgraph.sparsify import (METHODS, SparsifyError, capture_layer_inputs, run_layer, check_nm, find_layers,
                                layer_linears, magnitude_mask, parse_nm, sparsegpt_prune, sparsify,
                                to_semi_structured, wanda_mask)
 
@@ -217,10 +217,10 @@ def test_replaying_captured_inputs_equals_the_forward(arch):
         model(x)
     for h in hooks:
         h.remove()
-    (item,) = _capture_inputs(model, layers, [x], torch.device("cpu"))
+    (item,) = capture_layer_inputs(model, layers, [x], torch.device("cpu"))
     with torch.no_grad():
         for layer, expected in zip(layers, outs):
-            item[0] = _run_layer(layer, item)
+            item[0] = run_layer(layer, item)
             torch.testing.assert_close(item[0], expected)
 
 

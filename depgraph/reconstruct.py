@@ -1,0 +1,203 @@
+"""Structured reconstruction: re-fit the consumers of removed units, block by block, on sequential calibration.
+
+``reconstruct(model, plan, calibration)`` walks the decoder blocks in order (the inputs of the first are captured
+as :func:`depgraph.sparsify.sparsify` does; each later block gets the outputs of the already-pruned blocks before
+it). In each block the *consumers* of the plan's units are found from the plan's members, which come from the
+graph: the member along a linear layer's input dim (``o_proj`` for heads, ``down_proj`` for neurons, whatever the
+architecture calls them). :func:`reconstruct_block` gathers each consumer's input statistics on the block's inputs
+and re-fits its kept columns (:mod:`depgraph.refit`); then the block's planned units are masked (removal equals
+masking) and the block is run again so that its pruned outputs feed the next block.
+
+Modes (:class:`ReconstructConfig`):
+
+* ``"lstsq"``: kept columns re-fitted by least squares, ``W_S <- W_S + W_P H_PS (H_SS + lambda I)^-1``;
+  with ``intercept=True`` the bias joins the fit (an input that is always 1);
+* ``"mean"``: only the bias moves, by the removed units' mean contribution (FLAP's compensation).
+
+The model is changed in place: consumers' kept columns are rewritten and the planned units are zeroed; call
+:func:`depgraph.shrink` with the same plan afterwards, then :func:`depgraph.compensate.apply_bias` with the
+returned ``"bias"`` increments (biases are only created after the shrink, so the plan's shapes still hold).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import PlanError
+from .plan import Plan
+from .refit import augment, mean_fill, output_error, refit
+from .shrink import mask
+from .sparsify import batches_of, capture_layer_inputs, find_layers, run_layer
+
+__all__ = ["ReconstructConfig", "MODES", "consumers", "reconstruct", "reconstruct_block"]
+
+MODES = ("lstsq", "mean")
+
+
+@dataclass
+class ReconstructConfig:
+    """How consumers are re-fitted: ``mode`` (``"lstsq"`` or ``"mean"``), ``intercept`` (the bias joins the
+    least-squares fit), ``damp`` (fraction of the mean Gram diagonal added to it), ``batch_size`` (calibration
+    rows per forward)."""
+
+    mode: str = "lstsq"
+    intercept: bool = False
+    damp: float = 0.01
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise PlanError(f"reconstruction mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not self.damp >= 0:
+            raise PlanError(f"reconstruction damp must be >= 0, got {self.damp}")
+
+
+def _input_dim(mod) -> int | None:
+    """The weight dim that holds a linear-like module's input features (nn.Linear: 1, GPT-2's Conv1D: 0)."""
+    if isinstance(mod, nn.Linear):
+        return 1
+    if type(mod).__name__ == "Conv1D" and hasattr(mod, "nf"):
+        return 0
+    return None
+
+
+def consumers(model, plan: Plan, entries=None) -> dict:
+    """``{module path: sorted removed input indices}``: every linear-like module whose weight is a plan member
+    along its input-feature dim (the layer that reads the removed units)."""
+    out: dict = {}
+    for e in plan.entries if entries is None else entries:
+        for param, dims in e.removed.items():
+            path, _, attr = param.rpartition(".")
+            if attr != "weight":
+                continue
+            mod = model.get_submodule(path)
+            d = _input_dim(mod)
+            if d is not None and d in dims:
+                out.setdefault(path, set()).update(int(i) for i in dims[d])
+    return {p: sorted(s) for p, s in out.items()}
+
+
+def _weight(mod) -> torch.Tensor:
+    """[out, in] view of a linear-like weight."""
+    return mod.weight.data if _input_dim(mod) == 1 else mod.weight.data.t()
+
+
+class _InputStats:
+    """Count, sum and (lstsq) Gram ``X^T X`` of one consumer's inputs, float64."""
+
+    def __init__(self, width: int, gram: bool, device):
+        self.count = 0
+        self.sum = torch.zeros(width, dtype=torch.float64, device=device)
+        self.gram = torch.zeros(width, width, dtype=torch.float64, device=device) if gram else None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])
+        self.count += x.shape[0]
+        self.sum += x.sum(0, dtype=torch.float64)
+        if self.gram is not None:
+            xd = x.double()
+            self.gram += xd.t() @ xd
+
+
+@torch.no_grad()
+def reconstruct_block(block: nn.Module, inputs, block_consumers: dict, config: ReconstructConfig | None = None):
+    """Re-fit the consumers of one decoder block in place, on the block's input hidden states.
+
+    ``inputs``: ``[[hidden, args, kwargs], ...]`` as :func:`depgraph.sparsify.capture_layer_inputs` returns them
+    (hidden [batch, seq, width]); ``block_consumers``: ``{module path inside block: removed input indices}``.
+    Returns ``{"bias": {path: increment [out]}, "consumers": {path: {"removed", "error_before", "error_after",
+    "signal"}}}``: errors are ``||W X - W' X||^2`` over the calibration tokens, ``signal`` is ``||W X||^2``.
+    The block's outputs are not advanced and no unit is masked: the caller does both (see :func:`reconstruct`).
+    """
+    config = config or ReconstructConfig()
+    mods = {p: block.get_submodule(p) for p in block_consumers}
+    stats = {p: _InputStats(_weight(m).shape[1], config.mode == "lstsq", _weight(m).device) for p, m in mods.items()}
+    handles = [m.register_forward_pre_hook(lambda mod, args, s=stats[p]: s.add(args[0])) for p, m in mods.items()]
+    try:
+        for item in inputs:
+            run_layer(block, item)
+    finally:
+        for h in handles:
+            h.remove()
+    bias, info = {}, {}
+    for path, removed in block_consumers.items():
+        mod, st = mods[path], stats[path]
+        W = _weight(mod)
+        if config.mode == "mean":
+            bias[path] = mean_fill(W, st.sum / max(st.count, 1), removed).to(W.dtype)
+            info[path] = {"removed": len(removed)}
+            continue
+        width = W.shape[1]
+        gone = set(removed)
+        kept = [j for j in range(width) if j not in gone]
+        if config.intercept:
+            b = mod.bias.data if mod.bias is not None else torch.zeros(W.shape[0], dtype=W.dtype, device=W.device)
+            Wa, H = torch.cat([W.double(), b.double()[:, None]], 1), augment(st.gram, st.sum, st.count)
+            update, undamped = kept + [width], (width,)
+        else:
+            Wa, H, update, undamped = W.double(), st.gram, kept, ()
+        new = refit(Wa, H, removed, update, config.damp, undamped)
+        info[path] = {"removed": len(removed), "signal": float(torch.einsum("oi,ij,oj->", Wa, H, Wa)),
+                      "error_before": output_error(Wa, H, removed),
+                      "error_after": output_error(Wa, H, removed, new, update)}
+        W[:, kept] = new[:, :len(kept)].to(W.dtype)
+        if config.intercept:
+            bias[path] = (new[:, -1] - Wa[:, -1]).to(W.dtype)
+    return {"bias": bias, "consumers": info}
+
+
+def _block_entries(plan: Plan, prefix: str) -> list:
+    return [e for e in plan.entries if e.removed and all(p.startswith(prefix) for p in e.removed)]
+
+
+@torch.no_grad()
+def reconstruct(model, plan: Plan, calibration, config: ReconstructConfig | None = None, progress: bool = False):
+    """Re-fit every consumer of ``plan`` block by block on sequential calibration (see the module docstring).
+
+    ``calibration``: token ids [n_samples, seq_len]. Entries that span several blocks (hidden channels) are masked
+    before the first block and their readers are not re-fitted. Returns ``{"bias": {module path: increment},
+    "layers": [{"layer", "consumers": {...}}], "mode", "intercept", "damp"}``; the model keeps its shapes.
+    """
+    config = config or ReconstructConfig()
+    if calibration is None:
+        raise PlanError("reconstruction needs calibration token ids [n_samples, seq_len]")
+    layers_path, layers = find_layers(model)
+    prefixes = [f"{layers_path}.{i}." for i in range(len(layers))]
+    per_block = [_block_entries(plan, p) for p in prefixes]
+    local = {id(e) for es in per_block for e in es}
+    spanning = [e for e in plan.entries if id(e) not in local]
+    if spanning:
+        mask(model, Plan(spanning, plan.shapes))
+    was_training = model.training
+    model.eval()
+    out = {"bias": {}, "layers": [], "mode": config.mode, "intercept": config.intercept, "damp": config.damp}
+    try:
+        dev = next(layers[0].parameters()).device
+        inputs = capture_layer_inputs(model, layers, batches_of(calibration, config.batch_size), dev)
+        for i, (block, entries) in enumerate(zip(layers, per_block)):
+            if not entries:
+                if i + 1 < len(layers):
+                    for item in inputs:
+                        item[0] = run_layer(block, item)
+                continue
+            cons = {p[len(prefixes[i]):]: idx for p, idx in consumers(model, plan, entries).items()}
+            res = reconstruct_block(block, inputs, cons, config)
+            mask(model, Plan(entries, plan.shapes))
+            handles = [block.get_submodule(p).register_forward_hook(lambda m, a, y, d=d: y + d.to(y.dtype))
+                       for p, d in res["bias"].items()]
+            try:
+                if i + 1 < len(layers):
+                    for item in inputs:  # the pruned block's outputs feed the next block
+                        item[0] = run_layer(block, item)
+            finally:
+                for h in handles:
+                    h.remove()
+            out["bias"].update({prefixes[i] + p: d for p, d in res["bias"].items()})
+            out["layers"].append({"layer": i, "consumers": {prefixes[i] + p: v for p, v in res["consumers"].items()}})
+            if progress:
+                print(f"reconstruct: block {i + 1}/{len(layers)}", flush=True)
+    finally:
+        model.train(was_training)
+    return out

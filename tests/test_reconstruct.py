@@ -1,0 +1,123 @@
+"""Structured reconstruction on a tiny GQA Llama: sequential calibration, least-squares re-fit, mask == shrink."""
+import copy
+
+import pytest
+import torch
+
+import depgraph
+from archs import ARCHS, ids
+from depgraph.reconstruct import ReconstructConfig, consumers, reconstruct
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = ARCHS["llama-gqa"]()
+    graph = depgraph.trace(model)
+    mlp = [g for g in graph.groups(("mlp",))]
+    att = [g for g in graph.groups(("attention",))]
+    removals = {g.id: list(range(1, g.num_units, 3)) for g in mlp}
+    kv, rep = att[0].gqa
+    removals[att[0].id] = [k * rep for k in range(kv)]  # one query head of every kv group
+    plan = depgraph.Plan.from_units(graph, removals)
+    calib = torch.cat([ids(s, batch=4, length=16) for s in range(3)])
+    return model, plan, calib
+
+
+def _layer_inputs(model, layer, calib):
+    """[(hidden, args, kwargs)] at the input of ``layer`` of ``model`` for every calibration batch."""
+    got = []
+
+    def hook(mod, args, kwargs):
+        got.append((args[0].detach(), args[1:], dict(kwargs)))
+
+    h = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        model(calib, use_cache=False)
+    h.remove()
+    return got
+
+
+def _consumer_inputs(layer, module, items):
+    xs = []
+    h = module.register_forward_pre_hook(lambda m, a: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for hidden, args, kwargs in items:
+            layer(hidden, *args, **kwargs)
+    h.remove()
+    return torch.cat(xs).double()
+
+
+def test_consumers_come_from_the_plan_members(setup):
+    model, plan, _ = setup
+    found = consumers(model, plan)
+    assert set(found) == {f"model.layers.{i}.mlp.down_proj" for i in range(2)} | {"model.layers.0.self_attn.o_proj"}
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    assert len(found["model.layers.0.self_attn.o_proj"]) == 2 * head_dim
+
+
+def test_refit_equals_lstsq_on_the_pruned_predecessors_outputs(setup):
+    model, plan, calib = setup
+    dense = copy.deepcopy(model)
+    rec = copy.deepcopy(model)
+    report = reconstruct(rec, plan, calib, ReconstructConfig(damp=0.0))
+    for path, removed in consumers(model, plan).items():
+        i = int(path.split(".")[2])
+        sub = path.split(f"layers.{i}.")[1]
+        # sequential calibration: the inputs of block i come from the reconstructed, pruned blocks before it
+        items = _layer_inputs(rec, rec.model.layers[i], calib)
+        X = _consumer_inputs(dense.model.layers[i], dense.model.layers[i].get_submodule(sub), items)
+        W = dense.get_submodule(path).weight.detach().double()
+        kept = [j for j in range(W.shape[1]) if j not in set(removed)]
+        ref = torch.linalg.lstsq(X[:, kept], X @ W.T).solution.T
+        new = rec.get_submodule(path).weight.detach().double()[:, kept]
+        assert torch.allclose(new, ref, atol=1e-5, rtol=1e-5), path
+        err_new = ((X @ W.T - X[:, kept] @ new.T) ** 2).sum()
+        err_plain = ((X @ W.T - X[:, kept] @ W[:, kept].T) ** 2).sum()
+        assert err_new <= err_plain
+        info = next(r["consumers"][path] for r in report["layers"] if path in r["consumers"])
+        assert info["error_after"] <= info["error_before"]
+        assert info["error_after"] == pytest.approx(float(err_new), rel=1e-3)
+
+
+def test_removal_equals_masking_of_the_reconstructed_model(setup):
+    model, plan, calib = setup
+    rec = copy.deepcopy(model)
+    reconstruct(rec, plan, calib)
+    masked = depgraph.mask(copy.deepcopy(rec), plan)
+    shrunk = depgraph.shrink(copy.deepcopy(rec), plan)
+    x = ids(11, batch=2, length=14)
+    with torch.no_grad():
+        assert torch.allclose(masked(x).logits, shrunk(x).logits, atol=1e-5)
+
+
+def test_prune_with_reconstruction_is_closer_to_dense(tmp_path):
+    model = ARCHS["llama-gqa"]()
+    calib = torch.cat([ids(s, batch=4, length=16) for s in range(3)])
+    x = ids(21, batch=2, length=16)
+    with torch.no_grad():
+        ref = model(x).logits
+    errs = {}
+    for name, kw in {"plain": {}, "lstsq": {"reconstruct": True},
+                     "lstsq+bias": {"reconstruct": True, "compensate": True}}.items():
+        m = copy.deepcopy(model)
+        _, report, _ = depgraph.prune(m, calib, target=0.2, method="l2", kinds=("attention", "mlp"), layers=None,
+                                      round_to=1, progress=False, **kw)
+        assert report["reconstruct"] == kw.get("reconstruct", False)
+        with torch.no_grad():
+            errs[name] = float(((m(x).logits - ref) ** 2).mean())
+        if name == "lstsq+bias":
+            assert m.model.layers[0].mlp.down_proj.bias is not None
+            depgraph.save_pruned(m, tmp_path / "m")
+            with torch.no_grad():
+                assert torch.equal(depgraph.load_pruned(tmp_path / "m")(x).logits, m(x).logits)
+    assert errs["lstsq"] < errs["plain"] and errs["lstsq+bias"] < errs["plain"]
+
+
+def test_reconstruction_needs_calibration_and_a_known_mode(setup):
+    model, plan, _ = setup
+    with pytest.raises(depgraph.PlanError, match="needs calibration"):
+        reconstruct(copy.deepcopy(model), plan, None)
+    with pytest.raises(depgraph.PlanError, match="mode must be one of"):
+        ReconstructConfig(mode="obs")
+    with pytest.raises(depgraph.PlanError, match="reconstruct=True needs calibration"):
+        depgraph.prune(copy.deepcopy(model), None, target=0.1, method="l2", reconstruct=True)

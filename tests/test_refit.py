@@ -1,0 +1,73 @@
+"""The re-fit maths (depgraph.refit) against direct least-squares solves on plain tensors."""
+import pytest
+import torch
+
+from depgraph.refit import augment, mean_fill, obs_costs, output_error, refit
+
+
+@pytest.fixture
+def data():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(300, 12, generator=g, dtype=torch.float64) @ torch.randn(12, 12, generator=g, dtype=torch.float64)
+    X += 0.5  # a non-zero mean, so the intercept matters
+    W = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    b = torch.randn(5, generator=g, dtype=torch.float64)
+    return X, W, b, [2, 7, 9]
+
+
+def _kept(P, n=12):
+    return [j for j in range(n) if j not in P]
+
+
+def test_refit_equals_lstsq_and_never_worse(data):
+    X, W, _, P = data
+    S = _kept(P)
+    H = X.T @ X
+    new = refit(W, H, P, S, damp=0.0)
+    ref = torch.linalg.lstsq(X[:, S], X @ W.T).solution.T
+    assert torch.allclose(new, ref, atol=1e-5)
+    before, after = output_error(W, H, P), output_error(W, H, P, new, S)
+    assert after <= before
+    direct = ((X @ W.T - X[:, S] @ new.T) ** 2).sum()
+    assert after == pytest.approx(float(direct), rel=1e-8)
+    assert before == pytest.approx(float(((X[:, P] @ W[:, P].T) ** 2).sum()), rel=1e-8)
+
+
+def test_dampened_refit_is_ridge_towards_the_old_weights(data):
+    X, W, _, P = data
+    S = _kept(P)
+    H = X.T @ X
+    damp = 0.05
+    lam = damp * float(torch.diagonal(H)[S].mean())
+    new = refit(W, H, P, S, damp=damp)
+    A = torch.cat([X[:, S], lam ** 0.5 * torch.eye(len(S), dtype=torch.float64)])
+    B = torch.cat([X @ W.T, lam ** 0.5 * W[:, S].T])
+    assert torch.allclose(new, torch.linalg.lstsq(A, B).solution.T, atol=1e-5)
+
+
+def test_intercept_and_mean_only_case(data):
+    X, W, b, P = data
+    S = _kept(P)
+    Ha = augment(X.T @ X, X.sum(0), X.shape[0])
+    Wa = torch.cat([W, b[:, None]], 1)
+    new = refit(Wa, Ha, P, S + [12], damp=0.0, undamped=(12,))
+    ones = torch.ones(X.shape[0], 1, dtype=torch.float64)
+    ref = torch.linalg.lstsq(torch.cat([X[:, S], ones], 1), X @ W.T + b).solution.T
+    assert torch.allclose(new, ref, atol=1e-5)
+    # the bias alone (FLAP): b + W_P mean(X_P), and it is the refit of the bias column only
+    only_bias = refit(Wa, Ha, P, [12], damp=0.0, undamped=(12,))[:, 0]
+    assert torch.allclose(only_bias, b + mean_fill(W, X.mean(0), P), atol=1e-8)
+    assert torch.allclose(only_bias, b + X[:, P].mean(0) @ W[:, P].T, atol=1e-8)
+
+
+def test_obs_cost_is_the_error_left_after_the_optimal_refit(data):
+    X, W, _, _ = data
+    H = X.T @ X
+    heads = torch.arange(12) // 3  # 4 units of 3 columns
+    for unit_of_index in (torch.arange(12), heads):
+        costs = obs_costs(W, H, unit_of_index.numpy(), damp=0.0)
+        for u in range(int(unit_of_index.max()) + 1):
+            G = torch.nonzero(unit_of_index == u).flatten().tolist()
+            S = _kept(G)
+            err = output_error(W, H, G, refit(W, H, G, S, damp=0.0), S)
+            assert costs[u] == pytest.approx(err, rel=1e-6)
