@@ -95,6 +95,9 @@ def add_prune(subparsers, add_model_argument) -> None:
     p.add_argument("--uniform", action="store_true", help="every layer the same shape (stock-loadable)")
     p.add_argument("--compensate", action="store_true",
                    help="fold removed units' mean contribution into the next layer's bias (FLAP)")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="re-fit the kept input columns of each consumer (down_proj, o_proj) by least squares on the "
+                        "calibration inputs, block by block (with --compensate the bias joins the fit)")
     p.add_argument("--seed", type=int, default=0)
     add_protocol_argument(p)
     p.add_argument("--data-dir", default=None, help="folder laid out like ../shared/data")
@@ -111,7 +114,7 @@ def _check_prune_args(args) -> list:
     if args.steps < 1 or args.n_samples < 1 or args.seq_len < 2:
         raise DepgraphError("--steps, --n-samples must be >= 1 and --seq-len >= 2")
     calib = Path(args.calib).expanduser()
-    needs_calib = args.method in NEEDS_CALIBRATION or args.compensate
+    needs_calib = args.method in NEEDS_CALIBRATION or args.compensate or args.reconstruct
     if needs_calib and (calib.suffix or "/" in args.calib):
         if not calib.is_file():
             raise DepgraphError(f"--calib: file {calib} does not exist")
@@ -129,12 +132,13 @@ def run_prune(args) -> int:
     model, tok = _load(args)
     load_s = time.perf_counter() - t0
     calib = None
-    if args.method in NEEDS_CALIBRATION or args.compensate:
+    if args.method in NEEDS_CALIBRATION or args.compensate or args.reconstruct:
         calib = calibration_from_args(args, model, tok)
     model, report, plans = depgraph.prune(model, calib, target=args.target, method=args.method, kinds=kinds,
                                           policy=args.policy, layers=args.layers, round_to=args.round_to,
                                           gqa=args.gqa, steps=args.steps, uniform=args.uniform,
-                                          compensate=args.compensate, ratios=args.ratios)
+                                          compensate=args.compensate, ratios=args.ratios,
+                                          reconstruct=args.reconstruct)
     report["times"]["load_s"] = load_s
     report["model"] = args.model or "SmolLM2-135M-Instruct (bundled)"
     report["calibration"] = None if calib is None else {"source": args.calib, "n_samples": args.n_samples,

@@ -39,8 +39,8 @@ import torch
 from tqdm.auto import tqdm
 
 METHODS = ("random", "l1", "l2", "magnitude", "taylor", "fisher", "taylor+fisher", "taylor-vector", "activation",
-           "fluctuation")
-NEEDS_CALIBRATION = ("taylor", "fisher", "taylor+fisher", "taylor-vector", "activation", "fluctuation")
+           "fluctuation", "obs")
+NEEDS_CALIBRATION = ("taylor", "fisher", "taylor+fisher", "taylor-vector", "activation", "fluctuation", "obs")
 AGGREGATES = ("sum", "mean", "max", "prod")
 NORMALIZE = (None, "mean", "max")
 _GRAD_METHODS = ("taylor", "fisher", "taylor+fisher", "taylor-vector")
@@ -217,6 +217,58 @@ def input_moments(model, graph, batches, progress: bool = True) -> dict:
     return stats
 
 
+@torch.no_grad()
+def gram_stats(model, graph, batches, progress: bool = True) -> dict:
+    """``{weight name: X^T X [in, in] float64}`` over every calibration token, for every linear layer whose
+    weight is a group member along its input-feature dim (the consumers)."""
+    batches = _check_batches(batches)
+    sites = _input_dims(model, graph)
+    grams, hooks = {}, []
+
+    def hook(wname):
+        def fn(_mod, inputs, _out):
+            x = inputs[0].detach()
+            x = x.reshape(-1, x.shape[-1]).double()
+            grams[wname] = grams.get(wname, 0) + x.t() @ x
+        return fn
+
+    modules = dict(model.named_modules())
+    was_training = model.training
+    dev = _device(model)
+    try:
+        model.eval()
+        for mname, (wname, _) in sites.items():
+            hooks.append(modules[mname].register_forward_hook(hook(wname)))
+        for rows in tqdm(batches.split(8), desc="gram", disable=not progress, leave=False):
+            model(input_ids=rows.to(dev))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return grams
+
+
+def obs_scores(model, graph, grams: dict, groups, damp: float = 0.01) -> dict:
+    """``{group id: OBS cost per unit}`` from the consumers' Gram matrices (see ``obs`` in the module docstring)."""
+    from .refit import obs_costs
+
+    canon = _canonical_map(graph)
+    tensors = _tensors(model)
+    act_dims = {w: d for w, d in _input_dims(model, graph).values()}
+    out = {}
+    for g in groups:
+        s = np.zeros(g.num_units)
+        for m in g.members:
+            name = canon.get(m.param, m.param)
+            if act_dims.get(name) != m.dim or name not in grams or m.level == "kv":
+                continue
+            w = tensors[name].detach()
+            W = w if m.dim == 1 else w.t()  # [out, in]
+            s = s + obs_costs(W, grams[name], m.unit_of_index, damp)[: g.num_units]
+        out[g.id] = s
+    return out
+
+
 def activation_stats(model, graph, batches, progress: bool = True) -> dict:
     """``{weight name: [in_features] float32}``: the squared L2 norm of each input feature over every
     calibration token (see :func:`input_moments`)."""
@@ -303,7 +355,8 @@ def score(model, graph, calibration=None, method: str = "taylor", aggregate: str
 
     ``calibration``: [N, L] token ids (not needed for ``random``/``l1``/``l2``/``magnitude``).
     ``stats``: precomputed :class:`GradStats` (gradient methods), :func:`activation_stats` output
-    (``activation``) or :func:`fluctuation_stats` output (``fluctuation``), to skip the calibration pass.
+    (``activation``), :func:`fluctuation_stats` output (``fluctuation``) or :func:`gram_stats` output (``obs``),
+    to skip the calibration pass.
     ``kinds`` restricts the groups scored.
     See the module docstring for the methods.
     """
@@ -324,6 +377,12 @@ def score(model, graph, calibration=None, method: str = "taylor", aggregate: str
             raise ValueError(f"method {method!r} needs calibration token ids")
         stats = gradient_stats(model, graph, calibration, progress=progress,
                                per_sample=method in ("fisher", "taylor+fisher"))
+    if method == "obs":
+        if stats is None:
+            if calibration is None:
+                raise ValueError("method 'obs' needs calibration token ids")
+            stats = gram_stats(model, graph, calibration, progress=progress)
+        return {k: _normalize(v, normalize) for k, v in obs_scores(model, graph, stats, groups).items()}
     act_dims = {}
     if method in ("activation", "fluctuation"):
         if stats is None:

@@ -25,12 +25,14 @@ def test_prune_end_to_end(tiny_folder, tmp_path, capsys):
     out = tmp_path / "pruned"
     calib = tiny_folder.parent / "calib.txt"
     rc = main([("prune"), str(tiny_folder), "--target", "0.1", "--method", "taylor", "--calib", str(calib),
-               "--n-samples", "4", "--seq-len", "16", "--round-to", "1", "-o", str(out)])
+               "--n-samples", "4", "--seq-len", "16", "--round-to", "1", "--reconstruct", "-o", str(out)])
     assert rc == 0, capsys.readouterr().err
     model = depgraph.load_pruned(out)
     report = json.loads((out / "report.json").read_text())
     assert report["params_after"] == sum(p.numel() for p in model.parameters())
     assert 0.05 < report["removed_fraction"] < 0.15
+    assert report["reconstruct"] and report["calibration"]["protocol"] == "bos"
+    assert all(r["rel_error_after"] <= r["rel_error_before"] for r in report["reconstruction"])
     plan = depgraph.Plan.from_json((out / "plan.json").read_text())
     assert plan.params_removed() == report["params_before"] - report["params_after"]
     assert "wrote" in capsys.readouterr().out

@@ -280,3 +280,32 @@ def test_batched_gradient_equals_mean_of_per_sample_gradients():
     assert once.fisher == {} and once.num_samples == 3
     for name, g in per.grad.items():
         torch.testing.assert_close(once.grad[name], g, rtol=1e-4, atol=1e-6)
+
+
+def test_obs_is_the_consumer_error_left_after_the_least_squares_refit(gqa):
+    """OBS cost of a neuron / head = ||W X - W' X_S||^2 with the other columns re-fitted (depgraph.refit)."""
+    from depgraph.refit import output_error, refit
+
+    model, graph = gqa
+    x = torch.cat([ids(seed=s, batch=4, length=16) for s in range(3)])
+    layer = model.model.layers[1]
+    seen = {}
+    hooks = [layer.mlp.down_proj.register_forward_hook(lambda m, i, o: seen.setdefault("mlp", []).append(i[0])),
+             layer.self_attn.o_proj.register_forward_hook(lambda m, i, o: seen.setdefault("attn", []).append(i[0]))]
+    grams = imp.gram_stats(model, graph, x, progress=False)
+    for h in hooks:
+        h.remove()
+    got = imp.obs_scores(model, graph, grams, graph.groups(("mlp", "attention")), damp=0.0)
+    assert got.keys() == {g.id for g in graph.groups(("mlp", "attention"))}
+    for key, gid, mod in (("mlp", "mlp.1", layer.mlp.down_proj), ("attn", "attention.1", layer.self_attn.o_proj)):
+        X = torch.cat([t.reshape(-1, t.shape[-1]) for t in seen[key]]).double()
+        H, W = X.T @ X, mod.weight.detach().double()
+        per = W.shape[1] // graph.group(gid).num_units
+        for u in (0, 2):
+            G = list(range(u * per, (u + 1) * per))
+            S = [j for j in range(W.shape[1]) if j not in G]
+            assert got[gid][u] == pytest.approx(output_error(W, H, G, refit(W, H, G, S, damp=0.0), S), rel=1e-4)
+    s = imp.score(model, graph, x, method="obs", kinds="mlp", progress=False)
+    assert (s["mlp.1"] > 0).all()
+    with pytest.raises(ValueError, match="'obs' needs calibration"):
+        imp.score(model, graph, method="obs")
