@@ -9,6 +9,7 @@ from pathlib import Path
 
 from depgraph.errors import DepgraphError
 from depgraph.importance import METHODS, NEEDS_CALIBRATION
+from depgraph.plan import POLICIES
 
 KINDS = ("attention", "mlp", "hidden")
 
@@ -88,7 +89,9 @@ def add_prune(subparsers, add_model_argument) -> None:
                                                   "(default: mlp, the best on SmolLM2; see bench/results/prune.md)")
     p.add_argument("--layers", type=_layers, default="auto",
                    help="only these layers, e.g. 3:27 or 0,5,7; 'all'; default 'auto': all but the first and last")
-    p.add_argument("--policy", choices=("uniform", "global"), default="uniform")
+    p.add_argument("--policy", choices=POLICIES, default="uniform",
+                   help="layer widths: uniform (same fraction per layer), global (one score threshold) or adaptive "
+                        "(per-layer widths from standardised scores, each layer keeps at least 25%%)")
     p.add_argument("--round-to", type=int, default=8, help="keep MLP widths a multiple of this")
     p.add_argument("--gqa", choices=("heads", "kv"), default="heads")
     p.add_argument("--steps", type=int, default=1, help="iterative pruning in this many steps")

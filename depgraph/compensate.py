@@ -1,5 +1,7 @@
 """Bias compensation (FLAP's baseline bias): a removed unit's mean contribution over the calibration
-tokens is folded into the bias of the linear layer that consumed it.
+tokens is folded into the bias of the linear layer that consumed it. The maths is the mean-only case of the
+least-squares re-fit (:func:`depgraph.refit.mean_fill`); this module computes it on the dense model in one pass
+and creates the biases after ``shrink`` (:func:`apply_bias`).
 
 For a consumer ``y = W x + b`` whose input features ``R`` are removed, the new bias is
 ``b + W[:, R] @ mean(x[R])``, so the output keeps its mean over the calibration data.
@@ -14,19 +16,6 @@ from torch import nn
 from .plan import Plan
 
 BIAS_FLAGS = ("mlp_bias", "attention_bias", "bias", "use_bias")
-
-
-def _consumers(model, plan: Plan) -> dict:
-    """{linear module path: input indices removed} for every nn.Linear whose input dim loses units."""
-    out = {}
-    for param, dims in plan.removed_by_param().items():
-        mod_path, _, attr = param.rpartition(".")
-        if attr != "weight" or 1 not in dims:
-            continue
-        mod = model.get_submodule(mod_path)
-        if isinstance(mod, nn.Linear):
-            out[mod_path] = dims[1]
-    return out
 
 
 @torch.no_grad()
@@ -50,14 +39,18 @@ def input_means(model, paths, calibration) -> dict:
 
 @torch.no_grad()
 def bias_deltas(model, plan: Plan, calibration) -> dict:
-    """{linear path: bias increment [out_features]}; compute before ``shrink`` (it needs the removed columns)."""
-    consumers = _consumers(model, plan)
-    means = input_means(model, consumers, calibration)
+    """{linear path: bias increment [out_features]}, means taken on the dense model in one pass (``prune`` takes
+    them block by block instead: :func:`depgraph.reconstruct.reconstruct` with ``mode="mean"``); compute before
+    ``shrink`` (it needs the removed columns)."""
+    from .reconstruct import consumers, weight_out_in
+    from .refit import mean_fill
+
+    found = consumers(model, plan)
+    means = input_means(model, found, calibration)
     deltas = {}
-    for path, idx in consumers.items():
-        w = model.get_submodule(path).weight
-        idx_t = torch.as_tensor(idx)
-        deltas[path] = (w[:, idx_t].to(torch.float64) @ means[path][idx_t]).to(w.dtype)
+    for path, idx in found.items():
+        w = weight_out_in(model.get_submodule(path))
+        deltas[path] = mean_fill(w, means[path], idx).to(w.dtype)
     return deltas
 
 

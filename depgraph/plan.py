@@ -86,13 +86,16 @@ class Plan:
     @classmethod
     def from_scores(cls, graph, scores: dict, target: float | None = None, kinds=("attention", "mlp"),
                     policy: str = "uniform", layers=None, round_to: int = 8, gqa: str = "heads",
-                    ratios: dict | None = None) -> "Plan":
+                    ratios: dict | None = None, min_width: float = 0.25) -> "Plan":
         """Remove the lowest-scored units until ``target`` (fraction of *all* parameters, embeddings
         included, counted exactly) is reached, or, with ``ratios={"attention": 0.25, "mlp": 0.3}``, that
         fraction of the units of every group of each kind.
 
         ``policy="uniform"``: the same fraction of units in every group (bisection on that fraction);
-        ``"global"``: one threshold on the (normalised) scores across groups. ``layers``: only groups of
+        ``"global"``: one threshold on the (normalised) scores across groups; ``"adaptive"``: per-layer widths
+        from measured sensitivity, FLAP-style: each kind's scores are standardised over all its groups (z-scores,
+        so heads and neurons compare), one threshold across layers, and every group keeps at least ``min_width``
+        of its units (MLP widths still multiples of ``round_to``). ``layers``: only groups of
         these layers (e.g. ``range(3, 27)``). ``round_to``: MLP widths kept a multiple of it. ``gqa``:
         ``"heads"`` removes the same number of query heads per kv group, ``"kv"`` whole kv groups.
         """
@@ -104,8 +107,10 @@ class Plan:
             kinds = tuple(ratios)
         else:
             check_ratio(target)
-        if policy not in ("uniform", "global"):
-            raise PlanError(f"policy must be 'uniform' or 'global', got {policy!r}")
+        if policy not in POLICIES:
+            raise PlanError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        if not 0 < min_width <= 1:
+            raise PlanError(f"min_width must be in (0, 1], got {min_width!r}")
         layers = None if layers is None else set(layers)
         groups = [g for g in graph.groups(kinds) if g.id in scores and (layers is None or g.layer in layers)]
         if not groups:
@@ -115,11 +120,15 @@ class Plan:
             return cls.from_units(graph, {g.id: _select(g, np.asarray(scores[g.id], dtype=np.float64),
                                                         ratios[g.kind], round_to, gqa) for g in groups})
 
+        if policy == "adaptive":
+            scores = {**scores, **_standardised(groups, scores)}
+        max_frac = 1.0 if policy != "adaptive" else 1.0 - min_width
+
         def plan_for(x):
             removals = {}
             for g in groups:
                 s = np.asarray(scores[g.id], dtype=np.float64)
-                frac = x if policy == "uniform" else float((s < x).mean())
+                frac = x if policy == "uniform" else min(float((s < x).mean()), max_frac)
                 removals[g.id] = _select(g, s, frac, round_to, gqa)
             return cls.from_units(graph, removals)
 
@@ -190,6 +199,20 @@ class Plan:
             if isinstance(err, PlanError):
                 raise
             raise PlanError(f"not a depgraph plan: {type(err).__name__}: {err}") from err
+
+
+POLICIES = ("uniform", "global", "adaptive")
+
+
+def _standardised(groups, scores: dict) -> dict:
+    """{group id: z-scores}: each kind's scores standardised over all of that kind's groups (FLAP's AL-AM)."""
+    out = {}
+    for kind in {g.kind for g in groups}:
+        mine = [g for g in groups if g.kind == kind]
+        every = np.concatenate([np.asarray(scores[g.id], dtype=np.float64) for g in mine])
+        mu, sd = every.mean(), every.std() or 1.0
+        out.update({g.id: (np.asarray(scores[g.id], dtype=np.float64) - mu) / sd for g in mine})
+    return out
 
 
 def _select(group, s, frac: float, round_to: int, gqa: str) -> list:

@@ -30,6 +30,15 @@ def _embedding_params(model) -> int:
 DEFAULT_KINDS = ("mlp",)
 
 
+def _widths(groups) -> dict:
+    """{layer: {kind: units kept}} for the pruned per-layer groups (the per-layer widths a policy chose)."""
+    out: dict = {}
+    for g in groups:
+        if g["layer"] is not None:
+            out.setdefault(str(g["layer"]), {})[g["kind"]] = g["units_after"]
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+
+
 def _refit_summary(layers) -> list:
     """Per consumer: removed columns and the output error relative to ``||W X||^2`` before and after the re-fit."""
     out = []
@@ -135,5 +144,6 @@ def prune(model, calibration=None, target: float = 0.2, method: str = "activatio
         "non_embedding_removed_fraction": (original - after) / (original - emb), "ratios": ratios,
         "stock_loadable": bool(getattr(getattr(model, "config", None), "depgraph", {}).get("uniform")),
         "times": times, "groups": list(groups.values()),
+        "widths": _widths(groups.values()),
     }
     return model, report, plans

@@ -31,7 +31,7 @@ from .refit import augment, mean_fill, output_error, refit
 from .shrink import mask
 from .sparsify import batches_of, capture_layer_inputs, find_layers, run_layer
 
-__all__ = ["ReconstructConfig", "MODES", "consumers", "reconstruct", "reconstruct_block"]
+__all__ = ["ReconstructConfig", "MODES", "consumers", "reconstruct", "reconstruct_block", "weight_out_in"]
 
 MODES = ("lstsq", "mean")
 
@@ -79,7 +79,7 @@ def consumers(model, plan: Plan, entries=None) -> dict:
     return {p: sorted(s) for p, s in out.items()}
 
 
-def _weight(mod) -> torch.Tensor:
+def weight_out_in(mod) -> torch.Tensor:
     """[out, in] view of a linear-like weight."""
     return mod.weight.data if _input_dim(mod) == 1 else mod.weight.data.t()
 
@@ -113,7 +113,8 @@ def reconstruct_block(block: nn.Module, inputs, block_consumers: dict, config: R
     """
     config = config or ReconstructConfig()
     mods = {p: block.get_submodule(p) for p in block_consumers}
-    stats = {p: _InputStats(_weight(m).shape[1], config.mode == "lstsq", _weight(m).device) for p, m in mods.items()}
+    stats = {p: _InputStats(weight_out_in(m).shape[1], config.mode == "lstsq", weight_out_in(m).device)
+             for p, m in mods.items()}
     handles = [m.register_forward_pre_hook(lambda mod, args, s=stats[p]: s.add(args[0])) for p, m in mods.items()]
     try:
         for item in inputs:
@@ -124,7 +125,7 @@ def reconstruct_block(block: nn.Module, inputs, block_consumers: dict, config: R
     bias, info = {}, {}
     for path, removed in block_consumers.items():
         mod, st = mods[path], stats[path]
-        W = _weight(mod)
+        W = weight_out_in(mod)
         if config.mode == "mean":
             bias[path] = mean_fill(W, st.sum / max(st.count, 1), removed).to(W.dtype)
             info[path] = {"removed": len(removed)}

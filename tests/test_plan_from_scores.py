@@ -16,7 +16,7 @@ def _scores(graph, seed=0):
     return {g.id: rng.random(g.num_units) for g in graph.groups()}
 
 
-@pytest.mark.parametrize("policy", ["uniform", "global"])
+@pytest.mark.parametrize("policy", ["uniform", "global", "adaptive"])
 @pytest.mark.parametrize("target", [0.05, 0.15])
 def test_meets_parameter_target_within_one_unit_per_group(graph, policy, target):
     plan = depgraph.Plan.from_scores(graph, _scores(graph), target, policy=policy, round_to=1)
@@ -63,3 +63,19 @@ def test_per_kind_ratios(graph):
             assert e.attention["heads_after"] == 4 and e.attention["kv_after"] == 2
     with pytest.raises(depgraph.PlanError, match="either a parameter target or per-kind ratios"):
         depgraph.Plan.from_scores(graph, _scores(graph), 0.1, ratios={"mlp": 0.2})
+
+
+def test_adaptive_widths_follow_sensitivity_with_a_floor(graph):
+    """A layer whose scores are all higher keeps more; no layer drops below min_width; widths stay multiples of 8."""
+    scores = _scores(graph, 2)
+    scores["mlp.1"] = scores["mlp.1"] + 0.3  # layer 1 is more sensitive
+    plan = depgraph.Plan.from_scores(graph, scores, 0.15, kinds=("mlp",), policy="adaptive", round_to=8)
+    after = {e.group: e.units_after for e in plan.entries}
+    n = {g.id: g.num_units for g in graph.groups(("mlp",))}
+    assert after.get("mlp.1", n["mlp.1"]) > after["mlp.0"]
+    assert all(v % 8 == 0 for v in after.values())
+    floor = depgraph.Plan.from_scores(graph, {g: s * 0 + (5 if g == "mlp.1" else 0) + s * 0.01 for g, s in scores.items()},
+                                      0.3, kinds=("mlp",), policy="adaptive", round_to=1, min_width=0.5)
+    assert all(e.units_after >= 0.5 * e.num_units for e in floor.entries)
+    with pytest.raises(depgraph.PlanError, match="min_width"):
+        depgraph.Plan.from_scores(graph, scores, 0.1, policy="adaptive", min_width=0)

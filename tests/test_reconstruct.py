@@ -113,6 +113,20 @@ def test_prune_with_reconstruction_is_closer_to_dense(tmp_path):
     assert errs["lstsq"] < errs["plain"] and errs["lstsq+bias"] < errs["plain"]
 
 
+def test_mean_mode_is_flaps_bias_compensation(setup):
+    """Mean-only re-fit: the bias increment W_P mean(X_P); on the first block it equals the one-pass FLAP bias."""
+    from depgraph.compensate import bias_deltas
+
+    model, plan, calib = setup
+    flap = bias_deltas(copy.deepcopy(model), plan, calib)
+    seq = reconstruct(copy.deepcopy(model), plan, calib, ReconstructConfig(mode="mean"))["bias"]
+    assert set(seq) == set(flap)
+    for path in ("model.layers.0.mlp.down_proj", "model.layers.0.self_attn.o_proj"):
+        assert torch.allclose(seq[path], flap[path], atol=1e-6)
+    # later blocks see the pruned blocks' outputs, so their means differ
+    assert not torch.allclose(seq["model.layers.1.mlp.down_proj"], flap["model.layers.1.mlp.down_proj"], atol=1e-6)
+
+
 def test_reconstruction_needs_calibration_and_a_known_mode(setup):
     model, plan, _ = setup
     with pytest.raises(depgraph.PlanError, match="needs calibration"):
