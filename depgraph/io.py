@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import card, remote_code
 from .errors import LoadError
 
 
@@ -36,8 +37,10 @@ def save_pruned(model, path, tokenizer=None, extra_files: dict | None = None) ->
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        wrote_code = remote_code.write(tmp, model)  # non-uniform: modeling file + auto_map for stock loading
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(card.render(config, card.report_of(extra_files), wrote_code))  # extra wins
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         old = None
