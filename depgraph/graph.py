@@ -208,6 +208,20 @@ class DependencyGraph:
 
     __repr__ = __str__
 
+    def collapsed(self) -> str:
+        """One line per kind of group with equal sizes: ``30 x attention: 9 heads (3 kv x 3 q/kv) x 64``."""
+        counts = {}
+        for g in self._groups:
+            key = (g.kind, g.size_text(), g.exact)
+            counts[key] = counts.get(key, 0) + 1
+        lines = [f"DependencyGraph of {self.model_name}: {len(self._groups)} groups, {self.num_params:,} parameters"]
+        lines += [f"  {n} x {kind}: {size}{'' if exact else ' (inexact)'}" for (kind, size, exact), n in counts.items()]
+        if self.blocked:
+            lines.append(f"  {len(self.blocked)} unprunable channel spaces (e.g. {self.blocked[0]['reasons'][0]})")
+        if self.unsupported:
+            lines.append(f"  {len(self.unsupported)} ops without a dimension rule")
+        return "\n".join(lines)
+
 
 def trace(model, example_inputs=None, strict: bool = False) -> DependencyGraph:
     """Trace ``model`` (left untouched) into its dependency graph.

@@ -100,13 +100,15 @@ class Group:
                 out[(m.param, m.dim)] = idx
         return out
 
-    def describe(self) -> str:
+    def size_text(self) -> str:
+        """``9 heads (3 kv x 3 q/kv) x 64``, ``1536 neurons``."""
         if self.kind == "attention":
             size = f"{self.num_units} heads"
             if self.gqa:
                 size += f" ({self.gqa[0]} kv x {self.gqa[1]} q/kv)"
-            size += f" x {self.head_dim}"
-        else:
-            size = f"{self.num_units} {self.unit_name}"
+            return size + f" x {self.head_dim}"
+        return f"{self.num_units} {self.unit_name}"
+
+    def describe(self) -> str:
         exact = "exact" if self.exact else "inexact"
-        return f"{self.id:<16} {size:<32} {exact:<8} {len(self.members)} members"
+        return f"{self.id:<16} {self.size_text():<32} {exact:<8} {len(self.members)} members"

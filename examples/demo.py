@@ -1,13 +1,13 @@
-"""The main job on the bundled SmolLM2-135M-Instruct: trace, score, prune 20%, generate, evaluate, save.
+"""The main job on the bundled SmolLM2-135M-Instruct: trace, score, prune 20%, evaluate, generate, save.
 
-Run with ``make demo`` (which first prepares the model cache with ``make fetch-model``) or ``python examples/demo.py``.
-The pruned model is written to ``out/smollm2-pruned``; load it back with ``depgraph.load_pruned`` or
-``depgraph.models.load_model("out/smollm2-pruned")``.
+Run with ``make demo`` (which first installs what is missing and prepares the model cache) or
+``python examples/demo.py``. The pruned model is written to ``out/smollm2-pruned`` with a model card.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -22,12 +22,12 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # tied weights are counted once
 
 
-def generate(model, tokenizer, prompt: str, new_tokens: int = 20) -> str:
+def generate(model, tokenizer, prompt: str, new_tokens: int = 16) -> str:
     inputs = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
 def main() -> None:
@@ -38,37 +38,39 @@ def main() -> None:
     parser.add_argument("--out", default="out/smollm2-pruned")
     args = parser.parse_args()
 
-    model, tokenizer = load_model()  # the bundled SmolLM2-135M-Instruct
-    before = count_parameters(model)
-    print(f"before: {before:,} parameters")
-    print(f"  {PROMPT!r} -> {generate(model, tokenizer, PROMPT)!r}")
-
-    start = time.perf_counter()
-    graph = depgraph.trace(model)
-    print(f"traced in {time.perf_counter() - start:.1f} s")
-    print(graph)
-
-    # Importance-scored pruning with the measured defaults (activation scores on 10 x 64 self-generated tokens, MLP neurons,
-    # every layer but the first and last); see bench/results/prune.md
     from depgraph.calibration import load_calibration
     from recover.evaluate import perplexity
 
+    model, tokenizer = load_model()  # the bundled SmolLM2-135M-Instruct
+    before = count_parameters(model)
+    start = time.perf_counter()
+    graph = depgraph.trace(model)
+    print(f"{graph.collapsed()}\n  (traced in {time.perf_counter() - start:.1f} s; `depgraph trace` lists every group)")
+
+    # Importance-scored pruning with the measured defaults (activation scores on 10 x 64 self-generated tokens,
+    # MLP neurons, every layer but the first and last); see bench/results/prune.md
     calib = load_calibration("self", tokenizer, n_samples=10, seq_len=64, seed=args.seed, model=model)
-    dense_ppl = perplexity(model, tokenizer, "wikitext2", window=128, limit=args.windows)["ppl"]
-    model, report, plans = depgraph.prune(model, calib, target=args.ratio)
+    dense_ppl = perplexity(model, tokenizer, "wikitext2", window=128, limit=args.windows, progress=False)["ppl"]
+    dense_text = generate(model, tokenizer, PROMPT)
+    model, report, plans = depgraph.prune(model, calib, target=args.ratio, progress=False)
     after = count_parameters(model)
-    print(f"after:  {after:,} parameters ({after / before:.1%} of the original) in "
-          f"{sum(report['times'].values()):.1f} s")
-    ppl = perplexity(model, tokenizer, "wikitext2", window=128, limit=args.windows)["ppl"]
-    print(f"WikiText-2 perplexity (window 128, first {args.windows} windows): {dense_ppl:.1f} -> {ppl:.1f} "
-          f"(no recovery; `depgraph recover` wins some back)")
-    print(f"  {PROMPT!r} -> {generate(model, tokenizer, PROMPT)!r}")
+    ppl = perplexity(model, tokenizer, "wikitext2", window=128, limit=args.windows, progress=False)["ppl"]
+    protocol = f"WikiText-2 test, window 128, first {args.windows} windows"
+    report["evaluation"] = {"wikitext2 perplexity": {"before": dense_ppl, "after": ppl, "protocol": protocol}}
 
-    import json
+    print(f"\nparameters  {before:,} -> {after:,} ({after / before:.1%} kept; pruned in "
+          f"{sum(report['times'].values()):.1f} s)")
+    print(f"perplexity  {dense_ppl:.1f} -> {ppl:.1f} ({protocol}; no recovery, `depgraph recover` wins some back)")
+    print(f"generation  {PROMPT!r}\n  dense:  {dense_text!r}\n  pruned: {generate(model, tokenizer, PROMPT)!r}")
 
-    depgraph.save_pruned(model, args.out, tokenizer=tokenizer,
-                         extra_files={"plan.json": plans[0].to_json(), "report.json": json.dumps(report)})
-    print(f"saved to {args.out}")
+    out = depgraph.save_pruned(model, args.out, tokenizer=tokenizer,
+                               extra_files={"plan.json": plans[0].to_json(), "report.json": json.dumps(report)})
+    stock = "trust_remote_code=True" if (out / "modeling_depgraph.py").exists() else ""
+    print(f"\nsaved to {out}/ (safetensors, config, tokenizer, README.md model card, plan.json, report.json)")
+    print("load it:")
+    print(f"  transformers:  AutoModelForCausalLM.from_pretrained('{out}'{', ' + stock if stock else ''})")
+    print(f"  depgraph:      depgraph.load_pruned('{out}')")
+    print(f"  llama.cpp:     depgraph export {out} --gguf smollm2-pruned.gguf   (vLLM: --vllm OUT)")
 
 
 if __name__ == "__main__":

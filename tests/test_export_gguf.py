@@ -12,6 +12,8 @@ from depgraph.export import ExportError
 from depgraph.export.gguf import export_gguf, permute_rows
 from tiny import tiny_tokenizer
 
+pytestmark = pytest.mark.filterwarnings("ignore:unknown BPE pre-tokenizer")
+
 
 def _tiny(cls_name="LlamaForCausalLM", cfg_cls=tf.LlamaConfig, vocab=300, **kw):
     torch.manual_seed(0)
@@ -116,3 +118,33 @@ def test_unrepresentable_models_are_refused_before_writing(tmp_path, tok):
     with pytest.raises(ExportError, match="outtype"):
         export_gguf(_tiny(vocab=len(tok)), tok, tmp_path / "m.gguf", outtype="q4_0")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_writes_gguf_and_vllm_and_refuses_bad_arguments(tmp_path, tok, capsys):
+    from depgraph import cli
+
+    model = _prune(_tiny(vocab=len(tok)), {"mlp.1": list(range(0, 96, 3))})
+    depgraph.save_pruned(model, tmp_path / "pruned", tokenizer=tok)
+    assert cli.main(["export", str(tmp_path / "pruned"), "--gguf", str(tmp_path / "m.gguf"), "--outtype", "q8_0",
+                     "--vllm", str(tmp_path / "vllm")]) == 0
+    out = capsys.readouterr().out
+    assert "llama.cpp architecture deci, q8_0" in out and "vllm serve" in out
+    assert _field(GGUFReader(tmp_path / "m.gguf"), "deci.feed_forward_length") == [96, 64, 96]
+    assert (tmp_path / "vllm" / "configuration_decilm.py").is_file()
+    assert cli.main(["export", str(tmp_path / "pruned")]) == 1
+    assert cli.main(["export", str(tmp_path / "pruned"), "--vllm", str(tmp_path / "vllm")]) == 1
+    err = capsys.readouterr().err
+    assert "nothing to export" in err and "already exists" in err
+
+
+def test_llama3_rope_writes_frequency_factors(tmp_path, tok):
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    r = GGUFReader(export_gguf(_tiny(vocab=len(tok), rope_parameters=rope), tok, tmp_path / "m.gguf"))
+    factors = {t.name: t for t in r.tensors}["rope_freqs.weight"].data
+    assert factors.shape == (8,) and factors[0] == 1.0 and factors[-1] == 8.0  # high freqs kept, low ones / 8
+    assert _field(r, "llama.rope.freq_base") == 500000.0
+    with pytest.raises(ExportError, match="rope_type 'yarn'"):
+        export_gguf(_tiny(vocab=len(tok), rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0,
+                                                           "original_max_position_embeddings": 64}),
+                    tok, tmp_path / "y.gguf")

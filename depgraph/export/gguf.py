@@ -203,7 +203,7 @@ def export_gguf(model, tokenizer, path, outtype: str = "f32", name: str | None =
         w.add_file_type(ftype)
         _vocab(w, tokenizer, vocab_size)
         if rope["rope_type"] == "llama3":
-            w.add_tensor(names.get_name("rope_freqs.weight") or "rope_freqs.weight",
+            w.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
                          _llama3_rope_factors(rope, hd).numpy())
         tied = getattr(config, "tie_word_embeddings", False)
         for key, t in state.items():
