@@ -38,9 +38,13 @@ def main() -> None:
     parser.add_argument("--out", default="out/smollm2-pruned")
     args = parser.parse_args()
 
+    from transformers.utils import logging as hf_logging
+
     from depgraph.calibration import load_calibration
     from recover.evaluate import perplexity
 
+    hf_logging.disable_progress_bar()  # keep the demo on one screen
+    hf_logging.set_verbosity_error()
     model, tokenizer = load_model()  # the bundled SmolLM2-135M-Instruct
     before = count_parameters(model)
     start = time.perf_counter()

@@ -1,4 +1,5 @@
 """vLLM export: the DeciLM config carries exactly what vLLM's nemotron_nas model reads, and the weights fit it."""
+import functools
 import json
 
 import pytest
@@ -20,8 +21,13 @@ def _tiny():
     return tf.LlamaForCausalLM(cfg).eval()
 
 
+@functools.lru_cache(maxsize=None)
+def _graph():
+    return depgraph.trace(_tiny())  # traced once: every _tiny() has these groups
+
+
 def _shrink(model, removals):
-    return depgraph.shrink(model, depgraph.Plan.from_units(depgraph.trace(model), removals))
+    return depgraph.shrink(model, depgraph.Plan.from_units(_graph(), removals))
 
 
 def _vllm_layer_shapes(cfg, i):
