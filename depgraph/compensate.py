@@ -14,27 +14,15 @@ import torch
 from torch import nn
 
 from .plan import Plan
+from .stats import collect, linear_view
 
 BIAS_FLAGS = ("mlp_bias", "attention_bias", "bias", "use_bias")
 
 
 @torch.no_grad()
 def input_means(model, paths, calibration) -> dict:
-    """Mean input feature of each linear in ``paths`` over every calibration token: {path: [in_features]}."""
-    sums, counts, hooks = {}, {}, []
-    for path in paths:
-        def hook(mod, args, path=path):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
-            sums[path] = sums.get(path, 0) + x.sum(0)
-            counts[path] = counts.get(path, 0) + x.shape[0]
-        hooks.append(model.get_submodule(path).register_forward_pre_hook(hook))
-    try:
-        for row in calibration:
-            model(row.unsqueeze(0))
-    finally:
-        for h in hooks:
-            h.remove()
-    return {p: (sums[p] / counts[p]) for p in sums}
+    """Mean input feature of each linear in ``paths`` over every calibration token: {path: [in_features]} (float64)."""
+    return {p: s.mean for p, s in collect(model, list(paths), calibration).items()}
 
 
 @torch.no_grad()
@@ -63,7 +51,8 @@ def apply_bias(model, deltas: dict) -> None:
     for path, delta in deltas.items():
         mod = model.get_submodule(path)
         if mod.bias is None:
-            mod.bias = nn.Parameter(torch.zeros(mod.out_features, dtype=mod.weight.dtype, device=mod.weight.device))
+            out = linear_view(mod, path).out_features
+            mod.bias = nn.Parameter(torch.zeros(out, dtype=mod.weight.dtype, device=mod.weight.device))
             added.append(path)
         mod.bias.add_(delta.to(mod.bias.device))
     config = getattr(model, "config", None)

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .stats import canonical_names, check_token_ids, collect, consumers
+
 METHODS = ("random", "l1", "l2", "magnitude", "taylor", "fisher", "taylor+fisher", "taylor-vector", "activation",
            "fluctuation", "obs")
 NEEDS_CALIBRATION = ("taylor", "fisher", "taylor+fisher", "taylor-vector", "activation", "fluctuation", "obs")
@@ -61,18 +63,8 @@ class GradStats:
 
 
 # -- helpers --------------------------------------------------------------------------------
-def _canonical_map(graph) -> dict:
-    """Every name (tied aliases included) -> canonical state-dict name."""
-    out = {}
-    for canon, names in getattr(graph, "aliases", {}).items():
-        for n in names:
-            out[n] = canon
-        out[canon] = canon
-    return out
-
-
 def _member_params(graph, groups=None) -> set:
-    canon = _canonical_map(graph)
+    canon = canonical_names(graph)
     groups = graph.groups() if groups is None else groups
     return {canon.get(m.param, m.param) for g in groups for m in g.members}
 
@@ -82,13 +74,6 @@ def _tensors(model) -> dict:
     out = dict(model.named_buffers())
     out.update(dict(model.named_parameters()))
     return out
-
-
-def _check_batches(batches) -> torch.Tensor:
-    if not isinstance(batches, torch.Tensor) or batches.dim() != 2:
-        raise ValueError(f"calibration must be a [N, L] LongTensor of token ids, got "
-                         f"{type(batches).__name__}{tuple(batches.shape) if isinstance(batches, torch.Tensor) else ''}")
-    return batches.long()
 
 
 def _device(model) -> torch.device:
@@ -110,7 +95,7 @@ def gradient_stats(model, graph, batches, dtype=torch.float32, progress: bool = 
     Gradients of other parameters are not computed. ``requires_grad`` flags, existing ``.grad`` tensors,
     the training mode and the weights are restored / left unchanged. Stats are stored in ``dtype``.
     """
-    batches = _check_batches(batches)
+    batches = check_token_ids(batches)
     wanted = _member_params(graph)
     params = dict(model.named_parameters())  # canonical names; tied weights appear once
     tracked = {n: p for n, p in params.items() if n in wanted}
@@ -159,62 +144,17 @@ def gradient_stats(model, graph, batches, dtype=torch.float32, progress: bool = 
     return stats
 
 
-def _input_dims(model, graph) -> dict:
-    """{module name: (canonical weight name, input-feature dim)} for every linear layer whose weight is a
-    group member along its input-feature dim (nn.Linear: dim 1; transformers' Conv1D: dim 0)."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except Exception:  # noqa: BLE001 - transformers is optional here
-        Conv1D = ()
-    canon = _canonical_map(graph)
-    ids = {id(p): n for n, p in model.named_parameters()}
-    along = {(canon.get(m.param, m.param), m.dim) for g in graph.groups() for m in g.members}
-    out = {}
-    for mname, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            d = 1
-        elif Conv1D and isinstance(mod, Conv1D):
-            d = 0
-        else:
-            continue
-        wname = ids.get(id(mod.weight))
-        if wname is not None and (wname, d) in along:
-            out[mname] = (wname, d)
-    return out
-
-
-@torch.no_grad()
 def input_moments(model, graph, batches, progress: bool = True) -> dict:
     """Gradient-free pass over the calibration rows: ``{weight name: (n, sum [in], sum of squares [in])}``
     of each input feature over every calibration token (float64 sums), for every linear layer whose weight
-    is a group member along its input-feature dim. A weight used by several layers (tied) accumulates over
-    all of them."""
-    batches = _check_batches(batches)
-    sites = _input_dims(model, graph)
-    stats, hooks = {}, []
-
-    def hook(wname):
-        def fn(_mod, inputs, _out):
-            x = inputs[0].detach()
-            x = x.reshape(-1, x.shape[-1]).double()
-            n, s1, s2 = stats.get(wname, (0, 0.0, 0.0))
-            stats[wname] = (n + x.shape[0], s1 + x.sum(0), s2 + x.pow(2).sum(0))
-        return fn
-
-    modules = dict(model.named_modules())
-    was_training = model.training
-    dev = _device(model)
-    try:
-        model.eval()
-        for mname, (wname, _) in sites.items():
-            hooks.append(modules[mname].register_forward_hook(hook(wname)))
-        for row in tqdm(batches, desc="activations", disable=not progress, leave=False):
-            model(input_ids=row[None].to(dev))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    return stats
+    is a group member along its input-feature dim (:func:`depgraph.stats.consumers`). A weight used by
+    several layers (tied) accumulates over all of them."""
+    batches = check_token_ids(batches)
+    by_weight: dict = {}
+    for path, (wname, _) in consumers(model, graph).items():
+        by_weight.setdefault(wname, []).append(path)
+    stats = collect(model, by_weight, batches, progress=progress)
+    return {w: (s.count, s.sum, s.sumsq) for w, s in stats.items()}
 
 
 @torch.no_grad()
@@ -390,9 +330,9 @@ def score(model, graph, calibration=None, method: str = "taylor", aggregate: str
                 raise ValueError(f"method {method!r} needs calibration token ids")
             pass_ = activation_stats if method == "activation" else fluctuation_stats
             stats = pass_(model, graph, calibration, progress=progress)
-        act_dims = {w: d for w, d in _input_dims(model, graph).values()}
+        act_dims = {w: v.in_dim for w, v in consumers(model, graph).values()}
 
-    canon = _canonical_map(graph)
+    canon = canonical_names(graph)
     tensors = _tensors(model)
     cache = {}
     out = {}

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from .errors import DepgraphError
+from .stats import Collector, is_linear, linear_view
 
 __all__ = ["sparsify", "SparsifyError", "METHODS", "parse_nm", "find_layers", "layer_linears", "wanda_mask",
            "magnitude_mask", "sparsegpt_prune", "nm_mask", "to_semi_structured", "check_nm", "add_cli",
@@ -99,12 +100,6 @@ def _check_sparsity(s) -> float:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _is_linear(mod) -> bool:
-    if isinstance(mod, nn.Linear):
-        return True
-    return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf")  # transformers' GPT-2 Conv1D: weight [in, out]
-
-
 def find_layers(model) -> tuple[str, nn.ModuleList]:
     """``(path, ModuleList)`` of the decoder layers: the ModuleList with the most blocks of one class that hold
     linear modules (``model.layers`` for LLaMA-likes, ``transformer.h`` for GPT-2, ``model.decoder.layers`` ...)."""
@@ -114,7 +109,7 @@ def find_layers(model) -> tuple[str, nn.ModuleList]:
             continue
         if len({type(m) for m in mod}) != 1:
             continue
-        if not any(_is_linear(x) for x in mod[0].modules()):
+        if not any(is_linear(x) for x in mod[0].modules()):
             continue
         if best is None or len(mod) > len(best[1]):
             best = (name, mod)
@@ -127,17 +122,12 @@ def find_layers(model) -> tuple[str, nn.ModuleList]:
 def layer_linears(layer, skip=()) -> list[tuple[str, nn.Module]]:
     """The linear modules of one decoder layer, minus those whose name contains a string of ``skip``."""
     return [(n, m) for n, m in layer.named_modules()
-            if _is_linear(m) and not any(s in n for s in skip) and _weight(m).numel() > 0]
+            if is_linear(m) and not any(s in n for s in skip) and _weight(m).numel() > 0]
 
 
 def _weight(mod) -> torch.Tensor:
     """The weight as [out, in] (a view; transposed for Conv1D)."""
-    return mod.weight.data if isinstance(mod, nn.Linear) else mod.weight.data.t()
-
-
-def _set_weight(mod, w: torch.Tensor) -> None:
-    target = mod.weight.data
-    target.copy_((w if isinstance(mod, nn.Linear) else w.t()).to(target.dtype))
+    return linear_view(mod).weight()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -244,33 +234,6 @@ def sparsegpt_prune(w: torch.Tensor, hessian: torch.Tensor, sparsity: float | No
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Input statistics gathered with forward hooks
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-class _Stats:
-    """Running input statistics of one linear: squared feature norms (Wanda) or the Hessian 2 X^T X / n."""
-
-    def __init__(self, in_features: int, hessian: bool, device):
-        self.n = 0
-        self.sq = torch.zeros(in_features, device=device)
-        self.H = torch.zeros(in_features, in_features, device=device) if hessian else None
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        t = x.shape[0]
-        if self.H is not None:  # running average as in the reference, to keep float32 sums well scaled
-            self.H *= self.n / (self.n + t)
-            xs = x * math.sqrt(2 / (self.n + t))
-            self.H += xs.t() @ xs
-        self.sq += (x ** 2).sum(0)
-        self.n += t
-
-    def norm(self) -> torch.Tensor:
-        return self.sq.sqrt()
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Layer-by-layer driver
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -345,9 +308,9 @@ def _prune_weight(w, method, sparsity, nm, per_row, stats, blocksize, damp):
         mask = magnitude_mask(w, sparsity, nm, per_row)
         return w.float().masked_fill(mask, 0), {}
     if method == "wanda":
-        mask = wanda_mask(w, stats.norm(), sparsity, nm)
+        mask = wanda_mask(w, stats.norm, sparsity, nm)
         return w.float().masked_fill(mask, 0), {}
-    new, info = sparsegpt_prune(w, stats.H, sparsity, nm, blocksize, damp)
+    new, info = sparsegpt_prune(w, stats.hessian(), sparsity, nm, blocksize, damp)
     return new, info
 
 
@@ -421,22 +384,17 @@ def sparsify(model, method: str = "wanda", sparsity: float | None = None, nm=Non
                 if device is not None:
                     layer.to(device)
                 stats = {}
-                if inputs is not None and linears:
-                    stats = {n: _Stats(_weight(m).shape[1], method == "sparsegpt", _weight(m).device)
-                             for n, m in linears}
-                    handles = [m.register_forward_hook(lambda mod, inp, out, s=stats[n]: s.add(inp[0]))
-                               for n, m in linears]
-                    try:
+                if inputs is not None and linears:  # Wanda: float32 norms; SparseGPT: float64 X^T X
+                    gram = method == "sparsegpt"
+                    with Collector(linears, gram=gram, dtype=torch.float64 if gram else torch.float32) as col:
                         for item in inputs:
                             run_layer(layer, item)
-                    finally:
-                        for h in handles:
-                            h.remove()
+                    stats = col.stats
                 modules = {}
                 for n, m in linears:
                     w = _weight(m)
                     new, info = _prune_weight(w, method, sparsity, nm, per_row, stats.get(n), blocksize, damp)
-                    _set_weight(m, new)
+                    linear_view(m).set_weight(new)
                     zeros = int((_weight(m) == 0).sum())
                     modules[n] = {"sparsity": round(zeros / w.numel(), 6), "zeros": zeros, "numel": w.numel(),
                                   **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in info.items()}}
