@@ -33,12 +33,9 @@ a runtime conversion for inference: save the model before converting it.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -47,7 +44,7 @@ from .errors import DepgraphError
 from .stats import Collector, is_linear, linear_view
 
 __all__ = ["sparsify", "SparsifyError", "METHODS", "parse_nm", "find_layers", "layer_linears", "wanda_mask",
-           "magnitude_mask", "sparsegpt_prune", "nm_mask", "to_semi_structured", "check_nm", "add_cli",
+           "magnitude_mask", "sparsegpt_prune", "nm_mask", "to_semi_structured", "check_nm", "check_sparsity",
            "batches_of", "capture_layer_inputs", "run_layer"]
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -85,7 +82,7 @@ def parse_nm(value) -> tuple[int, int]:
     return n, m
 
 
-def _check_sparsity(s) -> float:
+def check_sparsity(s) -> float:
     try:
         s = float(s)
     except (TypeError, ValueError):
@@ -340,7 +337,7 @@ def sparsify(model, method: str = "wanda", sparsity: float | None = None, nm=Non
         nm = parse_nm(nm)
         sparsity = None
     else:
-        sparsity = _check_sparsity(0.5 if sparsity is None else sparsity)
+        sparsity = check_sparsity(0.5 if sparsity is None else sparsity)
     if isinstance(skip, str):
         skip = (skip,)
     if blocksize < 1 or (nm and blocksize % nm[1]):
@@ -477,83 +474,3 @@ def to_semi_structured(model, skip=()) -> dict:
                 except (RuntimeError, ValueError) as e:
                     skipped[name] = " ".join(str(e).split())[:200]
     return {"converted": done, "skipped": skipped}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# depgraph sparsify
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _sparsity_arg(text: str) -> float:
-    try:
-        return _check_sparsity(text)
-    except SparsifyError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _nm_arg(text: str) -> tuple[int, int]:
-    try:
-        return parse_nm(text)
-    except SparsifyError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def add_cli(subparsers, add_model_argument) -> None:
-    """Declare ``depgraph sparsify`` (used by :mod:`depgraph.cli`)."""
-    p = subparsers.add_parser(
-        "sparsify", help="zero weights: unstructured or N:M sparsity with magnitude, Wanda or SparseGPT",
-        description="Sparsify the linear layers of MODEL's decoder layers (a dense model or a save_pruned folder), "
-                    "layer by layer on calibration data, and save the result with save_pruned plus sparsify.json "
-                    "(achieved sparsity per layer and module).")
-    add_model_argument(p)
-    p.add_argument("--method", choices=METHODS, default="wanda", help="default: %(default)s")
-    pattern = p.add_mutually_exclusive_group()
-    pattern.add_argument("--sparsity", type=_sparsity_arg, default=None,
-                         help="fraction of weights zeroed, in [0, 1) (default 0.5)")
-    pattern.add_argument("--nm", type=_nm_arg, default=None, metavar="N:M",
-                         help="keep N non-zeros in every M consecutive inputs, e.g. 2:4 or 4:8")
-    p.add_argument("--per-row", action="store_true", help="magnitude: compare within each output row")
-    p.add_argument("--calib", default="alpaca", help="calibration source (as for prune; default: alpaca)")
-    p.add_argument("--n-samples", type=int, default=32, help="calibration windows (default: %(default)s)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block (default: %(default)s)")
-    p.add_argument("--damp", type=float, default=0.01, help="SparseGPT dampening, fraction of the mean Hessian "
-                                                            "diagonal (default: %(default)s)")
-    p.add_argument("--skip", default="", help="comma list: leave dense the linears whose name contains one")
-    p.add_argument("--device", default=None, help="process each layer on this device (e.g. cuda)")
-    p.add_argument("--data-dir", default=None, help="folder laid out like ../shared/data")
-    p.add_argument("--quiet", action="store_true", help="no per-layer progress")
-    p.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
-    p.set_defaults(func=run_cli)
-
-
-def run_cli(args) -> int:
-    from .cli import _load
-    from .io import save_pruned
-
-    if args.n_samples < 1 or args.seq_len < 2:
-        raise SparsifyError("--n-samples must be >= 1 and --seq-len >= 2")
-    nm = args.nm
-    sparsity = None if nm else (0.5 if args.sparsity is None else args.sparsity)
-    model, tok = _load(args)
-    calib = None
-    if args.method != "magnitude":
-        from .cli_prune import calibration_from_args
-
-        calib = calibration_from_args(args, model, tok)
-    skip = tuple(s for s in args.skip.split(",") if s)
-    model, report = sparsify(model, args.method, sparsity=sparsity, nm=nm, calibration=calib, per_row=args.per_row,
-                             blocksize=args.blocksize, damp=args.damp, skip=skip, device=args.device,
-                             progress=not args.quiet)
-    report["model"] = args.model or "SmolLM2-135M-Instruct (bundled)"
-    if calib is not None:
-        report["calibration"].update(source=args.calib, seq_len=args.seq_len, seed=args.seed)
-    extra = {"sparsify.json": json.dumps(report, indent=1)}
-    src = Path(args.model) if args.model else None
-    if src is not None and src.is_dir() and (src / "plan.json").is_file():  # keep the structured plan with it
-        extra["plan.json"] = (src / "plan.json").read_text()
-    out = save_pruned(model, args.output, tokenizer=tok, extra_files=extra)
-    print(f"sparsified {report['numel']:,} linear weights to {100 * report['sparsity']:.2f}% zeros "
-          f"({args.method}, {report['pattern']}); wrote {out}")
-    return 0

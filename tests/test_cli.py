@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from depgraph import cli
+from depgraph.cli import trace as cli_trace
 
 COMMANDS = ("trace", "prune", "eval", "recover", "viz", "report", "sparsify")
 
@@ -51,7 +52,7 @@ def test_depgraph_errors_are_reported(monkeypatch, capsys):
     def boom(args):
         raise DepgraphError("bad plan:\n  group 3 is out of range")
 
-    monkeypatch.setattr(cli, "_run_trace", boom)
+    monkeypatch.setattr(cli_trace, "run", boom)
     assert cli.main(["trace"]) == 1
     assert capsys.readouterr().err == "depgraph: error: bad plan: group 3 is out of range\n"
     with pytest.raises(DepgraphError):

@@ -1,4 +1,4 @@
-"""``depgraph prune`` and ``depgraph eval``: argument setup and runners (used by :mod:`depgraph.cli`)."""
+"""``depgraph prune``: score, plan and shrink a model, then save it with plan.json and report.json."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,8 @@ from pathlib import Path
 from depgraph.errors import DepgraphError
 from depgraph.importance import METHODS, NEEDS_CALIBRATION
 from depgraph.plan import POLICIES
+
+from .common import add_model_argument, add_protocol_argument, calibration_from_args, fraction, load
 
 KINDS = ("attention", "mlp", "hidden")
 
@@ -27,16 +29,6 @@ def _layers(text: str):
         raise argparse.ArgumentTypeError(f"--layers takes START:STOP or a comma list, got {text!r}") from None
 
 
-def _fraction(text: str, what: str = "--target") -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{what}: not a number: {text!r}") from None
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"{what} must be in [0, 1), got {v}")
-    return v
-
-
 def _ratios(text: str) -> dict:
     """``attention=0.25,mlp=0.3`` -> {"attention": 0.25, "mlp": 0.3}."""
     out = {}
@@ -44,36 +36,16 @@ def _ratios(text: str) -> dict:
         kind, _, value = part.partition("=")
         if kind not in KINDS or not value:
             raise argparse.ArgumentTypeError(f"--ratios takes KIND=FRACTION pairs with KIND in {KINDS}, got {part!r}")
-        out[kind] = _fraction(value, f"--ratios {kind}")
+        out[kind] = fraction(value, f"--ratios {kind}")
     return out
 
 
-def calibration_from_args(args, model, tok):
-    """Calibration ids [n_samples, seq_len] from the --calib/--n-samples/--seq-len/--seed/--data-dir options."""
-    from depgraph.calibration import load_calibration_set
-
-    if tok is None and args.calib != "self":
-        raise DepgraphError(f"{args.model}: no tokenizer to tokenize the calibration data")
-    return load_calibration_set(args.calib, tok, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
-                                model=model, data_dir=args.data_dir,
-                                protocol=getattr(args, "protocol", "bos")).input_ids
-
-
-def add_protocol_argument(p) -> None:
-    """``--protocol bos|llm-pruner``: how token windows (calibration, perplexity) start."""
-    from depgraph.calibration import PROTOCOLS
-
-    p.add_argument("--protocol", choices=PROTOCOLS, default="bos",
-                   help="token windows: bos (default; the tokenizer's BOS first when it adds one, as lm-eval) or "
-                        "llm-pruner (bare windows, for comparison with LLM-Pruner's tables)")
-
-
-def add_prune(subparsers, add_model_argument) -> None:
+def add(subparsers) -> None:
     p = subparsers.add_parser("prune", help="score, plan and shrink a model, then save it",
                               description="Prune MODEL to a parameter target and write the pruned model folder "
                                           "with plan.json and report.json.")
     add_model_argument(p)
-    p.add_argument("--target", type=_fraction, default=0.2, help="fraction of all parameters to remove")
+    p.add_argument("--target", type=fraction, default=0.2, help="fraction of all parameters to remove")
     p.add_argument("--ratios", type=_ratios, default=None,
                    help="per-kind fractions of units instead of --target, e.g. attention=0.25,mlp=0.3")
     p.add_argument("--method", choices=METHODS, default="activation",
@@ -106,7 +78,7 @@ def add_prune(subparsers, add_model_argument) -> None:
     p.add_argument("--data-dir", default=None, help="folder laid out like ../shared/data")
     p.add_argument("--no-report", action="store_true", help="do not write report.html into the output folder")
     p.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
-    p.set_defaults(func=run_prune)
+    p.set_defaults(func=run)
 
 
 def _check_prune_args(args) -> list:
@@ -126,13 +98,12 @@ def _check_prune_args(args) -> list:
     return kinds
 
 
-def run_prune(args) -> int:
+def run(args) -> int:
     kinds = _check_prune_args(args)
     import depgraph
-    from .cli import _load
 
     t0 = time.perf_counter()
-    model, tok = _load(args)
+    model, tok = load(args)
     load_s = time.perf_counter() - t0
     calib = None
     if args.method in NEEDS_CALIBRATION or args.compensate or args.reconstruct:
@@ -163,61 +134,4 @@ def run_prune(args) -> int:
             print(f"no report.html ({e}); install depgraph[viz]", file=sys.stderr)
     print(f"pruned {report['params_before']:,} -> {report['params_after']:,} parameters "
           f"({100 * report['removed_fraction']:.1f}% removed, method {args.method}); wrote {out}")
-    return 0
-
-
-def add_eval(subparsers, add_model_argument) -> None:
-    p = subparsers.add_parser("eval", help="evaluate a model (perplexity, zero-shot tasks)",
-                              description="Perplexity on WikiText-2/PTB (non-overlapping windows) and zero-shot "
-                                          "tasks through lm-eval, from local copies when offline.")
-    add_model_argument(p)
-    p.add_argument("--ppl", default="", help="comma list: wikitext2,ptb")
-    p.add_argument("--tasks", default="", help="comma list of lm-eval tasks: boolq,piqa,hellaswag,winogrande,"
-                                                "arc_easy,arc_challenge,openbookqa")
-    p.add_argument("--window", type=int, default=128, help="perplexity window in tokens (default 128)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many windows / examples per set")
-    add_protocol_argument(p)
-    p.add_argument("--data-dir", default=None, help="folder laid out like ../shared/data")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=run_eval)
-
-
-def run_eval(args) -> int:
-    ppl_sets = [s for s in args.ppl.split(",") if s]
-    tasks = [t for t in args.tasks.split(",") if t]
-    if not ppl_sets and not tasks:
-        raise DepgraphError("nothing to evaluate: give --ppl wikitext2,ptb and/or --tasks piqa,...")
-    unknown = [s for s in ppl_sets if s not in ("wikitext2", "ptb")]
-    if unknown:
-        raise DepgraphError(f"--ppl: unknown data set(s) {unknown}; choose wikitext2, ptb")
-    if args.window < 2:
-        raise DepgraphError("--window must be at least 2 tokens")
-    from recover.evaluate import perplexity, zero_shot
-
-    from .cli import _load
-
-    model, tok = _load(args)
-    if tok is None:
-        raise DepgraphError(f"{args.model}: no tokenizer in the model folder")
-    result = {"model": args.model or "SmolLM2-135M-Instruct (bundled)", "window": args.window, "limit": args.limit,
-              "protocol": args.protocol, "ppl": {}, "ppl_source": {}}
-    for name in ppl_sets:
-        r = perplexity(model, tok, name, window=args.window, limit=args.limit, data_dir=args.data_dir,
-                       protocol=args.protocol)
-        result["ppl"][name] = r["ppl"]
-        result["ppl_source"][name] = {"source": r.get("source"), "windows": r.get("windows"),
-                                      "split": r.get("split"), "bos": r.get("bos")}
-        if not args.json:
-            print(f"{name}: ppl {r['ppl']:.2f} (window {args.window}, {r.get('windows')} windows, protocol "
-                  f"{args.protocol}{'' if r.get('bos') is None else ', BOS first'}, {r.get('source')})")
-    if tasks:
-        z = zero_shot(model, tok, tasks=tasks, limit=args.limit, data_dir=args.data_dir)
-        result.update({k: v for k, v in z.items() if k != "tasks"})
-        result["tasks"] = z["tasks"]
-        if not args.json:
-            for t, v in z["tasks"].items():
-                print(f"{t}: " + ", ".join(f"{k} {x:.4f}" for k, x in v.items() if isinstance(x, float)))
-    if args.json:
-        json.dump(result, sys.stdout, default=str)
-        print()
     return 0

@@ -1,0 +1,67 @@
+"""Options and helpers shared by the subcommands: the model argument, ``--dtype`` (declared here only), model
+loading and calibration from options."""
+from __future__ import annotations
+
+import argparse
+
+from depgraph.errors import DepgraphError
+
+PROG = "depgraph"
+DTYPES = ("float32", "bfloat16", "float16")
+BUNDLED = "SmolLM2-135M-Instruct (bundled)"  # what a report names when MODEL is omitted
+
+
+def add_dtype(parser: argparse.ArgumentParser) -> None:
+    """``--dtype``: the dtype to load models in."""
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to load the model in "
+                                                                             "(default: %(default)s)")
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """The optional positional ``MODEL`` and ``--dtype``."""
+    parser.add_argument(
+        "model", nargs="?", default=None, metavar="MODEL",
+        help="a Hugging Face model folder, a .gguf file, a folder written by save_pruned, or a hub id "
+             "(default: the bundled SmolLM2-135M-Instruct)",
+    )
+    add_dtype(parser)
+
+
+def load(args, source=None):
+    """``(model, tokenizer)`` of ``source`` (default ``args.model``) in ``args.dtype``."""
+    import torch
+
+    from depgraph.models import load_model
+
+    return load_model(args.model if source is None else source, dtype=getattr(torch, args.dtype))
+
+
+def fraction(text: str, what: str = "--target") -> float:
+    """A number in [0, 1) from option text, or an argparse error naming the option."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what}: not a number: {text!r}") from None
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"{what} must be in [0, 1), got {v}")
+    return v
+
+
+def calibration_from_args(args, model, tok):
+    """Calibration ids [n_samples, seq_len] from the --calib/--n-samples/--seq-len/--seed/--data-dir options."""
+    from depgraph.calibration import load_calibration_set
+
+    if tok is None and args.calib != "self":
+        raise DepgraphError(f"{args.model}: no tokenizer to tokenize the calibration data")
+    return load_calibration_set(args.calib, tok, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
+                                model=model, data_dir=args.data_dir,
+                                protocol=getattr(args, "protocol", "bos")).input_ids
+
+
+def add_protocol_argument(p) -> None:
+    """``--protocol bos|llm-pruner``: how token windows (calibration, perplexity) start."""
+    from depgraph.calibration import PROTOCOLS
+
+    p.add_argument("--protocol", choices=PROTOCOLS, default="bos",
+                   help="token windows: bos (default; the tokenizer's BOS first when it adds one, as lm-eval) or "
+                        "llm-pruner (bare windows, for comparison with LLM-Pruner's tables)")
