@@ -1,4 +1,4 @@
-"""The depgraph command: help, stubs and the one-line error path."""
+"""The depgraph command: help and the one-line error path."""
 
 from __future__ import annotations
 

@@ -27,6 +27,28 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
     add_dtype(parser)
 
 
+def add_data_dir(parser: argparse.ArgumentParser) -> None:
+    """``--data-dir``: the shared data folder."""
+    parser.add_argument("--data-dir", default=None, help="folder laid out like ../shared/data (default: "
+                                                         "$DEPGRAPH_DATA or ../shared/data)")
+
+
+def add_calibration(parser: argparse.ArgumentParser, source: str, n_samples: int, seq_len: int,
+                    source_help: str) -> None:
+    """``--calib``, ``--n-samples``, ``--seq-len``, ``--seed`` and ``--data-dir`` (read by
+    :func:`calibration_from_args`)."""
+    parser.add_argument("--calib", default=source, help=source_help)
+    parser.add_argument("--n-samples", type=int, default=n_samples, help="calibration windows (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=seq_len, help="tokens per window (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    add_data_dir(parser)
+
+
+def model_name(args) -> str:
+    """The MODEL argument as a report names it."""
+    return args.model or BUNDLED
+
+
 def load(args, source=None):
     """``(model, tokenizer)`` of ``source`` (default ``args.model``) in ``args.dtype``."""
     import torch

@@ -6,7 +6,7 @@ import sys
 
 from depgraph.errors import DepgraphError
 
-from .common import add_model_argument, add_protocol_argument, load
+from .common import add_data_dir, add_model_argument, add_protocol_argument, load, model_name
 
 def add(subparsers) -> None:
     p = subparsers.add_parser("eval", help="evaluate a model (perplexity, zero-shot tasks)",
@@ -19,7 +19,7 @@ def add(subparsers) -> None:
     p.add_argument("--window", type=int, default=128, help="perplexity window in tokens (default 128)")
     p.add_argument("--limit", type=int, default=None, help="at most this many windows / examples per set")
     add_protocol_argument(p)
-    p.add_argument("--data-dir", default=None, help="folder laid out like ../shared/data")
+    add_data_dir(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -40,7 +40,7 @@ def run(args) -> int:
     model, tok = load(args)
     if tok is None:
         raise DepgraphError(f"{args.model}: no tokenizer in the model folder")
-    result = {"model": args.model or "SmolLM2-135M-Instruct (bundled)", "window": args.window, "limit": args.limit,
+    result = {"model": model_name(args), "window": args.window, "limit": args.limit,
               "protocol": args.protocol, "ppl": {}, "ppl_source": {}}
     for name in ppl_sets:
         r = perplexity(model, tok, name, window=args.window, limit=args.limit, data_dir=args.data_dir,

@@ -11,7 +11,8 @@ from depgraph.errors import DepgraphError
 from depgraph.importance import METHODS, NEEDS_CALIBRATION
 from depgraph.plan import POLICIES
 
-from .common import add_model_argument, add_protocol_argument, calibration_from_args, fraction, load
+from .common import (add_calibration, add_model_argument, add_protocol_argument, calibration_from_args, fraction,
+                     load, model_name)
 
 KINDS = ("attention", "mlp", "hidden")
 
@@ -51,12 +52,10 @@ def add(subparsers) -> None:
     p.add_argument("--method", choices=METHODS, default="activation",
                    help="importance estimator (default: activation; it and fluctuation lead on SmolLM2 in "
                         "bench/results/prune.md)")
-    p.add_argument("--calib", default="self",
-                   help="calibration source: self (data-free text sampled from the model; the best on SmolLM2 in "
-                        "bench/results/prune.md), alpaca, ptb, wikitext2, a text/JSON/JSONL file, or an HF "
-                        "dataset name (default: self)")
-    p.add_argument("--n-samples", type=int, default=10)
-    p.add_argument("--seq-len", type=int, default=64)
+    add_calibration(p, "self", 10, 64,
+                    "calibration source: self (data-free text sampled from the model; the best on SmolLM2 in "
+                    "bench/results/prune.md), alpaca, ptb, wikitext2, a text/JSON/JSONL file, or an HF "
+                    "dataset name (default: self)")
     p.add_argument("--kinds", default="mlp", help="comma list of group kinds to prune: attention, mlp, hidden "
                                                   "(default: mlp, the best on SmolLM2; see bench/results/prune.md)")
     p.add_argument("--layers", type=_layers, default="auto",
@@ -73,9 +72,7 @@ def add(subparsers) -> None:
     p.add_argument("--reconstruct", action="store_true",
                    help="re-fit the kept input columns of each consumer (down_proj, o_proj) by least squares on the "
                         "calibration inputs, block by block (with --compensate the bias joins the fit)")
-    p.add_argument("--seed", type=int, default=0)
     add_protocol_argument(p)
-    p.add_argument("--data-dir", default=None, help="folder laid out like ../shared/data")
     p.add_argument("--no-report", action="store_true", help="do not write report.html into the output folder")
     p.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
     p.set_defaults(func=run)
@@ -114,7 +111,7 @@ def run(args) -> int:
                                           compensate=args.compensate, ratios=args.ratios,
                                           reconstruct=args.reconstruct)
     report["times"]["load_s"] = load_s
-    report["model"] = args.model or "SmolLM2-135M-Instruct (bundled)"
+    report["model"] = model_name(args)
     report["calibration"] = None if calib is None else {"source": args.calib, "n_samples": args.n_samples,
                                                         "seq_len": args.seq_len, "seed": args.seed,
                                                         "protocol": args.protocol}

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
-from .common import DTYPES as _DTYPES
+from .common import add_data_dir, add_dtype, load
+
 
 def add(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -15,8 +16,7 @@ def add(subparsers) -> None:
     )
     parser.add_argument("pruned", metavar="PRUNED", help="the pruned model: a save_pruned folder (or any MODEL "
                                                          "that `depgraph trace` accepts)")
-    parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="dtype to load the model in "
-                                                                              "(default: %(default)s)")
+    add_dtype(parser)
     parser.add_argument("--data", required=True, metavar="SOURCE",
                         help="Alpaca-format .json/.jsonl file, 'alpaca' (the shared 5,000-example subset), a "
                              "plain-text file (one example per paragraph), 'self' (--limit texts sampled from the "
@@ -64,18 +64,13 @@ def add(subparsers) -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (default: "
                                                                         "%(default)s)")
     parser.add_argument("--seed", type=int, default=42, help="seed (default: %(default)s)")
-    parser.add_argument("--data-dir", default=None, help="shared data folder (default: $DEPGRAPH_DATA or "
-                                                         "../shared/data)")
+    add_data_dir(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument("--json", action="store_true", help="print the final summary as one JSON line")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
-    import torch
-
-    from depgraph.models import load_model
-
     if args.distill and not args.teacher:
         raise ValueError("--distill needs --teacher DENSE: the dense model the pruned one came from")
     if args.teacher and not args.distill:
@@ -84,14 +79,14 @@ def run(args) -> int:
 
     log = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, file=sys.stderr, **k))
     log(f"loading {args.pruned}")
-    model, tokenizer = load_model(args.pruned, dtype=getattr(torch, args.dtype))
+    model, tokenizer = load(args, args.pruned)
     if tokenizer is None:
         raise ValueError(f"{args.pruned}: no tokenizer saved with the model; save it with save_pruned(model, path, "
                          f"tokenizer=...)")
     teacher = None
     if args.distill:
         log(f"loading teacher {args.teacher}")
-        teacher, _ = load_model(args.teacher, dtype=getattr(torch, args.dtype))
+        teacher, _ = load(args, args.teacher)
     val = int(args.val_size) if args.val_size >= 1 else args.val_size
     _, summary = recover(
         model, tokenizer, args.data, args.output, rank=args.rank, alpha=args.alpha, dropout=args.dropout,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from depgraph.sparsify import METHODS, SparsifyError, check_sparsity, parse_nm, sparsify
 
-from .common import add_model_argument, calibration_from_args, load
+from .common import add_calibration, add_model_argument, calibration_from_args, load, model_name
 
 def _sparsity_arg(text: str) -> float:
     try:
@@ -37,16 +37,12 @@ def add(subparsers) -> None:
     pattern.add_argument("--nm", type=_nm_arg, default=None, metavar="N:M",
                          help="keep N non-zeros in every M consecutive inputs, e.g. 2:4 or 4:8")
     p.add_argument("--per-row", action="store_true", help="magnitude: compare within each output row")
-    p.add_argument("--calib", default="alpaca", help="calibration source (as for prune; default: alpaca)")
-    p.add_argument("--n-samples", type=int, default=32, help="calibration windows (default: %(default)s)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
+    add_calibration(p, "alpaca", 32, 128, "calibration source (as for prune; default: alpaca)")
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block (default: %(default)s)")
     p.add_argument("--damp", type=float, default=0.01, help="SparseGPT dampening, fraction of the mean Hessian "
                                                             "diagonal (default: %(default)s)")
     p.add_argument("--skip", default="", help="comma list: leave dense the linears whose name contains one")
     p.add_argument("--device", default=None, help="process each layer on this device (e.g. cuda)")
-    p.add_argument("--data-dir", default=None, help="folder laid out like ../shared/data")
     p.add_argument("--quiet", action="store_true", help="no per-layer progress")
     p.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
     p.set_defaults(func=run)
@@ -67,7 +63,7 @@ def run(args) -> int:
     model, report = sparsify(model, args.method, sparsity=sparsity, nm=nm, calibration=calib, per_row=args.per_row,
                              blocksize=args.blocksize, damp=args.damp, skip=skip, device=args.device,
                              progress=not args.quiet)
-    report["model"] = args.model or "SmolLM2-135M-Instruct (bundled)"
+    report["model"] = model_name(args)
     if calib is not None:
         report["calibration"].update(source=args.calib, seq_len=args.seq_len, seed=args.seed)
     extra = {"sparsify.json": json.dumps(report, indent=1)}
