@@ -66,6 +66,10 @@ __all__ = [
     "bos_prefix",
     "bos_windows",
     "check_protocol",
+    "SELF_SOURCES",
+    "TEXT_SUFFIXES",
+    "JSON_SUFFIXES",
+    "records_from_json",
 ]
 
 
@@ -89,14 +93,15 @@ BUILTIN_SOURCES: dict[str, str] = {
     "ptb": "ptb/ptb.test.txt",
     "wikitext2": "wikitext2/wiki.valid.tokens",
 }
-_SELF_SOURCES = ("self", "generated")
+# data-source names and file kinds, shared with recover.data (one place for both)
+SELF_SOURCES = ("self", "generated")  # text sampled from the model itself: no data needed
+TEXT_SUFFIXES = {".txt", ".raw", ".tokens", ".text", ".md"}  # plain-text files
+JSON_SUFFIXES = {".json", ".jsonl"}  # Alpaca-style records
 
 # How token windows start: "bos" puts the tokenizer's BOS in front of every window when the tokenizer adds one
 # (lm-eval's convention: every rolling window is scored after a prefix token); "llm-pruner" cuts bare windows
 # from the text tokenized once, as LLM-Pruner's PPL and calibration code do (only the first window gets a BOS).
 PROTOCOLS = ("bos", "llm-pruner")
-_TEXT_SUFFIXES = {".txt", ".raw", ".tokens", ".text", ".md"}
-_JSON_SUFFIXES = {".json", ".jsonl"}
 
 
 @dataclass
@@ -204,7 +209,8 @@ def _read_text(path: Path) -> str:
         raise CalibrationError(f"calibration file {path}: not UTF-8 text ({e})") from None
 
 
-def _records_from_json(path: Path) -> list[Any]:
+def records_from_json(path: Path) -> list[Any]:
+    """The records of a ``.json`` (a list, or a dict holding one) or ``.jsonl`` file; one-line errors name it."""
     text = _read_text(path)
     if not text.strip():
         raise CalibrationError(f"calibration file {path} is empty")
@@ -264,8 +270,8 @@ def _file_texts(path: Path) -> tuple[list[str], str]:
         raise CalibrationError(f"calibration file {path} does not exist")
     if not path.is_file():
         raise CalibrationError(f"calibration source {path} is not a file")
-    if path.suffix.lower() in _JSON_SUFFIXES:
-        return _texts_from_records(_records_from_json(path), path), "alpaca"
+    if path.suffix.lower() in JSON_SUFFIXES:
+        return _texts_from_records(records_from_json(path), path), "alpaca"
     text = _read_text(path)
     if not text.strip():
         raise CalibrationError(f"calibration file {path} is empty")
@@ -463,7 +469,7 @@ def load_calibration_set(
     n_samples, seq_len = int(n_samples), int(seq_len)
     src = os.fspath(source)
 
-    if src in _SELF_SOURCES:
+    if src in SELF_SOURCES:
         ids = _self_generate(model, tokenizer, n_samples, seq_len, seed)
         return CalibrationSet(ids, src, "self-generated", "self", seed)
 
@@ -472,7 +478,7 @@ def load_calibration_set(
     # a bare "org/name" with no suffix is tried as an HF dataset instead
     looks_like_path = (
         path.exists()
-        or path.suffix.lower() in _TEXT_SUFFIXES | _JSON_SUFFIXES
+        or path.suffix.lower() in TEXT_SUFFIXES | JSON_SUFFIXES
         or Path(src).is_absolute()
         or src.startswith((".", "~"))
     )

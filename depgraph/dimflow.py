@@ -96,6 +96,10 @@ class Ctx:
     def out_shape(self) -> tuple:
         return tuple(int(s) for s in self.node.meta["val"].shape)
 
+    def is_parameter(self, node) -> bool:
+        """Is ``node`` the placeholder of a model parameter (not a buffer, not an input)?"""
+        return isinstance(node, torch.fx.Node) and node.op == "placeholder" and node.name in self.flow.cap.params
+
     def reason(self, message: str) -> str:
         return f"{message} ({self.op} at {self.where or '<root>'})"
 

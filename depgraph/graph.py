@@ -147,10 +147,13 @@ class DependencyGraph:
         from .errors import PlanError
         raise PlanError(f"unknown group {gid!r}; the graph has {', '.join(g.id for g in self._groups[:6])}, ...")
 
+    def param_names(self) -> list:
+        """Names of the traced parameters (no buffers), in model order."""
+        return [n for n in self.shapes if n in self._flow.param_layouts and n not in self._flow.buffer_names]
+
     @property
     def num_params(self) -> int:
-        return sum(prod(s) for n, s in self.shapes.items() if n in self._flow.param_layouts
-                   and n not in self._flow.buffer_names)
+        return sum(prod(self.shapes[n]) for n in self.param_names())
 
     @cached_property
     def nx(self):

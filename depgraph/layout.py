@@ -101,6 +101,15 @@ class SpaceStore:
         self.spaces.append(s)
         return s
 
+    def single(self, origin: str, blocked: str | None = None) -> Space:
+        """A new space of size 1 (``new`` returns None for those): a lone channel that a rule must track,
+        e.g. a size-1 slice concatenated along a channel dim."""
+        s = Space(len(self.spaces), 1, origin)
+        if blocked:
+            s.blocked.append(blocked)
+        self.spaces.append(s)
+        return s
+
     def find(self, s: Space) -> Space:
         root = s
         while root.parent is not root:

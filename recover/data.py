@@ -51,7 +51,7 @@ __all__ = [
 
 from depgraph.calibration import ALPACA_TEMPLATE as _CALIB_TEMPLATE  # noqa: E402
 from depgraph.calibration import ALPACA_TEMPLATE_NO_INPUT as _CALIB_TEMPLATE_NO_INPUT  # noqa: E402
-from depgraph.calibration import _SELF_SOURCES, _TEXT_SUFFIXES, _records_from_json  # noqa: E402
+from depgraph.calibration import SELF_SOURCES, TEXT_SUFFIXES, records_from_json  # noqa: E402
 
 IGNORE_INDEX = -100
 
@@ -130,18 +130,18 @@ def load_examples(source, data_dir: str | os.PathLike | None = None, limit: int 
     else:
         s = str(source)
         path = Path(s).expanduser()
-        if s.lower() in _SELF_SOURCES:
+        if s.lower() in SELF_SOURCES:
             rows = _generated_examples(model, tokenizer, int(limit or 256), int(seq_len), seed)
             where = "self-generated text"
-        elif path.is_file() and path.suffix.lower() in _TEXT_SUFFIXES:
+        elif path.is_file() and path.suffix.lower() in TEXT_SUFFIXES:
             rows, where = _text_file_examples(path), str(path)
         elif s.lower() in _SHORTHANDS:
             path = resolve_data_dir(data_dir) / ALPACA_SUBSET
             if not path.is_file():
                 raise DataNotFoundError(f"the shared Alpaca subset {path} is missing")
-            rows, where = _records_from_json(path), str(path)
+            rows, where = records_from_json(path), str(path)
         elif path.is_file():
-            rows, where = _records_from_json(path), str(path)
+            rows, where = records_from_json(path), str(path)
         elif path.is_dir():
             try:
                 from datasets import load_from_disk

@@ -74,10 +74,7 @@ def _layer_of(name: str):
 
 def _params(graph) -> list:
     """Parameter names (no buffers), in model order."""
-    flow = getattr(graph, "_flow", None)
-    buffers = set(getattr(flow, "buffer_names", ()) or ())
-    layouts = getattr(flow, "param_layouts", None)
-    return [n for n in graph.shapes if n not in buffers and (layouts is None or n in layouts)]
+    return graph.param_names()
 
 
 def _fmt_shape(shape) -> str:

@@ -24,7 +24,7 @@ def _from_parameter(ctx, node, depth=0) -> bool:
     from . import op_name
 
     if node.op == "placeholder":
-        return node.name in ctx.flow.cap.params
+        return ctx.is_parameter(node)
     if node.op != "call_function" or depth > 8 or op_name(node.target) not in _VIEWS:
         return False
     return _from_parameter(ctx, node.args[0], depth + 1)

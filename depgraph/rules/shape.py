@@ -1,7 +1,7 @@
 """Shape ops: reshape/view split and merge, transpose/permute, expand, slice/cat/split, selection."""
 from __future__ import annotations
 
-from ..layout import Space, make_cat, make_prod
+from ..layout import make_cat, make_prod
 from . import rule
 
 
@@ -204,10 +204,7 @@ def cat(ctx):
     for t in tensors:
         lay, shp = ctx.lay(t), ctx.shape(t)
         if shp[dim] == 1:
-            one = Space(len(ctx.store.spaces), 1, ctx.reason("single channel"))
-            ctx.store.spaces.append(one)
-            one.blocked.append(ctx.reason("single channel concatenated"))
-            parts.append(one)
+            parts.append(ctx.store.single(ctx.reason("single channel"), ctx.reason("single channel concatenated")))
         else:
             parts.append(lay[dim])
         for d, n in enumerate(shp):
