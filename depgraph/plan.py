@@ -201,6 +201,89 @@ class Plan:
             raise PlanError(f"not a depgraph plan: {type(err).__name__}: {err}") from err
 
 
+# -- plan.json: one plan (a JSON object) or the steps of an iterative run (a JSON list of them) ----------------------
+def dump_plans(plans) -> str:
+    """The text of ``plan.json``: one :class:`Plan` as an object, several (the steps of an iterative run, each made
+    for the shapes the previous one left) as a list of them."""
+    plans = [plans] if isinstance(plans, Plan) else list(plans)
+    if len(plans) == 1:
+        return plans[0].to_json(indent=1)
+    return "[" + ",\n".join(p.to_json(indent=1) for p in plans) + "]"
+
+
+def load_plans(source) -> list:
+    """The steps of a ``plan.json``: ``source`` is its text, a path to it, or a run folder holding one.
+
+    Returns ``[Plan, ...]`` (one element for a one-step plan); :func:`compose` turns several into one plan on the
+    original shapes."""
+    from pathlib import Path
+
+    if isinstance(source, Plan):
+        return [source]
+    text = str(source)
+    if not text.lstrip().startswith(("{", "[")):
+        path = Path(source)
+        if path.is_dir():
+            path = path / "plan.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"plan {path} does not exist")
+        text = path.read_text()
+    stripped = text.lstrip()
+    if not stripped.startswith("["):
+        return [Plan.from_json(text)]
+    try:
+        steps = json.loads(text)
+    except ValueError as err:
+        raise PlanError(f"not a depgraph plan: {err}") from err
+    if not steps:
+        raise PlanError("plan.json holds an empty list of steps")
+    return [Plan.from_json(json.dumps(step)) for step in steps]
+
+
+def compose(plans) -> Plan:
+    """One plan on the original shapes equivalent to applying ``plans`` in turn (each made for the shapes the
+    previous ones left): every index is mapped back to the original tensor / group, entries of the same group merge
+    (units before from the first step, after from the last)."""
+    plans = list(plans)
+    if len(plans) == 1:
+        return plans[0]
+    alive: dict = {}  # (param, dim) -> original indices still present
+    shapes: dict = {}
+    units_alive: dict = {}  # group -> original unit indices still present
+    merged: dict = {}  # group -> PlanEntry on the original indices
+    for plan in plans:
+        for p, shape in plan.shapes.items():
+            shapes.setdefault(p, list(shape))
+            for d, n in enumerate(shape):
+                alive.setdefault((p, d), list(range(n)))
+        gone: dict = {}
+        for e in plan.entries:
+            ua = units_alive.setdefault(e.group, list(range(e.num_units)))
+            units = [ua[u] for u in e.units]
+            removed = {p: {d: [alive[(p, d)][i] for i in idx] for d, idx in dims.items()}
+                       for p, dims in e.removed.items()}
+            old = merged.get(e.group)
+            if old is None:
+                merged[e.group] = PlanEntry(e.group, e.kind, e.layer, e.num_units, sorted(units), removed, e.exact,
+                                            dict(e.attention) if e.attention else None)
+            else:
+                old.units = sorted(set(old.units) | set(units))
+                for p, dims in removed.items():
+                    for d, idx in dims.items():
+                        old.removed.setdefault(p, {})[d] = sorted(set(old.removed.get(p, {}).get(d, [])) | set(idx))
+                old.exact = old.exact and e.exact
+                if old.attention and e.attention:
+                    old.attention.update(heads_after=e.attention["heads_after"], kv_after=e.attention["kv_after"])
+            gone.setdefault(e.group, set()).update(units)
+            for p, dims in removed.items():
+                for d, idx in dims.items():
+                    gone.setdefault((p, d), set()).update(idx)
+        for key, idx in gone.items():  # shrink the index spaces only after the whole step (one set of shapes)
+            table = units_alive if isinstance(key, str) else alive
+            table[key] = [i for i in table[key] if i not in idx]
+    return Plan(list(merged.values()), shapes)
+
+
 POLICIES = ("uniform", "global", "adaptive")
 
 

@@ -366,3 +366,42 @@ def test_smollm2_overview_renders_fast_and_small(tmp_path):
     t = time.perf_counter()
     viz.draw(graph, plan, tmp_path / "layer3.svg", layer=3)
     assert time.perf_counter() - t < 5.0
+
+
+@pytest.mark.filterwarnings("ignore:.*no loadable tokenizer")
+def test_iterative_plan_json_composes_and_draws(llama, tmp_path):
+    """plan.json of an iterative run (a list of steps) has one reader: composed onto the original shapes it removes
+    exactly what the steps removed, and `depgraph viz --plan RUN/plan.json` draws it."""
+    import copy
+
+    import torch
+
+    from depgraph.cli import main
+    from depgraph.plan import compose, dump_plans, load_plans
+
+    dense, _ = llama
+    pruned = copy.deepcopy(dense)
+    _, _, plans = depgraph.prune(pruned, None, target=0.2, method="l2", kinds=("attention", "mlp"), layers=None,
+                                 steps=2, round_to=1, progress=False)
+    assert len(plans) == 2
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "plan.json").write_text(dump_plans(plans))
+    assert json.loads((run / "plan.json").read_text())[0]["format"] == 1  # a list of steps
+    steps = load_plans(run / "plan.json")
+    assert [s.to_json() for s in steps] == [p.to_json() for p in plans] and load_plans(run) == steps
+    one = compose(steps)
+    assert set(one.shapes) >= set(plans[0].shapes)
+    assert all(list(dense.state_dict()[n].shape) == s for n, s in one.shapes.items())
+    again = depgraph.shrink(copy.deepcopy(dense), one)
+    got, want = again.state_dict(), pruned.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    # the CLI draws it over the dense model, with the counts after both steps
+    folder = tmp_path / "tiny"
+    dense.save_pretrained(folder)
+    out = tmp_path / "g.dot"
+    assert main(["viz", str(folder), "-o", str(out), "--plan", str(run / "plan.json")]) == 0
+    src = out.read_text()
+    for e in one.entries:
+        assert f"{e.num_units} -> {e.units_after}" in src
+    assert f"plan removes {one.params_removed():,} parameters" in src

@@ -56,14 +56,9 @@ _INSTALL_HINT = ("Graphviz's `dot` binary is not installed; wrote the DOT source
 def _load_plan(plan):
     if plan is None:
         return None
-    if isinstance(plan, (str, Path)):
-        from depgraph.plan import Plan
+    from depgraph.plan import compose, load_plans
 
-        text = str(plan)
-        if not text.lstrip().startswith("{"):
-            text = Path(plan).read_text()
-        return Plan.from_json(text)
-    return plan
+    return compose(load_plans(plan))  # an iterative run's steps become one plan on the original shapes
 
 
 def _layer_of(name: str):

@@ -66,6 +66,15 @@ def load_run(run_dir) -> dict:
         p = run_dir / name
         if p.is_file():
             data[name[:-5]] = _read_json(p, notes)
+    if isinstance(data["plan"], list):  # the steps of an iterative run: one plan on the original shapes
+        from depgraph.errors import DepgraphError
+        from depgraph.plan import compose, load_plans
+
+        try:
+            data["plan"] = json.loads(compose(load_plans(json.dumps(data["plan"]))).to_json())
+        except DepgraphError as e:
+            notes.append(f"plan.json: {e}")
+            data["plan"] = None
     rep = data["report"]
     if data["plan"] is None and isinstance(rep, dict) and isinstance(rep.get("plan"), dict):
         data["plan"] = rep["plan"]  # a report.json with the plan inline

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from depgraph.errors import DepgraphError
 from depgraph.importance import METHODS, NEEDS_CALIBRATION
-from depgraph.plan import POLICIES
+from depgraph.plan import POLICIES, dump_plans
 
 from .common import (add_calibration, add_model_argument, add_protocol_argument, calibration_from_args, fraction,
                      load, model_name)
@@ -115,8 +115,7 @@ def run(args) -> int:
     report["calibration"] = None if calib is None else {"source": args.calib, "n_samples": args.n_samples,
                                                         "seq_len": args.seq_len, "seed": args.seed,
                                                         "protocol": args.protocol}
-    plan_json = plans[0].to_json(indent=1) if len(plans) == 1 else \
-        "[" + ",\n".join(p.to_json(indent=1) for p in plans) + "]"
+    plan_json = dump_plans(plans)
     t = time.perf_counter()
     out = depgraph.save_pruned(model, args.output, tokenizer=tok,
                                extra_files={"plan.json": plan_json, "report.json": json.dumps(report, indent=1)})
