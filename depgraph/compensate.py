@@ -13,6 +13,7 @@ import copy
 import torch
 from torch import nn
 
+from . import record as records
 from .plan import Plan
 from .stats import collect, linear_view
 
@@ -58,16 +59,12 @@ def apply_bias(model, deltas: dict) -> None:
     config = getattr(model, "config", None)
     if config is None or not added:
         return
-    info = getattr(config, "depgraph", None)
-    if not isinstance(info, dict):
-        info = {"format": 1, "modules": {}, "layers": {}}
-        config.depgraph = info
-    info.setdefault("added_biases", [])
-    info["added_biases"] = sorted(set(info["added_biases"]) | set(added))
-    _try_config_flags(model, config)
+    info = records.get(model)
+    records.add_biases(info, added)
+    _try_config_flags(model, config, info)
 
 
-def _try_config_flags(model, config) -> None:
+def _try_config_flags(model, config, info: dict) -> None:
     """Turn on a config bias flag when the model it builds has every parameter we have; the extra
     biases it implies (e.g. Llama's ``mlp_bias`` also covers gate/up) are added as zeros."""
     mine = {n for n, _ in model.named_parameters()}
@@ -87,7 +84,6 @@ def _try_config_flags(model, config) -> None:
         for name in sorted(extra):
             mod = model.get_submodule(name.rpartition(".")[0])
             mod.bias = nn.Parameter(torch.zeros(mod.out_features, dtype=mod.weight.dtype, device=mod.weight.device))
-        config.depgraph["added_biases"] = sorted(set(config.depgraph["added_biases"]) |
-                                                 {n.rpartition(".")[0] for n in extra})
+        records.add_biases(info, {n.rpartition(".")[0] for n in extra})
         setattr(config, flag, True)
         return

@@ -15,13 +15,8 @@ from pathlib import Path
 import torch
 
 from . import card, remote_code
+from . import record as records
 from .errors import LoadError
-
-
-def _info(model) -> dict:
-    config = getattr(model, "config", None)
-    info = getattr(config, "depgraph", None) if config is not None else None
-    return info if isinstance(info, dict) else {"format": 1, "modules": {}, "layers": {}}
 
 
 def save_pruned(model, path, tokenizer=None, extra_files: dict | None = None) -> Path:
@@ -30,9 +25,7 @@ def save_pruned(model, path, tokenizer=None, extra_files: dict | None = None) ->
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "save_pretrained"):
         raise LoadError(f"save_pruned needs a transformers model, got {type(model).__name__}")
-    info = dict(_info(model))
-    info["shapes"] = {n: list(p.shape) for n, p in model.state_dict().items()}
-    config.depgraph = info
+    config.depgraph = records.for_save(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -86,19 +79,19 @@ def load_pruned(path, dtype=None, device="cpu"):
         config = transformers.AutoConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001
         raise LoadError(f"{path}/config.json: cannot be read ({e})") from e
-    info = raw.get("depgraph") or {}
+    info = records.read(raw, f"{path}/config.json")
     arch = (raw.get("architectures") or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None:
         raise LoadError(f"{path}/config.json: unknown architecture {arch!r}")
     state = _read_state(path)
-    expected = info.get("shapes") or {}
+    expected = info["shapes"]
     for name, shape in expected.items():
         if name in state and list(state[name].shape) != list(shape):
             raise LoadError(f"{path}: tensor {name} has shape {list(state[name].shape)}, config records {shape}")
     with init_empty_weights(include_buffers=False):
         model = cls(config)
-    for mod_path in info.get("added_biases", []):  # biases added by compensation
+    for mod_path in info["added_biases"]:  # biases added by compensation
         mod = model.get_submodule(mod_path)
         if getattr(mod, "bias", None) is None:
             mod.bias = torch.nn.Parameter(torch.empty(mod.out_features, device="meta"))
@@ -115,7 +108,7 @@ def load_pruned(path, dtype=None, device="cpu"):
             pass
         else:
             raise LoadError(f"{path}: saved tensor {name} has no place in {arch}")
-    for mod_path, attrs in info.get("modules", {}).items():
+    for mod_path, attrs in info["modules"].items():
         mod = model.get_submodule(mod_path)
         for k, v in attrs.items():
             setattr(mod, k, tuple(v) if isinstance(v, list) else v)

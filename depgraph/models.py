@@ -90,7 +90,9 @@ def is_depgraph_folder(path: str | os.PathLike) -> bool:
         data = json.loads(config.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(data, dict) and "depgraph" in data
+    from .record import KEY
+
+    return isinstance(data, dict) and KEY in data
 
 
 def smollm2_cache_dir() -> Path:

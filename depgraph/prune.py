@@ -5,6 +5,7 @@ import time
 
 import torch
 
+from . import record as records
 from .compensate import apply_bias
 from .errors import PlanError
 from .graph import trace
@@ -142,7 +143,7 @@ def prune(model, calibration=None, target: float = 0.2, method: str = "activatio
         "layers": None if layers is None else sorted(layers), "round_to": round_to, "gqa": gqa,
         "params_before": original, "params_after": after, "removed_fraction": (original - after) / original,
         "non_embedding_removed_fraction": (original - after) / (original - emb), "ratios": ratios,
-        "stock_loadable": bool(getattr(getattr(model, "config", None), "depgraph", {}).get("uniform")),
+        "stock_loadable": bool((records.get(model, create=False) or {}).get("uniform")),
         "times": times, "groups": list(groups.values()),
         "widths": _widths(groups.values()),
     }

@@ -6,6 +6,7 @@ import copy
 import torch
 from torch import nn
 
+from . import record as records
 from .errors import PlanError
 from .plan import Plan
 
@@ -122,7 +123,7 @@ def mask(model: nn.Module, plan: Plan) -> nn.Module:
 def shrink(model: nn.Module, plan: Plan) -> nn.Module:
     """Remove every planned unit in place: slice member tensors, fix module attributes and config."""
     aliases = check_model(model, plan)
-    record = _record(model)
+    record = records.get(model)
     changed_modules = {}
     for name, dims in plan.removed_by_param().items():
         old = _get_tensor(model, name)
@@ -156,20 +157,10 @@ def shrink(model: nn.Module, plan: Plan) -> nn.Module:
     return model
 
 
-def _record(model) -> dict:
-    config = getattr(model, "config", None)
-    holder = config if config is not None else model
-    info = getattr(holder, "depgraph", None)
-    if not isinstance(info, dict):
-        info = {"format": 1, "modules": {}, "layers": {}}
-        setattr(holder, "depgraph", info)
-    return info
-
-
 def _set_attrs(mod, values: dict, record: dict, path: str) -> None:
     for k, v in values.items():
         setattr(mod, k, v)
-        record["modules"].setdefault(path, {})[k] = list(v) if isinstance(v, tuple) else v
+    records.set_module_attrs(record, path, values)
 
 
 def _update_config(model, plan: Plan, record: dict) -> None:

@@ -89,3 +89,17 @@ def test_corrupted_folders_raise_load_error(tmp_path):
     (wrong_shape / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(LoadError, match="model.layers.0.mlp.up_proj.weight"):
         depgraph.load_pruned(wrong_shape)
+
+
+def test_record_is_versioned_and_read_with_defaults():
+    from depgraph import record
+    from depgraph.errors import LoadError
+
+    assert record.read({})["modules"] == {} and record.read({"depgraph": {"format": 1}})["added_biases"] == []
+    with pytest.raises(LoadError, match="format 99 is newer"):
+        record.read({"depgraph": {"format": 99}}, "m/config.json")
+    info = record.new()
+    record.add_biases(info, ["b", "a"])
+    record.add_biases(info, ["a"])
+    record.set_module_attrs(info, "x", {"normalized_shape": (4,)})
+    assert info["added_biases"] == ["a", "b"] and info["modules"] == {"x": {"normalized_shape": [4]}}

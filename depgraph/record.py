@@ -1,0 +1,72 @@
+"""The ``config.depgraph`` record: what makes a pruned folder load with its exact shapes.
+
+One owner: this module creates, updates, versions and reads the record; ``shrink``, ``compensate`` and ``io`` call
+it instead of building the dict themselves. Fields (format 1):
+
+* ``format``: the record's version (:data:`FORMAT`); a newer one is refused on load;
+* ``modules``: ``{module path: {attribute: value}}``: module attributes ``shrink`` rewrote (``in_features``,
+  ``num_heads``, ...), set again after rebuilding;
+* ``layers``: ``{layer or "all": {config field: width}}``: per-layer widths after pruning (documentation);
+* ``hidden_size``, ``uniform``: the pruned hidden width; whether the stock config rebuilds the same shapes;
+* ``added_biases``: module paths that gained a bias (compensation), created before loading;
+* ``shapes``: ``{tensor name: shape}`` of the saved state dict, checked on load.
+"""
+from __future__ import annotations
+
+from .errors import LoadError
+
+FORMAT = 1
+KEY = "depgraph"
+
+
+def _holder(model):
+    config = getattr(model, "config", None)
+    return config if config is not None else model
+
+
+def new() -> dict:
+    """An empty record of the current format."""
+    return {"format": FORMAT, "modules": {}, "layers": {}}
+
+
+def get(model, create: bool = True) -> dict | None:
+    """The record on ``model.config`` (on the model when it has no config); created when missing and ``create``."""
+    holder = _holder(model)
+    info = getattr(holder, KEY, None)
+    if isinstance(info, dict):
+        return info
+    if not create:
+        return None
+    info = new()
+    setattr(holder, KEY, info)
+    return info
+
+
+def set_module_attrs(record: dict, path: str, values: dict) -> None:
+    """Remember module attributes that ``shrink`` set (tuples stored as lists, as JSON keeps them)."""
+    for k, v in values.items():
+        record["modules"].setdefault(path, {})[k] = list(v) if isinstance(v, tuple) else v
+
+
+def add_biases(record: dict, paths) -> None:
+    """Remember module paths that gained a bias (sorted, without repeats)."""
+    record["added_biases"] = sorted(set(record.get("added_biases", [])) | set(paths))
+
+
+def for_save(model) -> dict:
+    """The record to write with ``model``: the current one (or a new one) plus the state dict's shapes."""
+    info = dict(get(model, create=False) or new())
+    info["shapes"] = {n: list(p.shape) for n, p in model.state_dict().items()}
+    return info
+
+
+def read(raw_config: dict, where: str = "config.json") -> dict:
+    """The record of a saved ``config.json`` (a dict), with defaults for every field; {} -> an empty record."""
+    info = raw_config.get(KEY) or {}
+    if not isinstance(info, dict):
+        raise LoadError(f"{where}: the {KEY!r} record is a {type(info).__name__}, not an object")
+    fmt = info.get("format", FORMAT)
+    if not isinstance(fmt, int) or fmt > FORMAT:
+        raise LoadError(f"{where}: {KEY} record format {fmt!r} is newer than this depgraph reads ({FORMAT}); "
+                        f"upgrade depgraph")
+    return {"format": fmt, "modules": {}, "layers": {}, "added_biases": [], "shapes": {}, **info}
