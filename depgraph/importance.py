@@ -33,6 +33,7 @@ Methods (``w`` weight, ``g`` gradient of the mean calibration loss, ``F`` diagon
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -40,12 +41,8 @@ from tqdm.auto import tqdm
 
 from .stats import canonical_names, check_token_ids, collect, consumers
 
-METHODS = ("random", "l1", "l2", "magnitude", "taylor", "fisher", "taylor+fisher", "taylor-vector", "activation",
-           "fluctuation", "obs")
-NEEDS_CALIBRATION = ("taylor", "fisher", "taylor+fisher", "taylor-vector", "activation", "fluctuation", "obs")
 AGGREGATES = ("sum", "mean", "max", "prod")
 NORMALIZE = (None, "mean", "max")
-_GRAD_METHODS = ("taylor", "fisher", "taylor+fisher", "taylor-vector")
 
 
 @dataclass
@@ -157,44 +154,24 @@ def input_moments(model, graph, batches, progress: bool = True) -> dict:
     return {w: (s.count, s.sum, s.sumsq) for w, s in stats.items()}
 
 
-@torch.no_grad()
 def gram_stats(model, graph, batches, progress: bool = True) -> dict:
     """``{weight name: X^T X [in, in] float64}`` over every calibration token, for every linear layer whose
-    weight is a group member along its input-feature dim (the consumers)."""
-    batches = _check_batches(batches)
-    sites = _input_dims(model, graph)
-    grams, hooks = {}, []
-
-    def hook(wname):
-        def fn(_mod, inputs, _out):
-            x = inputs[0].detach()
-            x = x.reshape(-1, x.shape[-1]).double()
-            grams[wname] = grams.get(wname, 0) + x.t() @ x
-        return fn
-
-    modules = dict(model.named_modules())
-    was_training = model.training
-    dev = _device(model)
-    try:
-        model.eval()
-        for mname, (wname, _) in sites.items():
-            hooks.append(modules[mname].register_forward_hook(hook(wname)))
-        for rows in tqdm(batches.split(8), desc="gram", disable=not progress, leave=False):
-            model(input_ids=rows.to(dev))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    return grams
+    weight is a group member along its input-feature dim (the consumers; :func:`depgraph.stats.consumers`)."""
+    batches = check_token_ids(batches)
+    by_weight: dict = {}
+    for path, (wname, _) in consumers(model, graph).items():
+        by_weight.setdefault(wname, []).append(path)
+    stats = collect(model, by_weight, batches, gram=True, batch_size=8, progress=progress, desc="gram")
+    return {w: s.gram for w, s in stats.items()}
 
 
 def obs_scores(model, graph, grams: dict, groups, damp: float = 0.01) -> dict:
     """``{group id: OBS cost per unit}`` from the consumers' Gram matrices (see ``obs`` in the module docstring)."""
     from .refit import obs_costs
 
-    canon = _canonical_map(graph)
+    canon = canonical_names(graph)
     tensors = _tensors(model)
-    act_dims = {w: d for w, d in _input_dims(model, graph).values()}
+    act_dims = {w: v.in_dim for w, v in consumers(model, graph).values()}
     out = {}
     for g in groups:
         s = np.zeros(g.num_units)
@@ -226,29 +203,133 @@ def fluctuation_stats(model, graph, batches, progress: bool = True) -> dict:
 
 
 # -- element scores -> unit scores -----------------------------------------------------------
-def _element_scores(method, w, g=None, fisher=None, act=None, act_dim=None):
-    """Element-wise score tensor (float32), or the signed w*g for ``taylor-vector``."""
-    w = w.detach().float()
-    if method == "l1":
+# -- the scoring methods: one registered element-score function per method ------------------------------------------
+@dataclass(frozen=True)
+class Scorer:
+    """A scoring method: ``element(w, **stats)`` gives one score per weight element (float32, the shape of ``w``).
+
+    ``needs``: the calibration pass it reads, one of :data:`NEEDS` (None: weights only). Gradient methods get
+    ``g`` (and ``fisher`` with ``needs="fisher"``); input-statistics methods get ``act`` (per input feature) and
+    ``act_dim`` for the members along a linear layer's input dim (:func:`depgraph.stats.consumers`); other members
+    are skipped when ``consumers_only``, else scored with ``act=None``. ``post`` maps each unit's summed score
+    (sqrt for L2 norms, abs for signed sums). ``units(model, graph, groups, stats, seed) -> {group id: [num_units]}``
+    instead of ``element``: a method that scores whole units itself (``random``; ``obs`` from the Gram matrices).
+    """
+
+    name: str
+    element: Callable | None = None
+    needs: str | None = None
+    post: Callable | None = None
+    consumers_only: bool = False
+    units: Callable | None = None
+
+
+NEEDS = (None, "gradients", "fisher", "input_norms", "input_variance", "gram")
+SCORERS: dict = {}
+
+
+def scorer(*names: str, needs: str | None = None, post=None, consumers_only: bool = False, units=None):
+    """Register the decorated element-score function under ``names`` (see :class:`Scorer`)."""
+    if needs not in NEEDS:
+        raise ValueError(f"unknown needs {needs!r}; use one of {NEEDS}")
+
+    def register(fn):
+        for n in names:
+            SCORERS[n] = Scorer(n, fn, needs, post, consumers_only, units)
+        return fn
+    return register
+
+
+def methods() -> tuple:
+    """Every registered scoring method's name, in registration order."""
+    return tuple(SCORERS)
+
+
+def needs_calibration(method: str) -> bool:
+    """Does ``method`` read calibration data?"""
+    return SCORERS[method].needs is not None
+
+
+def _random_units(model, graph, groups, stats, seed):
+    rng = np.random.default_rng(seed)
+    return {g.id: rng.random(g.num_units) for g in groups}
+
+
+def _obs_units(model, graph, groups, stats, seed):
+    return obs_scores(model, graph, stats, groups)
+
+
+SCORERS["random"] = Scorer("random", units=_random_units)  # seeded uniform scores, no weights read
+
+
+@scorer("l1")
+def _l1(w, **_):
+    return w.abs()
+
+
+@scorer("l2", "magnitude", post=np.sqrt)
+def _l2(w, **_):
+    return w * w
+
+
+@scorer("taylor", needs="gradients")
+def _taylor(w, g, **_):
+    return (w * g.float()).abs()
+
+
+@scorer("fisher", needs="fisher")
+def _fisher(w, fisher, **_):
+    return 0.5 * w * w * fisher.float()
+
+
+@scorer("taylor+fisher", needs="fisher")
+def _taylor_fisher(w, g, fisher, **_):
+    return (w * g.float() - 0.5 * w * w * fisher.float()).abs()
+
+
+@scorer("taylor-vector", needs="gradients", post=np.abs)
+def _taylor_vector(w, g, **_):
+    return w * g.float()  # signed: the absolute value is taken per unit
+
+
+def _per_feature(w, act, act_dim):
+    shape = [1] * w.dim()
+    shape[act_dim] = -1
+    return act.float().to(w.device).reshape(shape)  # ||x_j||^2 or Var(x_j), along act_dim
+
+
+@scorer("activation", needs="input_norms")
+def _activation(w, act=None, act_dim=None, **_):
+    if act is None:  # a member that does not read the features falls back to |w|
         return w.abs()
-    if method in ("l2", "magnitude"):
-        return w * w
-    if method == "taylor":
-        return (w * g.float()).abs()
-    if method == "fisher":
-        return 0.5 * w * w * fisher.float()
-    if method == "taylor+fisher":
-        return (w * g.float() - 0.5 * w * w * fisher.float()).abs()
-    if method == "taylor-vector":
-        return w * g.float()
-    if method in ("activation", "fluctuation"):
-        if act is None:  # activation only: a member that does not read the features falls back to |w|
-            return w.abs()
-        shape = [1] * w.dim()
-        shape[act_dim] = -1
-        per_feature = act.float().to(w.device).reshape(shape)  # ||x_j||^2 or Var(x_j), along act_dim
-        return w.abs() * per_feature.sqrt() if method == "activation" else w * w * per_feature
-    raise ValueError(f"unknown method {method!r}")
+    return w.abs() * _per_feature(w, act, act_dim).sqrt()
+
+
+@scorer("fluctuation", needs="input_variance", consumers_only=True)
+def _fluctuation(w, act, act_dim, **_):
+    return w * w * _per_feature(w, act, act_dim)
+
+
+SCORERS["obs"] = Scorer("obs", needs="gram", units=_obs_units)  # OBS cost with the consumer re-fitted
+
+METHODS = methods()  # the built-in methods (the registry may grow: use methods() for the current list)
+NEEDS_CALIBRATION = tuple(m for m in METHODS if needs_calibration(m))
+
+
+# the calibration pass behind each kind of need: (model, graph, calibration, progress=) -> stats
+PASSES = {
+    "gradients": lambda model, graph, calib, progress=True: gradient_stats(model, graph, calib, progress=progress,
+                                                                            per_sample=False),
+    "fisher": lambda model, graph, calib, progress=True: gradient_stats(model, graph, calib, progress=progress),
+    "input_norms": activation_stats,
+    "input_variance": fluctuation_stats,
+    "gram": gram_stats,
+}
+
+
+def _element_scores(method, w, **kw):
+    """Element-wise score tensor (float32) of ``method`` (signed for ``taylor-vector``)."""
+    return SCORERS[method].element(w.detach().float(), **kw)
 
 
 def _member_units(member, per_index: np.ndarray, group, post=None) -> np.ndarray:
@@ -300,37 +381,25 @@ def score(model, graph, calibration=None, method: str = "taylor", aggregate: str
     ``kinds`` restricts the groups scored.
     See the module docstring for the methods.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
+    if method not in SCORERS:
+        raise ValueError(f"unknown method {method!r}; use one of {methods()}")
     if aggregate not in AGGREGATES:
         raise ValueError(f"unknown aggregate {aggregate!r}; use one of {AGGREGATES}")
     if normalize not in NORMALIZE:
         raise ValueError(f"unknown normalize {normalize!r}; use one of {NORMALIZE}")
+    spec = SCORERS[method]
     groups = graph.groups(kinds)
 
-    if method == "random":
-        rng = np.random.default_rng(seed)
-        return {g.id: _normalize(rng.random(g.num_units), normalize) for g in groups}
-
-    if method in _GRAD_METHODS and stats is None:
+    if spec.needs is not None and stats is None:
         if calibration is None:
             raise ValueError(f"method {method!r} needs calibration token ids")
-        stats = gradient_stats(model, graph, calibration, progress=progress,
-                               per_sample=method in ("fisher", "taylor+fisher"))
-    if method == "obs":
-        if stats is None:
-            if calibration is None:
-                raise ValueError("method 'obs' needs calibration token ids")
-            stats = gram_stats(model, graph, calibration, progress=progress)
-        return {k: _normalize(v, normalize) for k, v in obs_scores(model, graph, stats, groups).items()}
-    act_dims = {}
-    if method in ("activation", "fluctuation"):
-        if stats is None:
-            if calibration is None:
-                raise ValueError(f"method {method!r} needs calibration token ids")
-            pass_ = activation_stats if method == "activation" else fluctuation_stats
-            stats = pass_(model, graph, calibration, progress=progress)
-        act_dims = {w: v.in_dim for w, v in consumers(model, graph).values()}
+        stats = PASSES[spec.needs](model, graph, calibration, progress=progress)
+    if spec.units is not None:
+        return {k: _normalize(v, normalize) for k, v in spec.units(model, graph, groups, stats, seed).items()}
+
+    grads = spec.needs in ("gradients", "fisher")
+    inputs = spec.needs in ("input_norms", "input_variance")
+    act_dims = {w: v.in_dim for w, v in consumers(model, graph).values()} if inputs else {}
 
     canon = canonical_names(graph)
     tensors = _tensors(model)
@@ -346,26 +415,24 @@ def score(model, graph, calibration=None, method: str = "taylor", aggregate: str
             key = (name, m.dim)
             if key not in cache:
                 kw = {}
-                if method in _GRAD_METHODS:
+                if grads:
                     if name not in stats.grad:  # a buffer, or a tensor without a gradient
                         cache[key] = None
                         continue
                     kw = {"g": stats.grad[name], "fisher": stats.fisher.get(name)}
-                elif method == "activation" and act_dims.get(name) == m.dim:
-                    kw = {"act": stats.get(name), "act_dim": m.dim}
-                elif method == "fluctuation":
-                    if act_dims.get(name) != m.dim or name not in stats:  # not a consumer: FLAP ignores it
+                elif inputs:
+                    if act_dims.get(name) == m.dim and (name in stats or not spec.consumers_only):
+                        kw = {"act": stats.get(name), "act_dim": m.dim}
+                    elif spec.consumers_only:  # not a consumer: FLAP ignores it
                         cache[key] = None
                         continue
-                    kw = {"act": stats[name], "act_dim": m.dim}
                 e = _element_scores(method, w, **kw)
                 other = [d for d in range(e.dim()) if d != m.dim]
                 cache[key] = (e.sum(other) if other else e).double().cpu().numpy()
             per_index = cache[key]
             if per_index is None:
                 continue
-            post = np.sqrt if method in ("l2", "magnitude") else np.abs if method == "taylor-vector" else None
-            rows.append(_member_units(m, per_index, g, post))
+            rows.append(_member_units(m, per_index, g, spec.post))
         s = _aggregate(rows, aggregate) if rows else np.zeros(g.num_units)
         out[g.id] = _normalize(s.astype(np.float64), normalize)
     return out

@@ -9,7 +9,7 @@ from . import record as records
 from .compensate import apply_bias
 from .errors import PlanError
 from .graph import trace
-from .importance import METHODS, score
+from .importance import methods, score
 from .plan import Plan, check_ratio
 from .reconstruct import ReconstructConfig, reconstruct as refit_consumers
 from .shrink import shrink
@@ -81,8 +81,8 @@ def prune(model, calibration=None, target: float = 0.2, method: str = "activatio
             raise PlanError("per-kind ratios are applied in one step; use a parameter target with steps > 1")
         kinds = tuple(ratios)
     check_ratio(target)
-    if method not in METHODS:
-        raise PlanError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in methods():
+        raise PlanError(f"unknown method {method!r}; choose one of {', '.join(methods())}")
     if not isinstance(steps, int) or steps < 1:
         raise PlanError(f"steps must be a positive integer, got {steps!r}")
     if compensate and calibration is None:

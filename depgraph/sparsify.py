@@ -36,6 +36,8 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -47,7 +49,6 @@ __all__ = ["sparsify", "SparsifyError", "METHODS", "parse_nm", "find_layers", "l
            "magnitude_mask", "sparsegpt_prune", "nm_mask", "to_semi_structured", "check_nm", "check_sparsity",
            "batches_of", "capture_layer_inputs", "run_layer"]
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
 class SparsifyError(DepgraphError, ValueError):
@@ -299,16 +300,62 @@ def run_layer(layer, item):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _prune_weight(w, method, sparsity, nm, per_row, stats, blocksize, damp):
-    """New weight (float32, [out, in]) and extra report fields."""
-    if method == "magnitude":
-        mask = magnitude_mask(w, sparsity, nm, per_row)
-        return w.float().masked_fill(mask, 0), {}
-    if method == "wanda":
-        mask = wanda_mask(w, stats.norm, sparsity, nm)
-        return w.float().masked_fill(mask, 0), {}
-    new, info = sparsegpt_prune(w, stats.hessian(), sparsity, nm, blocksize, damp)
-    return new, info
+# ----------------------------------------------------------------------------------------------------------------------
+# The methods: one registered function per method, with the input statistics it reads declared beside it
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a sparsity method is asked for: ``sparsity`` (fraction zeroed) or ``nm`` (N, M); the rest are its knobs."""
+
+    sparsity: float | None
+    nm: tuple | None
+    per_row: bool = False
+    blocksize: int = 128
+    damp: float = 0.01
+
+
+@dataclass(frozen=True)
+class Sparsifier:
+    """``prune(w [out, in], stats, opts) -> (new weight float32 [out, in], extra report fields)``. ``stats``: None
+    (weights only), ``"norms"`` (:class:`depgraph.stats.InputStats` without Gram) or ``"gram"`` (with ``X^T X``)."""
+
+    name: str
+    prune: Callable
+    stats: str | None = None
+
+
+SPARSIFIERS: dict = {}
+
+
+def sparsifier(name: str, stats: str | None = None):
+    """Register the decorated ``prune(w, stats, opts)`` as sparsity method ``name`` (see :class:`Sparsifier`)."""
+    if stats not in (None, "norms", "gram"):
+        raise ValueError(f"unknown stats {stats!r}; use None, 'norms' or 'gram'")
+
+    def register(fn):
+        SPARSIFIERS[name] = Sparsifier(name, fn, stats)
+        return fn
+    return register
+
+
+@sparsifier("magnitude")
+def _magnitude(w, stats, opts):
+    return w.float().masked_fill(magnitude_mask(w, opts.sparsity, opts.nm, opts.per_row), 0), {}
+
+
+@sparsifier("wanda", stats="norms")
+def _wanda(w, stats, opts):
+    return w.float().masked_fill(wanda_mask(w, stats.norm, opts.sparsity, opts.nm), 0), {}
+
+
+@sparsifier("sparsegpt", stats="gram")
+def _sparsegpt(w, stats, opts):
+    return sparsegpt_prune(w, stats.hessian(), opts.sparsity, opts.nm, opts.blocksize, opts.damp)
+
+
+METHODS = tuple(SPARSIFIERS)  # the built-in methods (the registry may grow: SPARSIFIERS holds the current ones)
 
 
 def sparsify(model, method: str = "wanda", sparsity: float | None = None, nm=None, calibration=None, *,
@@ -329,8 +376,9 @@ def sparsify(model, method: str = "wanda", sparsity: float | None = None, nm=Non
     bad arguments raise :class:`SparsifyError`.
     """
     # ---- checks, before anything is modified
-    if method not in METHODS:
-        raise SparsifyError(f"unknown sparsify method {method!r}; choose from {', '.join(METHODS)}")
+    if method not in SPARSIFIERS:
+        raise SparsifyError(f"unknown sparsify method {method!r}; choose from {', '.join(SPARSIFIERS)}")
+    spec = SPARSIFIERS[method]
     if sparsity is not None and nm is not None:
         raise SparsifyError("give either sparsity= (unstructured) or nm= (N:M pattern), not both")
     if nm is not None:
@@ -358,13 +406,14 @@ def sparsify(model, method: str = "wanda", sparsity: float | None = None, nm=Non
                                 f"{', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''} (shrink with round_to a "
                                 f"multiple of {nm[1]}, or skip= those modules)")
     batches = None
-    if method != "magnitude":
+    if spec.stats is not None:
         if calibration is None:
             raise SparsifyError(f"{method} needs calibration token ids [n_samples, seq_len] "
                                 f"(depgraph.calibration.load_calibration)")
         batches = batches_of(calibration, batch_size)
 
     # ---- work
+    opts = Options(sparsity, nm, per_row, blocksize, damp)
     t0 = time.perf_counter()
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
     was_training = model.training
@@ -382,7 +431,7 @@ def sparsify(model, method: str = "wanda", sparsity: float | None = None, nm=Non
                     layer.to(device)
                 stats = {}
                 if inputs is not None and linears:  # Wanda: float32 norms; SparseGPT: float64 X^T X
-                    gram = method == "sparsegpt"
+                    gram = spec.stats == "gram"
                     with Collector(linears, gram=gram, dtype=torch.float64 if gram else torch.float32) as col:
                         for item in inputs:
                             run_layer(layer, item)
@@ -390,7 +439,7 @@ def sparsify(model, method: str = "wanda", sparsity: float | None = None, nm=Non
                 modules = {}
                 for n, m in linears:
                     w = _weight(m)
-                    new, info = _prune_weight(w, method, sparsity, nm, per_row, stats.get(n), blocksize, damp)
+                    new, info = spec.prune(w, stats.get(n), opts)
                     linear_view(m).set_weight(new)
                     zeros = int((_weight(m) == 0).sum())
                     modules[n] = {"sparsity": round(zeros / w.numel(), 6), "zeros": zeros, "numel": w.numel(),

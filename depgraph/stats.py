@@ -142,7 +142,7 @@ class InputStats:
         self.sum += x.sum(0)
         self.sumsq += x.pow(2).sum(0)
         if self.gram is not None:
-            self.gram.addmm_(x.t(), x)
+            self.gram += x.t() @ x
 
     @property
     def mean(self) -> torch.Tensor:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from depgraph.errors import DepgraphError
-from depgraph.importance import METHODS, NEEDS_CALIBRATION
+from depgraph.importance import methods, needs_calibration
 from depgraph.plan import POLICIES, dump_plans
 
 from .common import (add_calibration, add_model_argument, add_protocol_argument, calibration_from_args, fraction,
@@ -49,7 +49,7 @@ def add(subparsers) -> None:
     p.add_argument("--target", type=fraction, default=0.2, help="fraction of all parameters to remove")
     p.add_argument("--ratios", type=_ratios, default=None,
                    help="per-kind fractions of units instead of --target, e.g. attention=0.25,mlp=0.3")
-    p.add_argument("--method", choices=METHODS, default="activation",
+    p.add_argument("--method", choices=methods(), default="activation",
                    help="importance estimator (default: activation; it and fluctuation lead on SmolLM2 in "
                         "bench/results/prune.md)")
     add_calibration(p, "self", 10, 64,
@@ -86,7 +86,7 @@ def _check_prune_args(args) -> list:
     if args.steps < 1 or args.n_samples < 1 or args.seq_len < 2:
         raise DepgraphError("--steps, --n-samples must be >= 1 and --seq-len >= 2")
     calib = Path(args.calib).expanduser()
-    needs_calib = args.method in NEEDS_CALIBRATION or args.compensate or args.reconstruct
+    needs_calib = needs_calibration(args.method) or args.compensate or args.reconstruct
     if needs_calib and (calib.suffix or "/" in args.calib):
         if not calib.is_file():
             raise DepgraphError(f"--calib: file {calib} does not exist")
@@ -103,7 +103,7 @@ def run(args) -> int:
     model, tok = load(args)
     load_s = time.perf_counter() - t0
     calib = None
-    if args.method in NEEDS_CALIBRATION or args.compensate or args.reconstruct:
+    if needs_calibration(args.method) or args.compensate or args.reconstruct:
         calib = calibration_from_args(args, model, tok)
     model, report, plans = depgraph.prune(model, calib, target=args.target, method=args.method, kinds=kinds,
                                           policy=args.policy, layers=args.layers, round_to=args.round_to,

@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from depgraph.sparsify import METHODS, SparsifyError, check_sparsity, parse_nm, sparsify
+from depgraph.sparsify import SPARSIFIERS, SparsifyError, check_sparsity, parse_nm, sparsify
 
 from .common import add_calibration, add_model_argument, calibration_from_args, load, model_name
 
@@ -30,7 +30,7 @@ def add(subparsers) -> None:
                     "layer by layer on calibration data, and save the result with save_pruned plus sparsify.json "
                     "(achieved sparsity per layer and module).")
     add_model_argument(p)
-    p.add_argument("--method", choices=METHODS, default="wanda", help="default: %(default)s")
+    p.add_argument("--method", choices=tuple(SPARSIFIERS), default="wanda", help="default: %(default)s")
     pattern = p.add_mutually_exclusive_group()
     pattern.add_argument("--sparsity", type=_sparsity_arg, default=None,
                          help="fraction of weights zeroed, in [0, 1) (default 0.5)")
@@ -57,7 +57,7 @@ def run(args) -> int:
     sparsity = None if nm else (0.5 if args.sparsity is None else args.sparsity)
     model, tok = load(args)
     calib = None
-    if args.method != "magnitude":
+    if SPARSIFIERS[args.method].stats is not None:
         calib = calibration_from_args(args, model, tok)
     skip = tuple(s for s in args.skip.split(",") if s)
     model, report = sparsify(model, args.method, sparsity=sparsity, nm=nm, calibration=calib, per_row=args.per_row,
