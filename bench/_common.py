@@ -1,17 +1,11 @@
-"""Helpers shared by the benchmark scripts.
-
-Importing this module first also drops ``bench/`` from ``sys.path``: ``bench/recover.py`` would otherwise shadow the
-``recover`` package for every script run from this folder.
-"""
+"""Helpers shared by the benchmark scripts (they import the installed depgraph, recover and viz packages)."""
 from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 RESULTS = Path(_HERE) / "results"
 

@@ -17,7 +17,7 @@ import platform
 import tempfile
 import time
 
-from _common import RESULTS, load_smollm2, perplexities  # first: it takes bench/ off sys.path
+from _common import RESULTS, load_smollm2, perplexities
 
 import torch
 

@@ -17,7 +17,7 @@ import resource
 import sys
 import time
 
-from _common import RESULTS, Results, load_smollm2, perplexities  # first: it takes bench/ off sys.path
+from _common import RESULTS, Results, load_smollm2, perplexities
 
 import torch
 

@@ -11,7 +11,7 @@
    PEFT + ``Trainer`` run of the same pruned model and data, interleaved ``--tp-reps`` times; target ratio >= 0.95.
 
 Writes ``bench/results/recover.json`` and ``bench/results/recover.md`` (``--out`` to change).  Smoke run:
-``python bench/recover.py --max-steps 2 --limit 2 --ppl-limit 2 --tp-steps 2 --tp-reps 1 --out /tmp/rb``.
+``python bench/recovery.py --max-steps 2 --limit 2 --ppl-limit 2 --tp-steps 2 --tp-reps 1 --out /tmp/rb``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import depgraph  # noqa: E402
 from depgraph.calibration import load_calibration  # noqa: E402
@@ -176,7 +175,7 @@ def write_md(res: dict, path: Path) -> None:
     lines = [f"# LoRA recovery of SmolLM2-135M-Instruct pruned by {a['target']:.0%} "
              f"({a['method']}, {a['calib']} calibration)", "",
              f"{res['machine']}; torch {res['torch']}, transformers {res['transformers']}, peft {res['peft']}; "
-             f"lm-eval {res['evals']['dense'].get('lm_eval_version')}. Command: `python bench/recover.py "
+             f"lm-eval {res['evals']['dense'].get('lm_eval_version')}. Command: `python bench/recovery.py "
              f"{res.get('argv', '')}`.", ""]
     if rec:
         stop = "stopped by the time budget" if rec.get("stopped_by_time_budget") else "ran to its planned end"
@@ -226,7 +225,7 @@ def write_md(res: dict, path: Path) -> None:
                       f"recover() {tp['ours_tokens_per_second']:.0f} tokens/s, plain PEFT + Trainer "
                       f"{tp['plain_tokens_per_second']:.0f} tokens/s, ratio {tp['ratio']:.3f} "
                       f"(target >= 0.95: {'met' if tp['meets_target'] else 'NOT met'})"
-                      + (f"; measured separately with `python bench/recover.py {tp['argv']}`" if tp.get("argv") else "")
+                      + (f"; measured separately with `python bench/recovery.py {tp['argv']}`" if tp.get("argv") else "")
                       + ". Per run: recover() " + ", ".join(f"{r['tokens_per_second']:.0f}" for r in tp["ours"])
                       + "; plain " + ", ".join(f"{r['tokens_per_second']:.0f}" for r in tp["plain"]) + " tokens/s."]
     path.write_text("\n".join(lines) + "\n")

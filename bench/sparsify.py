@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 
-from _common import RESULTS, Results, load_smollm2, perplexities  # first: it takes bench/ off sys.path
+from _common import RESULTS, Results, load_smollm2, perplexities
 
 import torch
 
