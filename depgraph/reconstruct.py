@@ -30,6 +30,7 @@ from .plan import Plan
 from .refit import augment, mean_fill, output_error, refit
 from .shrink import mask
 from .sparsify import batches_of, capture_layer_inputs, find_layers, run_layer
+from .stats import Collector, InputStats, linear_view
 
 __all__ = ["ReconstructConfig", "MODES", "consumers", "reconstruct", "reconstruct_block", "weight_out_in"]
 
@@ -56,11 +57,8 @@ class ReconstructConfig:
 
 def _input_dim(mod) -> int | None:
     """The weight dim that holds a linear-like module's input features (nn.Linear: 1, GPT-2's Conv1D: 0)."""
-    if isinstance(mod, nn.Linear):
-        return 1
-    if type(mod).__name__ == "Conv1D" and hasattr(mod, "nf"):
-        return 0
-    return None
+    view = linear_view(mod)
+    return None if view is None else view.in_dim
 
 
 def consumers(model, plan: Plan, entries=None) -> dict:
@@ -81,24 +79,7 @@ def consumers(model, plan: Plan, entries=None) -> dict:
 
 def weight_out_in(mod) -> torch.Tensor:
     """[out, in] view of a linear-like weight."""
-    return mod.weight.data if _input_dim(mod) == 1 else mod.weight.data.t()
-
-
-class _InputStats:
-    """Count, sum and (lstsq) Gram ``X^T X`` of one consumer's inputs, float64."""
-
-    def __init__(self, width: int, gram: bool, device):
-        self.count = 0
-        self.sum = torch.zeros(width, dtype=torch.float64, device=device)
-        self.gram = torch.zeros(width, width, dtype=torch.float64, device=device) if gram else None
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1])
-        self.count += x.shape[0]
-        self.sum += x.sum(0, dtype=torch.float64)
-        if self.gram is not None:
-            xd = x.double()
-            self.gram += xd.t() @ xd
+    return linear_view(mod).weight()
 
 
 @torch.no_grad()
@@ -113,15 +94,11 @@ def reconstruct_block(block: nn.Module, inputs, block_consumers: dict, config: R
     """
     config = config or ReconstructConfig()
     mods = {p: block.get_submodule(p) for p in block_consumers}
-    stats = {p: _InputStats(weight_out_in(m).shape[1], config.mode == "lstsq", weight_out_in(m).device)
-             for p, m in mods.items()}
-    handles = [m.register_forward_pre_hook(lambda mod, args, s=stats[p]: s.add(args[0])) for p, m in mods.items()]
-    try:
+    with Collector(mods, gram=config.mode == "lstsq") as col:  # float64 count, sum (and X^T X)
         for item in inputs:
             run_layer(block, item)
-    finally:
-        for h in handles:
-            h.remove()
+    stats = {p: col.stats.get(p) or InputStats.zeros(weight_out_in(m).shape[1], config.mode == "lstsq",
+                                                     device=weight_out_in(m).device) for p, m in mods.items()}
     bias, info = {}, {}
     for path, removed in block_consumers.items():
         mod, st = mods[path], stats[path]
