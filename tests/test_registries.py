@@ -41,7 +41,8 @@ def registered():
 def test_builtin_methods_are_the_registry():
     assert importance.METHODS == importance.methods() == tuple(_choices("prune"))
     assert importance.NEEDS_CALIBRATION == ("taylor", "fisher", "taylor+fisher", "taylor-vector", "activation",
-                                            "fluctuation")
+                                            "fluctuation", "obs")
+    assert importance.SCORERS["obs"].needs == "gram" and importance.SCORERS["random"].needs is None
     assert sp.METHODS == ("magnitude", "wanda", "sparsegpt") == tuple(_choices("sparsify"))
     with pytest.raises(ValueError, match="unknown needs"):
         importance.scorer("x", needs="hessian-typo")
