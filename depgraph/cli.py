@@ -32,16 +32,21 @@ def _add_model_argument(parser: argparse.ArgumentParser) -> None:
         help="a Hugging Face model folder, a .gguf file, a folder written by save_pruned, or a hub id "
              "(default: the bundled SmolLM2-135M-Instruct)",
     )
-    parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="dtype to load the model in "
-                                                                              "(default: %(default)s)")
+    parser.add_argument("--dtype", choices=("auto",) + _DTYPES, default="auto",
+                        help="dtype to load the model in (default: auto, the checkpoint's own dtype)")
+
+
+def _dtype(args):
+    """--dtype auto -> None (the checkpoint's dtype), else the torch dtype."""
+    import torch
+
+    return None if args.dtype == "auto" else getattr(torch, args.dtype)
 
 
 def _load(args):
-    import torch
-
     from depgraph.models import load_model
 
-    return load_model(args.model, dtype=getattr(torch, args.dtype))
+    return load_model(args.model, dtype=_dtype(args))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -97,8 +102,8 @@ def _add_recover(subparsers) -> None:
     )
     parser.add_argument("pruned", metavar="PRUNED", help="the pruned model: a save_pruned folder (or any MODEL "
                                                          "that `depgraph trace` accepts)")
-    parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="dtype to load the model in "
-                                                                              "(default: %(default)s)")
+    parser.add_argument("--dtype", choices=("auto",) + _DTYPES, default="auto",
+                        help="dtype to load the model in (default: auto, the checkpoint's own dtype)")
     parser.add_argument("--data", required=True, metavar="SOURCE",
                         help="Alpaca-format .json/.jsonl file, 'alpaca' (the shared 5,000-example subset), a "
                              "plain-text file (one example per paragraph), 'self' (--limit texts sampled from the "
@@ -154,8 +159,6 @@ def _add_recover(subparsers) -> None:
 
 
 def _run_recover(args) -> int:
-    import torch
-
     from depgraph.models import load_model
 
     if args.distill and not args.teacher:
@@ -166,14 +169,14 @@ def _run_recover(args) -> int:
 
     log = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, file=sys.stderr, **k))
     log(f"loading {args.pruned}")
-    model, tokenizer = load_model(args.pruned, dtype=getattr(torch, args.dtype))
+    model, tokenizer = load_model(args.pruned, dtype=_dtype(args))
     if tokenizer is None:
         raise ValueError(f"{args.pruned}: no tokenizer saved with the model; save it with save_pruned(model, path, "
                          f"tokenizer=...)")
     teacher = None
     if args.distill:
         log(f"loading teacher {args.teacher}")
-        teacher, _ = load_model(args.teacher, dtype=getattr(torch, args.dtype))
+        teacher, _ = load_model(args.teacher, dtype=_dtype(args))
     val = int(args.val_size) if args.val_size >= 1 else args.val_size
     _, summary = recover(
         model, tokenizer, args.data, args.output, rank=args.rank, alpha=args.alpha, dropout=args.dropout,

