@@ -89,7 +89,7 @@ BUILTIN_SOURCES: dict[str, str] = {
     "ptb": "ptb/ptb.test.txt",
     "wikitext2": "wikitext2/wiki.valid.tokens",
 }
-_SELF_SOURCES = ("self", "generated")
+SELF_SOURCES = ("self", "generated")  # data-free: text sampled from the model itself
 
 # How token windows start: "bos" puts the tokenizer's BOS in front of every window when the tokenizer adds one
 # (lm-eval's convention: every rolling window is scored after a prefix token); "llm-pruner" cuts bare windows
@@ -463,7 +463,7 @@ def load_calibration_set(
     n_samples, seq_len = int(n_samples), int(seq_len)
     src = os.fspath(source)
 
-    if src in _SELF_SOURCES:
+    if src in SELF_SOURCES:
         ids = _self_generate(model, tokenizer, n_samples, seq_len, seed)
         return CalibrationSet(ids, src, "self-generated", "self", seed)
 

@@ -104,6 +104,9 @@ def add_prune(subparsers, add_model_argument) -> None:
     p.add_argument("--seed", type=int, default=0)
     add_protocol_argument(p)
     p.add_argument("--data-dir", default=None, help="folder laid out like ../shared/data")
+    p.add_argument("--stream", action="store_true",
+                   help="models larger than memory: read MODEL's safetensors shards one decoder block at a time "
+                        "(gradient-free methods; --calib must name data, not self)")
     p.add_argument("--no-report", action="store_true", help="do not write report.html into the output folder")
     p.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
     p.set_defaults(func=run_prune)
@@ -128,6 +131,8 @@ def _check_prune_args(args) -> list:
 
 def run_prune(args) -> int:
     kinds = _check_prune_args(args)
+    if args.stream:
+        return run_prune_streamed(args, kinds)
     import depgraph
     from .cli import _load
 
@@ -154,15 +159,56 @@ def run_prune(args) -> int:
                                extra_files={"plan.json": plan_json, "report.json": json.dumps(report, indent=1)})
     report["times"]["save_s"] = time.perf_counter() - t
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    if not args.no_report:
-        try:
-            from viz import report as html_report
-
-            html_report(out)
-        except ImportError as e:  # matplotlib is an optional extra
-            print(f"no report.html ({e}); install depgraph[viz]", file=sys.stderr)
+    _html_report(out, args)
     print(f"pruned {report['params_before']:,} -> {report['params_after']:,} parameters "
           f"({100 * report['removed_fraction']:.1f}% removed, method {args.method}); wrote {out}")
+    return 0
+
+
+def _html_report(out, args) -> None:
+    if args.no_report:
+        return
+    try:
+        from viz import report as html_report
+
+        html_report(out)
+    except ImportError as e:  # matplotlib is an optional extra
+        print(f"no report.html ({e}); install depgraph[viz]", file=sys.stderr)
+
+
+def run_prune_streamed(args, kinds) -> int:
+    """``depgraph prune MODEL --stream``: the checks of :mod:`depgraph.stream` first, then the streamed prune."""
+    from depgraph.calibration import SELF_SOURCES
+    from depgraph.stream import SELF_CALIBRATION, StreamSettings, check_settings, prune_streamed
+
+    from .cli import _dtype
+
+    if args.model is None or not Path(args.model).expanduser().is_dir():
+        raise DepgraphError(f"--stream needs MODEL to be a local model folder of safetensors shards, got "
+                            f"{args.model!r}")
+    settings = StreamSettings(target=args.target, method=args.method, kinds=tuple(kinds), policy=args.policy,
+                              layers=args.layers, round_to=args.round_to, gqa=args.gqa, steps=args.steps,
+                              uniform=args.uniform, compensate=args.compensate, ratios=args.ratios,
+                              dtype=_dtype(args))
+    check_settings(settings)
+    needs_calib = args.method in NEEDS_CALIBRATION
+    if needs_calib and args.calib in SELF_SOURCES:
+        raise DepgraphError(SELF_CALIBRATION)
+    calib = None
+    if needs_calib:
+        from transformers import AutoTokenizer
+
+        from depgraph.calibration import load_calibration_set
+
+        calib = load_calibration_set(args.calib, AutoTokenizer.from_pretrained(args.model), n_samples=args.n_samples,
+                                     seq_len=args.seq_len, seed=args.seed, data_dir=args.data_dir).input_ids
+    _, report, _ = prune_streamed(args.model, calib, args.output, settings)
+    out = Path(args.output)
+    _html_report(out, args)
+    s = report["stream"]
+    print(f"pruned {report['params_before']:,} -> {report['params_after']:,} parameters "
+          f"({100 * report['removed_fraction']:.1f}% removed, method {args.method}, streamed: "
+          f"{s['wall_s']:.0f} s, peak RSS {s['peak_rss_gb']:.2f} GB); wrote {out}")
     return 0
 
 

@@ -32,6 +32,7 @@ Methods (``w`` weight, ``g`` gradient of the mean calibration loss, ``F`` diagon
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,7 +44,7 @@ METHODS = ("random", "l1", "l2", "magnitude", "taylor", "fisher", "taylor+fisher
 NEEDS_CALIBRATION = ("taylor", "fisher", "taylor+fisher", "taylor-vector", "activation", "fluctuation", "obs")
 AGGREGATES = ("sum", "mean", "max", "prod")
 NORMALIZE = (None, "mean", "max")
-_GRAD_METHODS = ("taylor", "fisher", "taylor+fisher", "taylor-vector")
+GRADIENT_METHODS = ("taylor", "fisher", "taylor+fisher", "taylor-vector")  # need a backward pass
 
 
 @dataclass
@@ -183,14 +184,12 @@ def _input_dims(model, graph) -> dict:
     return out
 
 
-@torch.no_grad()
-def input_moments(model, graph, batches, progress: bool = True) -> dict:
-    """Gradient-free pass over the calibration rows: ``{weight name: (n, sum [in], sum of squares [in])}``
-    of each input feature over every calibration token (float64 sums), for every linear layer whose weight
-    is a group member along its input-feature dim. A weight used by several layers (tied) accumulates over
-    all of them."""
-    batches = _check_batches(batches)
-    sites = _input_dims(model, graph)
+@contextmanager
+def moment_hooks(model, graph):
+    """Forward hooks that accumulate ``{weight name: (n, sum [in], sum of squares [in])}`` (float64 sums) of
+    the inputs of every linear layer whose weight is a group member along its input-feature dim, while the
+    caller runs the model (or one block of it: streamed pruning runs one decoder block at a time). Yields the
+    dict; the hooks are removed on exit. A weight used by several layers (tied) accumulates over all of them."""
     stats, hooks = {}, []
 
     def hook(wname):
@@ -202,17 +201,28 @@ def input_moments(model, graph, batches, progress: bool = True) -> dict:
         return fn
 
     modules = dict(model.named_modules())
+    try:
+        for mname, (wname, _) in _input_dims(model, graph).items():
+            hooks.append(modules[mname].register_forward_hook(hook(wname)))
+        yield stats
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@torch.no_grad()
+def input_moments(model, graph, batches, progress: bool = True) -> dict:
+    """Gradient-free pass over the calibration rows, one row at a time: the :func:`moment_hooks` statistics
+    of each input feature over every calibration token."""
+    batches = _check_batches(batches)
     was_training = model.training
     dev = _device(model)
     try:
         model.eval()
-        for mname, (wname, _) in sites.items():
-            hooks.append(modules[mname].register_forward_hook(hook(wname)))
-        for row in tqdm(batches, desc="activations", disable=not progress, leave=False):
-            model(input_ids=row[None].to(dev))
+        with moment_hooks(model, graph) as stats:
+            for row in tqdm(batches, desc="activations", disable=not progress, leave=False):
+                model(input_ids=row[None].to(dev))
     finally:
-        for h in hooks:
-            h.remove()
         model.train(was_training)
     return stats
 
@@ -269,20 +279,33 @@ def obs_scores(model, graph, grams: dict, groups, damp: float = 0.01) -> dict:
     return out
 
 
+def squared_norms(moments: dict) -> dict:
+    """``{weight name: [in_features] float32}``: each input feature's squared L2 norm over the tokens."""
+    return {w: s2.float() for w, (_, _, s2) in moments.items()}
+
+
+def variances(moments: dict) -> dict:
+    """``{weight name: [in_features] float32}``: each input feature's (population) variance over the tokens."""
+    out = {}
+    for w, (n, s1, s2) in moments.items():
+        mean = s1 / n
+        out[w] = (s2 / n - mean * mean).clamp_min(0).float()
+    return out
+
+
+STATS_FROM_MOMENTS = {"activation": squared_norms, "fluctuation": variances}
+
+
 def activation_stats(model, graph, batches, progress: bool = True) -> dict:
     """``{weight name: [in_features] float32}``: the squared L2 norm of each input feature over every
     calibration token (see :func:`input_moments`)."""
-    return {w: s2.float() for w, (_, _, s2) in input_moments(model, graph, batches, progress).items()}
+    return squared_norms(input_moments(model, graph, batches, progress))
 
 
 def fluctuation_stats(model, graph, batches, progress: bool = True) -> dict:
     """``{weight name: [in_features] float32}``: the (population) variance of each input feature over every
     calibration token (see :func:`input_moments`)."""
-    out = {}
-    for w, (n, s1, s2) in input_moments(model, graph, batches, progress).items():
-        mean = s1 / n
-        out[w] = (s2 / n - mean * mean).clamp_min(0).float()
-    return out
+    return variances(input_moments(model, graph, batches, progress))
 
 
 # -- element scores -> unit scores -----------------------------------------------------------
@@ -372,7 +395,7 @@ def score(model, graph, calibration=None, method: str = "taylor", aggregate: str
         rng = np.random.default_rng(seed)
         return {g.id: _normalize(rng.random(g.num_units), normalize) for g in groups}
 
-    if method in _GRAD_METHODS and stats is None:
+    if method in GRADIENT_METHODS and stats is None:
         if calibration is None:
             raise ValueError(f"method {method!r} needs calibration token ids")
         stats = gradient_stats(model, graph, calibration, progress=progress,
@@ -406,7 +429,7 @@ def score(model, graph, calibration=None, method: str = "taylor", aggregate: str
             key = (name, m.dim)
             if key not in cache:
                 kw = {}
-                if method in _GRAD_METHODS:
+                if method in GRADIENT_METHODS:
                     if name not in stats.grad:  # a buffer, or a tensor without a gradient
                         cache[key] = None
                         continue

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,9 +34,7 @@ def save_pruned(model, path, tokenizer=None, extra_files: dict | None = None) ->
     info = dict(_info(model))
     info["shapes"] = {n: list(p.shape) for n, p in model.state_dict().items()}
     config.depgraph = info
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_folder(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         wrote_code = remote_code.write(tmp, model)  # non-uniform: modeling file + auto_map for stock loading
         if tokenizer is not None:
@@ -43,6 +42,18 @@ def save_pruned(model, path, tokenizer=None, extra_files: dict | None = None) ->
         (tmp / "README.md").write_text(card.render(config, card.report_of(extra_files), wrote_code))  # extra wins
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+    return path
+
+
+@contextmanager
+def atomic_folder(path):
+    """Yield a temporary sibling folder of ``path`` to fill; on success it replaces ``path`` (an old folder is
+    moved aside, then deleted), on any error it is deleted and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -55,7 +66,6 @@ def save_pruned(model, path, tokenizer=None, extra_files: dict | None = None) ->
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
 
 
 def _read_state(path: Path) -> dict:

@@ -51,7 +51,7 @@ __all__ = [
 
 from depgraph.calibration import ALPACA_TEMPLATE as _CALIB_TEMPLATE  # noqa: E402
 from depgraph.calibration import ALPACA_TEMPLATE_NO_INPUT as _CALIB_TEMPLATE_NO_INPUT  # noqa: E402
-from depgraph.calibration import _SELF_SOURCES, _TEXT_SUFFIXES, _records_from_json  # noqa: E402
+from depgraph.calibration import SELF_SOURCES, _TEXT_SUFFIXES, _records_from_json  # noqa: E402
 
 IGNORE_INDEX = -100
 
@@ -130,7 +130,7 @@ def load_examples(source, data_dir: str | os.PathLike | None = None, limit: int 
     else:
         s = str(source)
         path = Path(s).expanduser()
-        if s.lower() in _SELF_SOURCES:
+        if s.lower() in SELF_SOURCES:
             rows = _generated_examples(model, tokenizer, int(limit or 256), int(seq_len), seed)
             where = "self-generated text"
         elif path.is_file() and path.suffix.lower() in _TEXT_SUFFIXES:
