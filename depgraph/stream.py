@@ -20,8 +20,9 @@ two give the same plan and the same weights. Lifecycle:
    other tensors, ``config.json`` with depgraph's record (``load_pruned`` rebuilds the shapes), the checkpoint's
    tokenizer files, ``plan.json`` and ``report.json``; the folder is renamed into place.
 
-Memory: one block in the checkpoint's dtype (bf16 stays bf16; statistics are float64 sums, scores float32),
-the embedding table during the capture, the carried hidden states [rows, seq_len, hidden] and the graph.
+Memory: one block in the checkpoint's dtype (bf16 stays bf16 on disk; statistics are float64 sums, scores float32;
+``compute_dtype=torch.float32`` runs the block math on an fp32 copy of the one resident block), the embedding table
+during the capture, the carried hidden states [rows, seq_len, hidden] and the graph.
 Gradient methods need a backward pass through the whole model and are refused.
 """
 from __future__ import annotations
@@ -71,7 +72,9 @@ class StreamSettings:
     compensate: bool = False
     ratios: dict | None = None
     progress: bool = True
-    dtype: torch.dtype | None = None  # None: the checkpoint's dtype
+    dtype: torch.dtype | None = None  # None: the checkpoint's dtype (that of the output weights)
+    compute_dtype: torch.dtype | None = None  # the block math's dtype; None: ``dtype``. float32 on CPUs without
+    # native bf16 matmuls is ~10x faster than bf16 (bench/results/scale.md) and exact to upcast/downcast
 
 
 # -- the checkpoint on disk ---------------------------------------------------------------------
@@ -269,7 +272,13 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
         torch.randint(0, model.config.vocab_size, (1, PROBE_LEN), generator=torch.Generator().manual_seed(0))
     embed = [n for n in outside if n not in head_only]
     _put(model, ckpt.read(embed), aliases)
-    carried = capture_layer_inputs(model, blocks, list(rows[:, None]), torch.device("cpu"))
+    dtype = model.dtype
+    compute = settings.compute_dtype or dtype
+    upcast = model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.to(compute))
+    try:  # hidden states (and the rotary tables computed from them) in the compute dtype
+        carried = capture_layer_inputs(model, blocks, list(rows[:, None]), torch.device("cpu"))
+    finally:
+        upcast.remove()
     _drop(model, embed, aliases)
     times["capture_s"] = time.perf_counter() - t
 
@@ -281,6 +290,7 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
         for i, block in enumerate(blocks):
             t = time.perf_counter()
             _put(model, ckpt.read(block_names[i]), aliases)
+            block.to(compute)
             view = BlockGraph(graph, i)
             probes[i] = [carried[0][0].clone(), carried[0][1], carried[0][2]]
             with torch.no_grad(), moment_hooks(model, view) as moments:
@@ -291,6 +301,7 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
                 scores.update(score(model, view, None, method=settings.method, aggregate=settings.aggregate,
                                     normalize=settings.normalize, kinds=kinds, stats=stats, progress=False))
             _drop(model, block_names[i], aliases)
+            block.to(dtype)  # on the meta device: no memory
             block_log[i].update(score_s=round(time.perf_counter() - t, 3), rss_gb_score=round(_rss_gb(), 3))
             bar.set_postfix_str(f"rss {_rss_gb():.2f} GB")
             bar.update()
@@ -314,8 +325,10 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
             for i, block in enumerate(blocks):
                 t = time.perf_counter()
                 _put(model, ckpt.read(block_names[i]), aliases)
+                block.to(compute)
                 sub = _block_plan(plan, block_names[i])
                 error = shrink_verified(model, block, sub, probes[i]) if sub.entries else None
+                block.to(dtype)  # slicing commutes with the (exact) upcast: the original values are written
                 state = model.state_dict()
                 tensors = {n: state[n].detach().contiguous() for n in block_names[i]}
                 total_size += _save(tensors, tmp / shard(i + 1, n_shards), weight_map)
@@ -345,6 +358,7 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
             "gqa": settings.gqa, "ratios": settings.ratios}, times, groups)
         report["stream"] = {"checkpoint": str(folder), "blocks": block_log, "peak_rss_gb": round(_peak_rss_gb(), 3),
                             "wall_s": round(time.perf_counter() - t_start, 3), "dtype": str(model.dtype),
+                            "compute_dtype": str(compute),
                             "calibration_rows": int(rows.shape[0]) if needs_stats else 0}
         (tmp / "plan.json").write_text(plan.to_json(indent=1))
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))

@@ -9,6 +9,7 @@ import torch
 import depgraph
 from depgraph.errors import LoadError, PlanError
 from depgraph.io import load_pruned
+from depgraph.stream import StreamSettings, prune_streamed
 
 
 def _tiny(tie: bool, layers: int = 4, vocab: int = 128):
@@ -34,10 +35,10 @@ def sharded(tmp_path):
     return _sharded(tmp_path)
 
 
-def _in_memory(folder, calib, **kw):
+def _in_memory(folder, calib, dtype="auto", **kw):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     return depgraph.prune(model, calib, progress=False, **kw)
 
 
@@ -98,6 +99,15 @@ def test_streamed_from_a_meta_model_keeps_bf16(tmp_path):
     assert model.dtype == torch.bfloat16
     for k, v in model.state_dict().items():
         assert torch.equal(v, out.state_dict()[k]), k
+    # the block math in fp32 (fast on CPUs): the in-memory prune of the fp32 upcast, written back in bf16
+    settings = StreamSettings(layers=None, round_to=1, progress=False, compute_dtype=torch.float32)
+    _, report32, plans32 = prune_streamed(tmp_path / "src", calib, tmp_path / "out32", settings)
+    assert report32["stream"]["compute_dtype"] == "torch.float32"
+    model32, _, plans = _in_memory(tmp_path / "src", calib, layers=None, round_to=1, dtype=torch.float32)
+    assert plans32[0].to_json() == plans[0].to_json()
+    out32 = load_pruned(tmp_path / "out32")
+    for k, v in model32.state_dict().items():
+        assert out32.state_dict()[k].dtype == torch.bfloat16 and torch.equal(v.bfloat16(), out32.state_dict()[k]), k
 
 
 def test_refusals_leave_nothing_behind(sharded, tmp_path):
