@@ -39,6 +39,15 @@ def meta_twin(model: torch.nn.Module) -> torch.nn.Module:
         meta = torch.empty_like(t, device="meta")
         memo[id(t)] = torch.nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else meta
     twin = copy.deepcopy(model, memo)
+    if any(hasattr(m, "_hf_hook") for m in twin.modules()):  # dispatched with accelerate: trace the plain model
+        from accelerate.hooks import remove_hook_from_module
+
+        for m in twin.modules():  # offload=False: detaching must not load the offloaded weights into the twin
+            hook = getattr(m, "_hf_hook", None)
+            for h in getattr(hook, "hooks", None) or [hook]:
+                if h is not None and hasattr(h, "offload"):
+                    h.offload = False
+        remove_hook_from_module(twin, recurse=True)
     twin.eval()
     config = getattr(twin, "config", None)
     if config is not None:

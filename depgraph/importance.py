@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .dispatch import fetch
+
 METHODS = ("random", "l1", "l2", "magnitude", "taylor", "fisher", "taylor+fisher", "taylor-vector", "activation",
            "fluctuation", "obs")
 NEEDS_CALIBRATION = ("taylor", "fisher", "taylor+fisher", "taylor-vector", "activation", "fluctuation", "obs")
@@ -426,6 +428,8 @@ def score(model, graph, calibration=None, method: str = "taylor", aggregate: str
             w = tensors.get(name)
             if w is None:
                 continue
+            if w.device.type == "meta":  # kept in accelerate's offload (a dispatched model)
+                w = fetch(model, name)
             key = (name, m.dim)
             if key not in cache:
                 kw = {}

@@ -6,6 +6,7 @@ import copy
 import torch
 from torch import nn
 
+from .dispatch import materialized
 from .errors import PlanError
 from .plan import Plan
 
@@ -109,8 +110,13 @@ def check_model(model, plan: Plan) -> dict:
 
 @torch.no_grad()
 def mask(model: nn.Module, plan: Plan) -> nn.Module:
-    """Zero every planned unit in place (soft pruning), leaving shapes unchanged."""
-    check_model(model, plan)
+    """Zero every planned unit in place (soft pruning), leaving shapes unchanged (offloaded weights included)."""
+    aliases = check_model(model, plan)
+    with materialized(model, [a for names in aliases.values() for a in names]):
+        return _mask(model, plan)
+
+
+def _mask(model, plan):
     for name, dims in plan.removed_by_param().items():
         t = _get_tensor(model, name)
         for d, idx in dims.items():
@@ -120,8 +126,14 @@ def mask(model: nn.Module, plan: Plan) -> nn.Module:
 
 @torch.no_grad()
 def shrink(model: nn.Module, plan: Plan) -> nn.Module:
-    """Remove every planned unit in place: slice member tensors, fix module attributes and config."""
+    """Remove every planned unit in place: slice member tensors, fix module attributes and config. Weights that
+    accelerate keeps offloaded (a dispatched model) are sliced in its offload too."""
     aliases = check_model(model, plan)
+    with materialized(model, [a for names in aliases.values() for a in names]):
+        return _shrink(model, plan, aliases)
+
+
+def _shrink(model, plan, aliases):
     record = _record(model)
     changed_modules = {}
     for name, dims in plan.removed_by_param().items():
