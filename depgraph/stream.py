@@ -72,6 +72,7 @@ class StreamSettings:
     compensate: bool = False
     ratios: dict | None = None
     progress: bool = True
+    log: str | None = None  # a file that gets one JSON line per finished block (partial results of long runs)
     dtype: torch.dtype | None = None  # None: the checkpoint's dtype (that of the output weights)
     compute_dtype: torch.dtype | None = None  # the block math's dtype; None: ``dtype``. float32 on CPUs without
     # native bf16 matmuls is ~10x faster than bf16 (bench/results/scale.md) and exact to upcast/downcast
@@ -286,25 +287,26 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
     scores = score(model, graph, None, method="random", kinds=kinds, normalize=settings.normalize) \
         if settings.method == "random" else {}
     probes = {}
-    with tqdm(total=len(blocks), desc="score blocks", disable=not settings.progress) as bar:
-        for i, block in enumerate(blocks):
-            t = time.perf_counter()
-            _put(model, ckpt.read(block_names[i]), aliases)
-            block.to(compute)
-            view = BlockGraph(graph, i)
-            probes[i] = [carried[0][0].clone(), carried[0][1], carried[0][2]]
-            with torch.no_grad(), moment_hooks(model, view) as moments:
-                for item in carried:
-                    item[0] = run_layer(block, item)
-            if settings.method != "random":
-                stats = STATS_FROM_MOMENTS[settings.method](moments) if needs_stats else None
-                scores.update(score(model, view, None, method=settings.method, aggregate=settings.aggregate,
-                                    normalize=settings.normalize, kinds=kinds, stats=stats, progress=False))
-            _drop(model, block_names[i], aliases)
-            block.to(dtype)  # on the meta device: no memory
-            block_log[i].update(score_s=round(time.perf_counter() - t, 3), rss_gb_score=round(_rss_gb(), 3))
-            bar.set_postfix_str(f"rss {_rss_gb():.2f} GB")
-            bar.update()
+    bar = tqdm(total=2 * len(blocks), desc="stream: score blocks", unit="block", disable=not settings.progress)
+    for i, block in enumerate(blocks):
+        t = time.perf_counter()
+        _put(model, ckpt.read(block_names[i]), aliases)
+        block.to(compute)
+        view = BlockGraph(graph, i)
+        probes[i] = [carried[0][0].clone(), carried[0][1], carried[0][2]]
+        with torch.no_grad(), moment_hooks(model, view) as moments:
+            for item in carried:
+                item[0] = run_layer(block, item)
+        if settings.method != "random":
+            stats = STATS_FROM_MOMENTS[settings.method](moments) if needs_stats else None
+            scores.update(score(model, view, None, method=settings.method, aggregate=settings.aggregate,
+                                normalize=settings.normalize, kinds=kinds, stats=stats, progress=False))
+        _drop(model, block_names[i], aliases)
+        block.to(dtype)  # on the meta device: no memory
+        block_log[i].update(score_s=round(time.perf_counter() - t, 3), rss_gb_score=round(_rss_gb(), 3))
+        _log(settings.log, "score", block_log[i], t_start)
+        bar.set_postfix_str(f"rss {_rss_gb():.2f} GB")
+        bar.update()
     times["score_s"] = sum(b["score_s"] for b in block_log)
     del carried
 
@@ -321,7 +323,8 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
     shard = "model-{:05d}-of-{:05d}.safetensors".format
     weight_map, total_size = {}, 0
     with atomic_folder(output) as tmp:
-        with tqdm(total=len(blocks), desc="shrink+write blocks", disable=not settings.progress) as bar:
+        bar.set_description("stream: shrink, verify, write blocks")
+        try:
             for i, block in enumerate(blocks):
                 t = time.perf_counter()
                 _put(model, ckpt.read(block_names[i]), aliases)
@@ -336,8 +339,11 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
                 _drop(model, block_names[i], aliases)
                 block_log[i].update(write_s=round(time.perf_counter() - t, 3), rss_gb_write=round(_rss_gb(), 3),
                                     verify_max_abs=error, units_removed=sum(len(e.units) for e in sub.entries))
+                _log(settings.log, "write", block_log[i], t_start)
                 bar.set_postfix_str(f"rss {_rss_gb():.2f} GB")
                 bar.update()
+        finally:
+            bar.close()
         times["shrink_s"] = sum(b["write_s"] for b in block_log)
         for k, names in enumerate(rest_shards):
             total_size += _save(ckpt.read(names), tmp / shard(len(blocks) + k + 1, n_shards), weight_map)
@@ -363,6 +369,13 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
         (tmp / "plan.json").write_text(plan.to_json(indent=1))
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
     return model, report, [plan]
+
+
+def _log(path, stage: str, record: dict, t_start: float) -> None:
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"stage": stage, **record, "elapsed_s": round(time.perf_counter() - t_start, 1),
+                                "peak_rss_gb": round(_peak_rss_gb(), 3)}) + "\n")
 
 
 def _module_path(model, module) -> str:

@@ -65,8 +65,10 @@ def test_streamed_equals_in_memory(tmp_path, tie, method, kw):
     calib = torch.randint(0, 128, (3, 12))
     model, report, plans = _in_memory(sharded, calib, method=method, target=0.2, **kw)
     depgraph.save_pruned(model, tmp_path / "mem")
-    meta, sreport, splans = depgraph.prune(str(sharded), calib, method=method, target=0.2, stream=True,
-                                           output=tmp_path / "out", progress=False, **kw)
+    settings = StreamSettings(method=method, target=0.2, progress=False, log=str(tmp_path / "log.jsonl"), **kw)
+    meta, sreport, splans = prune_streamed(str(sharded), calib, tmp_path / "out", settings)
+    lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [x["stage"] for x in lines] == ["score"] * 4 + ["write"] * 4 and lines[-1]["peak_rss_gb"] > 0
     assert splans[0].entries, "the plan removes something"
     assert splans[0].to_json() == plans[0].to_json()
     assert (tmp_path / "out" / "plan.json").read_text() == splans[0].to_json(indent=1)
@@ -113,6 +115,10 @@ def test_streamed_from_a_meta_model_keeps_bf16(tmp_path):
 def test_refusals_leave_nothing_behind(sharded, tmp_path):
     calib = torch.randint(0, 128, (2, 8))
     out = tmp_path / "out"
+    meta, _, _ = depgraph.prune(str(sharded), calib, stream=True, output=out, progress=False)  # depgraph.prune
+    assert meta.model.layers[1].mlp.down_proj.in_features < 96
+    import shutil
+    shutil.rmtree(out)
     with pytest.raises(PlanError, match="needs gradients.*whole model"):
         depgraph.prune(str(sharded), calib, method="taylor", stream=True, output=out)
     with pytest.raises(PlanError, match="spans more than one decoder block"):
