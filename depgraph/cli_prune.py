@@ -192,9 +192,9 @@ def run_prune_streamed(args, kinds) -> int:
     settings = StreamSettings(target=args.target, method=args.method, kinds=tuple(kinds), policy=args.policy,
                               layers=args.layers, round_to=args.round_to, gqa=args.gqa, steps=args.steps,
                               uniform=args.uniform, compensate=args.compensate, ratios=args.ratios,
-                              dtype=_dtype(args), compute_dtype=_dtype(argparse.Namespace(dtype=args.compute_dtype)))
+                              reconstruct=args.reconstruct, dtype=_dtype(args), compute_dtype=_dtype(argparse.Namespace(dtype=args.compute_dtype)))
     check_settings(settings)
-    needs_calib = args.method in NEEDS_CALIBRATION
+    needs_calib = args.method in NEEDS_CALIBRATION or args.reconstruct
     if needs_calib and args.calib in SELF_SOURCES:
         raise DepgraphError(SELF_CALIBRATION)
     calib = None
@@ -204,7 +204,8 @@ def run_prune_streamed(args, kinds) -> int:
         from depgraph.calibration import load_calibration_set
 
         calib = load_calibration_set(args.calib, AutoTokenizer.from_pretrained(args.model), n_samples=args.n_samples,
-                                     seq_len=args.seq_len, seed=args.seed, data_dir=args.data_dir).input_ids
+                                     seq_len=args.seq_len, seed=args.seed, data_dir=args.data_dir,
+                                     protocol=args.protocol).input_ids
     _, report, _ = prune_streamed(args.model, calib, args.output, settings)
     out = Path(args.output)
     _html_report(out, args)

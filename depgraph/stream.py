@@ -15,7 +15,9 @@ two give the same plan and the same weights. Lifecycle:
    in-memory prune, which scores the dense model;
 4. **plan**: ``Plan.from_scores`` on the whole graph with every block's scores (the parameter budget is global, so
    the uniform and the global policy both work);
-5. **write pass**: per block, read, mask and run it on a probe (the first calibration row's inputs), shrink and run
+5. **write pass**: per block, read; with ``reconstruct=True`` its consumers re-fitted on the hidden states the
+   already-pruned blocks produce (``reconstruct.reconstruct_block``, calibration batched as in memory); mask and
+   run it on a probe (the first calibration row's inputs), shrink and run
    it again (verify: the outputs agree), write its tensors as one shard of a temporary folder, drop them; then the
    other tensors, ``config.json`` with depgraph's record (``load_pruned`` rebuilds the shapes), the checkpoint's
    tokenizer files, ``plan.json`` and ``report.json``; the folder is renamed into place.
@@ -43,9 +45,10 @@ from .graph import trace
 from .importance import GRADIENT_METHODS, STATS_FROM_MOMENTS, _check_batches, moment_hooks, score
 from .io import atomic_folder
 from .plan import Plan
-from .prune import DEFAULT_KINDS, auto_layers, build_report, check_args, record_groups, step_target
+from .prune import DEFAULT_KINDS, auto_layers, build_report, check_args, record_groups, refit_summary, step_target
+from .reconstruct import ReconstructConfig, consumers, reconstruct_block
 from .shrink import mask, shrink
-from .sparsify import capture_layer_inputs, find_layers, run_layer
+from .sparsify import batches_of, capture_layer_inputs, find_layers, run_layer
 
 STREAM_METHODS = ("activation", "fluctuation", "magnitude", "l1", "l2", "random")
 SELF_CALIBRATION = ("--calib self samples text from the whole model, which --stream never holds; calibrate with "
@@ -70,6 +73,8 @@ class StreamSettings:
     steps: int = 1
     uniform: bool = False
     compensate: bool = False
+    reconstruct: bool = False  # least-squares re-fit of each block's consumers (depgraph.reconstruct), sequential
+    damp: float = 0.01
     ratios: dict | None = None
     progress: bool = True
     log: str | None = None  # a file that gets one JSON line per finished block (partial results of long runs)
@@ -221,9 +226,10 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
     if output is None:
         raise PlanError("stream=True needs output=FOLDER: the pruned weights are written block by block")
     check_settings(settings)
-    if settings.method in STATS_FROM_MOMENTS:
+    if settings.method in STATS_FROM_MOMENTS or settings.reconstruct:
         if calibration is None:
-            raise PlanError(f"method {settings.method!r} needs calibration token ids")
+            raise PlanError(f"{'reconstruct=True' if settings.reconstruct else 'method ' + repr(settings.method)} "
+                            f"needs calibration token ids")
         _check_batches(calibration)
     if isinstance(model, torch.nn.Module):
         if checkpoint is None:
@@ -272,15 +278,9 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
     rows = _check_batches(calibration) if needs_stats else \
         torch.randint(0, model.config.vocab_size, (1, PROBE_LEN), generator=torch.Generator().manual_seed(0))
     embed = [n for n in outside if n not in head_only]
-    _put(model, ckpt.read(embed), aliases)
     dtype = model.dtype
     compute = settings.compute_dtype or dtype
-    upcast = model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.to(compute))
-    try:  # hidden states (and the rotary tables computed from them) in the compute dtype
-        carried = capture_layer_inputs(model, blocks, list(rows[:, None]), torch.device("cpu"))
-    finally:
-        upcast.remove()
-    _drop(model, embed, aliases)
+    carried = _capture(model, ckpt, embed, aliases, blocks, list(rows[:, None]), compute)
     times["capture_s"] = time.perf_counter() - t
 
     # 3. score pass: dense blocks, dense hidden states carried forward
@@ -322,6 +322,13 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
     n_shards = len(blocks) + len(rest_shards)
     shard = "model-{:05d}-of-{:05d}.safetensors".format
     weight_map, total_size = {}, 0
+    refits, sequential = [], None
+    config = ReconstructConfig(mode="lstsq", damp=settings.damp)
+    if settings.reconstruct:  # the pruned blocks' outputs feed the next block, batched as in memory
+        t = time.perf_counter()
+        sequential = _capture(model, ckpt, embed, aliases, blocks, batches_of(calibration, config.batch_size),
+                              compute)
+        times["capture_s"] += time.perf_counter() - t
     with atomic_folder(output) as tmp:
         bar.set_description("stream: shrink, verify, write blocks")
         try:
@@ -330,7 +337,18 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
                 _put(model, ckpt.read(block_names[i]), aliases)
                 block.to(compute)
                 sub = _block_plan(plan, block_names[i])
-                error = shrink_verified(model, block, sub, probes[i]) if sub.entries else None
+                if sequential is not None and sub.entries:
+                    prefix = f"{layers_path}.{i}."
+                    cons = {p[len(prefix):]: idx for p, idx in consumers(model, sub).items()}
+                    res = reconstruct_block(block, sequential, cons, config)
+                    refits.append({"layer": i, "consumers": {prefix + p: v for p, v in res["consumers"].items()}})
+                error = None
+                if sub.entries:
+                    error = shrink_verified(model, block, sub, probes[i], carry=sequential)
+                elif sequential is not None:
+                    with torch.no_grad():
+                        for item in sequential:
+                            item[0] = run_layer(block, item)
                 block.to(dtype)  # slicing commutes with the (exact) upcast: the original values are written
                 state = model.state_dict()
                 tensors = {n: state[n].detach().contiguous() for n in block_names[i]}
@@ -360,7 +378,10 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
         record_groups(groups, plan, scores)
         report = build_report(model, original, {
             "method": settings.method, "target": settings.target, "policy": policy, "steps": 1,
-            "uniform": settings.uniform, "compensate": False, "layers": layers, "round_to": settings.round_to,
+            "uniform": settings.uniform, "compensate": False, "reconstruct": settings.reconstruct,
+            "damp": settings.damp if settings.reconstruct else None,
+            "reconstruction": refit_summary(refits) if refits else None,
+            "layers": layers, "round_to": settings.round_to,
             "gqa": settings.gqa, "ratios": settings.ratios}, times, groups)
         report["stream"] = {"checkpoint": str(folder), "blocks": block_log, "peak_rss_gb": round(_peak_rss_gb(), 3),
                             "wall_s": round(time.perf_counter() - t_start, 3), "dtype": str(model.dtype),
@@ -369,6 +390,19 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
         (tmp / "plan.json").write_text(plan.to_json(indent=1))
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
     return model, report, [plan]
+
+
+def _capture(model, ckpt: Checkpoint, embed: list, aliases: dict, blocks, batches, compute) -> list:
+    """The first block's inputs ``[[hidden, args, kwargs], ...]`` for ``batches``: the tensors outside the blocks
+    (``embed``) read, the model run up to the first block with the hidden states (and the rotary tables computed
+    from them) in ``compute`` dtype, those tensors dropped again."""
+    _put(model, ckpt.read(embed), aliases)
+    upcast = model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.to(compute))
+    try:
+        return capture_layer_inputs(model, blocks, batches, torch.device("cpu"))
+    finally:
+        upcast.remove()
+        _drop(model, embed, aliases)
 
 
 def _log(path, stage: str, record: dict, t_start: float) -> None:
@@ -409,11 +443,14 @@ def _block_plan(plan: Plan, names) -> Plan:
 
 
 @torch.no_grad()
-def shrink_verified(model, block, plan: Plan, probe) -> float:
+def shrink_verified(model, block, plan: Plan, probe, carry=None) -> float:
     """Mask ``plan`` in ``model``, run ``block`` on ``probe`` ([hidden, args, kwargs]), shrink, run again: the two
     outputs must agree (to :data:`VERIFY_TOLERANCE` of the output's scale for the block's dtype), else
-    :class:`PlanError`. Returns the max abs difference."""
+    :class:`PlanError`. Returns the max abs difference. ``carry``: captured items advanced through the masked
+    block (sequential calibration, as :func:`depgraph.reconstruct.reconstruct` advances them)."""
     mask(model, plan)
+    for item in carry or ():
+        item[0] = run_layer(block, item)
     masked = run_layer(block, probe).float()
     shrink(model, plan)
     shrunk = run_layer(block, probe).float()

@@ -59,6 +59,8 @@ def _assert_same(folder_a, folder_b):
     (True, "activation", {"kinds": ("mlp",)}),
     (True, "fluctuation", {"kinds": ("mlp",), "policy": "global", "layers": None}),
     (False, "magnitude", {"kinds": ("attention", "mlp"), "gqa": "kv", "round_to": 8}),
+    (False, "activation", {"kinds": ("attention", "mlp"), "round_to": 1, "reconstruct": True}),
+    (True, "magnitude", {"kinds": ("mlp",), "policy": "adaptive", "layers": None, "reconstruct": True}),
 ])
 def test_streamed_equals_in_memory(tmp_path, tie, method, kw):
     sharded = _sharded(tmp_path, tie)
