@@ -262,6 +262,12 @@ def _run(*args, timeout=3600) -> dict:
 
 
 # -- driver ---------------------------------------------------------------------------------------
+def _save(results: Results, key: str, row: dict) -> None:
+    """Write ``row`` under ``key``, re-reading the file first (the benchmarks may run side by side)."""
+    results.data = {**Results(OUT).data, "machine": results.data.get("machine"), key: row}
+    results.save()
+
+
 def bench_smollm2(results: Results) -> None:
     import tempfile
 
@@ -273,22 +279,20 @@ def bench_smollm2(results: Results) -> None:
     if "error" not in mem and "error" not in stream:
         row["time_ratio"] = round(stream["wall_s"] / mem["wall_s"], 2)
         row["rss_ratio"] = round(stream["peak_rss_gb"] / mem["peak_rss_gb"], 2)
-    results.data["smollm2"] = row
-    results.save()
+    _save(results, "smollm2", row)
 
 
 def bench_big(results: Results, key: str) -> None:
-    row = results.data.setdefault(key, {})
-    row["generate"] = _run("generate", key)
-    results.save()
+    row = {"generate": _run("generate", key)}
+    _save(results, key, row)
     out, log = _cache() / f"{key}-pruned", _cache() / f"{key}-stream.jsonl"
     log.unlink(missing_ok=True)
     row["stream"] = _run("stream", key, str(out), str(log), timeout=int(os.environ.get("SCALE_TIMEOUT", 5400)))
     row["blocks"] = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
-    results.save()
+    _save(results, key, row)
     if "error" not in row["stream"]:
         row["check"] = _run("check", key, str(out))
-        results.save()
+        _save(results, key, row)
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)  # keep the disk free; the source checkpoint stays cached
@@ -385,6 +389,7 @@ def main(argv) -> int:
         bench_big(results, what)
     elif what != "table":
         raise SystemExit(f"unknown benchmark {what!r}; choose smollm2, {', '.join(CONFIGS)} or table")
+    results.data = {**Results(OUT).data, "machine": results.data["machine"]}
     (RESULTS / "scale.md").write_text(table(results))
     print((RESULTS / "scale.md").read_text())
     return 0

@@ -40,6 +40,7 @@ import psutil
 import torch
 from tqdm.auto import tqdm
 
+from . import card, remote_code
 from .errors import LoadError, PlanError
 from .graph import trace
 from .importance import GRADIENT_METHODS, STATS_FROM_MOMENTS, _check_batches, moment_hooks, score
@@ -371,6 +372,7 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
         info["shapes"] = {n: list(p.shape) for n, p in model.state_dict().items()}
         model.config.depgraph = info
         model.config.save_pretrained(tmp)
+        wrote_code = remote_code.write(tmp, model)  # non-uniform: modeling file + auto_map, as save_pruned does
         for f in sorted(folder.iterdir()):
             if f.is_file() and f.name != "config.json" and not f.name.endswith(_NOT_WEIGHTS):
                 shutil.copy2(f, tmp / f.name)
@@ -389,6 +391,7 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
                             "calibration_rows": int(rows.shape[0]) if needs_stats else 0}
         (tmp / "plan.json").write_text(plan.to_json(indent=1))
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
+        (tmp / "README.md").write_text(card.render(model.config, report, wrote_code))
     return model, report, [plan]
 
 
