@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from .compensate import apply_bias
+from .compensate import apply_bias, bias_deltas
 from .errors import PlanError
 from .graph import trace
 from .importance import METHODS, score
@@ -66,6 +66,16 @@ def check_args(target, method, steps, compensate, calibration, ratios, reconstru
         raise PlanError("compensate=True needs calibration data (the removed units' mean activations)")
     if reconstruct and calibration is None:
         raise PlanError("reconstruct=True needs calibration data (the consumers' input Gram matrices)")
+
+
+def _has_blocks(model) -> bool:
+    from .sparsify import SparsifyError, find_layers
+
+    try:
+        find_layers(model)
+    except SparsifyError:
+        return False
+    return True
 
 
 def _widths(groups) -> dict:
@@ -156,7 +166,9 @@ def prune(model, calibration=None, target: float = 0.2, method: str = "activatio
         times["plan_s"] += time.perf_counter() - t
         t = time.perf_counter()
         deltas = {}
-        if reconstruct or compensate:
+        if compensate and not reconstruct and not _has_blocks(model):  # no decoder blocks: one dense pass
+            deltas = bias_deltas(model, plan, calibration)
+        elif reconstruct or compensate:
             refit = refit_consumers(model, plan, calibration, refit_config)
             deltas = refit["bias"]
             refits.append(refit["layers"])
