@@ -64,36 +64,46 @@ def test_bad_arguments_fail_before_touching_the_model():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
-def test_compensation_keeps_the_mean_output_and_round_trips(tmp_path):
+def mean_output(model, path, calib):
+    """Mean output of module ``path`` over every token of ``calib`` (one forward per row)."""
+    acc = []
+    h = model.get_submodule(path).register_forward_hook(lambda mod, a, out: acc.append(out.reshape(-1, out.shape[-1])))
+    with torch.no_grad():
+        for row in calib:
+            model(row.unsqueeze(0))
+    h.remove()
+    return torch.cat(acc).mean(0)
+
+
+@pytest.mark.parametrize("arch,consumer", [("llama-gqa", "model.layers.0.mlp.down_proj"),
+                                           ("gpt2", "transformer.h.0.mlp.c_proj")])  # nn.Linear; Conv1D [in, out]
+def test_compensation_keeps_the_mean_output_and_round_trips(tmp_path, arch, consumer):
     """FLAP bias: on the calibration tokens, the compensated layer's mean output equals the dense one's."""
     from depgraph.compensate import apply_bias, bias_deltas
 
-    model = ARCHS["llama-gqa"]()
+    model = ARCHS[arch]()
     graph = depgraph.trace(model)
+    mlp = next(g for g in graph.groups() if g.kind == "mlp" and g.layer == 0)
+    assert mlp.id == "mlp.0"
     plan = depgraph.Plan.from_units(graph, {"mlp.0": list(range(0, 64, 3))})
     calib = ids(4, batch=3, length=16)
-    down = "model.layers.0.mlp.down_proj"
 
     def mean_out(m):
-        acc = []
-        h = m.get_submodule(down).register_forward_hook(lambda mod, a, out: acc.append(out.reshape(-1, out.shape[-1])))
-        with torch.no_grad():
-            for row in calib:
-                m(row.unsqueeze(0))
-        h.remove()
-        return torch.cat(acc).mean(0)
+        return mean_output(m, consumer, calib)
 
     dense_mean = mean_out(model)
     plain = depgraph.shrink(copy.deepcopy(model), plan)
     comp = copy.deepcopy(model)
     deltas = bias_deltas(comp, plan, calib)
+    assert set(deltas) == {consumer} and deltas[consumer].shape == (48,)
     depgraph.shrink(comp, plan)
     apply_bias(comp, deltas)
-    assert comp.get_submodule(down).bias is not None
+    assert comp.get_submodule(consumer).bias is not None
     err_plain = (mean_out(plain) - dense_mean).abs().max()
     err_comp = (mean_out(comp) - dense_mean).abs().max()
     assert err_plain > 1e-5 and err_comp < 1e-3 * err_plain
-    assert comp.config.mlp_bias is True  # Llama's flag: the folder still builds from its config
+    if arch == "llama-gqa":
+        assert comp.config.mlp_bias is True  # Llama's flag: the folder still builds from its config
     depgraph.save_pruned(comp, tmp_path / "m")
     x = ids(9)
     with torch.no_grad():
