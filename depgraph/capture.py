@@ -24,6 +24,7 @@ class Capture:
     persistent_buffers: set
     aliases: dict  # canonical parameter name -> all names sharing that tensor (tied weights)
     shapes: dict = field(default_factory=dict)  # canonical tensor name -> shape
+    module: torch.nn.Module | None = None  # the meta twin that was exported (its attributes explain literals)
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -77,13 +78,16 @@ def _persistent_buffer_names(model: torch.nn.Module) -> set:
     return names
 
 
-def capture(model: torch.nn.Module, example_inputs=None) -> Capture:
-    """Export a meta twin of ``model`` (non-strict) and map placeholders to state-dict names."""
+def capture(model: torch.nn.Module, example_inputs=None, prepare=None) -> Capture:
+    """Export a meta twin of ``model`` (non-strict) and map placeholders to state-dict names.
+    ``prepare(twin)``, if given, edits the twin before the export."""
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"trace() needs a torch.nn.Module, got {type(model).__name__}")
     inputs = tuple(example_inputs) if example_inputs is not None else default_inputs(model)
     inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs)
     twin = meta_twin(model)
+    if prepare is not None:
+        prepare(twin)
 
     # Canonical name of every tensor: the first name ``named_parameters`` gives it; tied names are aliases.
     canonical, aliases = {}, {}
@@ -103,4 +107,4 @@ def capture(model: torch.nn.Module, example_inputs=None) -> Capture:
     sig = program.graph_signature
     params = {ph: by_name.get(name, name) for ph, name in sig.inputs_to_parameters.items()}
     buffers = dict(sig.inputs_to_buffers)
-    return Capture(program, params, buffers, _persistent_buffer_names(twin), aliases, shapes)
+    return Capture(program, params, buffers, _persistent_buffer_names(twin), aliases, shapes, twin)

@@ -19,3 +19,7 @@ class PlanError(DepgraphError):
 
 class LoadError(DepgraphError):
     """A saved pruned-model folder is missing files or does not match its recorded shapes."""
+
+
+class ShrinkVerifyError(DepgraphError):
+    """``shrink(..., verify=True)`` found a shrunk model that differs from its mask (the model is restored)."""

@@ -1,6 +1,7 @@
 """DependencyGraph: the coupled channel spaces of a model, as groups and as a networkx graph."""
 from __future__ import annotations
 
+import logging
 import re
 from collections import defaultdict
 from functools import cached_property
@@ -15,6 +16,64 @@ from .layout import Prod, Space
 
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 _KIND_ORDER = {"hidden": 0, "channels": 1, "attention": 2, "mlp": 3}
+
+
+def _owned(attr: str, attention_module) -> bool:
+    from .shrink import ATTENTION_ATTRIBUTES
+
+    path, _, name = attr.rpartition(":")
+    return attention_module is not None and path == attention_module and name in ATTENTION_ATTRIBUTES
+
+
+def unowned_literals(lits, attention_module, stale=frozenset()) -> list:
+    """Reasons for literal sizes no shrink rewrite follows: only an attention group's own module
+    attributes (``num_heads``, ``split_size``, ...) are rewritten; any other attribute stays stale, and so
+    does a literal that also equals an attribute the forward was seen to read (``stale``)."""
+    out = []
+    for lit in lits:
+        owned = any(_owned(a, attention_module) for a in lit.attributes) and \
+            not any(a in stale for a in lit.attributes)
+        if not owned:
+            reason = f"{lit}: not an attribute shrink rewrites"
+            if reason not in out:
+                out.append(reason)
+    return out
+
+
+def stale_attributes(model, flow, store) -> dict:
+    """{leaf space: reasons} for parameter dims whose size a module also keeps in an int attribute that
+    no fixer rewrites (e.g. a norm's ``dim_norm``): after a shrink that attribute would be stale."""
+    from .shrink import MODULE_FIXERS
+
+    out: dict = {}
+    if model is None:
+        return out
+    for path, mod in model.named_modules():
+        own = {n: p for n, p in mod._parameters.items() if p is not None}
+        if not own:
+            continue
+        fixed = set()
+        for pred, fix in MODULE_FIXERS:
+            if pred(mod):
+                try:
+                    fixed = set(fix(mod))
+                except Exception:  # noqa: BLE001 - a fixer that cannot read the module fixes nothing
+                    fixed = set()
+                break
+        attrs = {a: v for a, v in vars(mod).items() if isinstance(v, int) and not isinstance(v, bool)
+                 and v > 1 and a not in fixed}
+        for pname, p in own.items():
+            name = f"{path}.{pname}" if path else pname
+            lays = flow.param_layouts.get(name)
+            if lays is None:
+                continue
+            for d, n in enumerate(p.shape):
+                for a, v in attrs.items():
+                    if v == n and lays[d] is not None:
+                        why = f"{path or type(mod).__name__}.{a} = {v} sizes {name}[{d}] and shrink does not rewrite it"
+                        for leaf in store.leaves(lays[d]):
+                            out.setdefault(leaf, []).append(why)
+    return out
 
 
 def layer_of(name: str):
@@ -33,6 +92,7 @@ class DependencyGraph:
         self.unsupported = list(flow.unsupported)
         self.notes = list(flow.notes)
         self._flow = flow
+        self._module = cap.module
         self._pos_cache: dict = {}
         self._groups, self.blocked = self._build()
 
@@ -51,6 +111,11 @@ class DependencyGraph:
                 for leaf in dict.fromkeys(store.leaves(lay)):
                     users[leaf].append((name, d))
 
+        literals = defaultdict(list)  # leaf space -> LiteralSize records sizing it
+        for lit in self._flow.literals or ():
+            for leaf in dict.fromkeys(store.leaves(lit.layout)):
+                literals[leaf].append(lit)
+        stale = stale_attributes(self._module, self._flow, store)
         groups, taken, blocked = [], set(), {}
         has_attention = bool(self._flow.attention)
         for site in self._flow.attention:
@@ -65,7 +130,9 @@ class DependencyGraph:
             if any(c in taken for c in classes):
                 continue
             taken.update(classes)
-            reasons = [r for c in classes for r in c.blocked]
+            reasons = [r for c in classes for r in c.blocked] + \
+                unowned_literals([lit for c in classes for lit in literals.get(c, ())], site.module,
+                                 self._flow.stale or frozenset())
             if reasons:
                 self._record_blocked(blocked, classes, users, reasons)
                 continue
@@ -78,6 +145,7 @@ class DependencyGraph:
             reasons = list(leaf.blocked)
             if leaf.broadcast and not reasons:
                 reasons = ["expanded by aten.expand: its size is fixed in the model code"]
+            reasons += unowned_literals(literals.get(leaf, ()), None) + stale.get(leaf, [])
             if reasons:
                 self._record_blocked(blocked, (leaf,), users, reasons)
                 continue
@@ -85,11 +153,14 @@ class DependencyGraph:
 
         # stable, readable ids
         groups.sort(key=lambda g: (g.layer is not None, g.layer or 0, _KIND_ORDER.get(g.kind, 9)))
-        seen = defaultdict(int)
-        for g in groups:
+        used: set = set()
+        for g in groups:  # "mlp.3", then "mlp.3.1", ...; never an id another group already has
             base = g.kind if g.layer is None else f"{g.kind}.{g.layer}"
-            seen[base] += 1
-            g.id = base if seen[base] == 1 else f"{base}.{seen[base] - 1}"
+            g.id, k = base, 0
+            while g.id in used:
+                k += 1
+                g.id = f"{base}.{k}"
+            used.add(g.id)
         return groups, list(blocked.values())
 
     def _record_blocked(self, blocked, classes, users, reasons):
@@ -231,4 +302,41 @@ def trace(model, example_inputs=None, strict: bool = False) -> DependencyGraph:
     """
     cap = capture(model, example_inputs)
     flow = propagate(cap, strict=strict)
+    flow.stale = read_attributes(model, example_inputs, cap, flow)
     return DependencyGraph(cap, flow, type(model).__name__)
+
+
+def read_attributes(model, example_inputs, cap, flow) -> set:
+    """Which attributes behind an ambiguous split size the forward really reads.
+
+    A split/slice size equal to both an attribute shrink rewrites (``split_size``) and one it does not
+    (``embed_dim``) cannot be told apart by value. Each such unrewritten attribute is perturbed (+1, on every
+    module that has it) in one extra export: if the op's arguments change, or the export fails, the
+    forward reads it, and the literal is not owned."""
+    ambiguous: dict = {}
+    for lit in flow.literals or ():
+        if lit.strict and any(_owned(a, lit.module) for a in lit.attributes):
+            for a in lit.attributes:
+                if not _owned(a, lit.module):
+                    ambiguous.setdefault(a.rpartition(":")[2], []).append(lit)
+    stale = set()
+    nodes = {n.name: n for n in cap.graph.nodes}
+    for name, lits in ambiguous.items():
+        def perturb(twin, name=name):
+            for mod in twin.modules():
+                if isinstance(vars(mod).get(name), int):
+                    setattr(mod, name, vars(mod)[name] + 1)
+        quiet = logging.getLogger("torch._subclasses.fake_tensor")
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)  # the perturbed export may fail by design; torch logs that loudly
+        try:
+            other = {n.name: n for n in capture(model, example_inputs, prepare=perturb).graph.nodes}
+        except Exception:  # noqa: BLE001 - a forward that breaks when the attribute changes reads it
+            other = {}
+        finally:
+            quiet.setLevel(level)
+        for lit in lits:
+            n = other.get(lit.node)
+            if n is None or repr(n.args) != repr(nodes[lit.node].args):
+                stale.update(a for a in lit.attributes if a.rpartition(":")[2] == name)
+    return stale

@@ -104,7 +104,8 @@ def prune(model, calibration=None, target: float = 0.2, method: str = "activatio
           policy: str = "uniform", layers="auto", round_to: int = 8, gqa: str = "heads", aggregate: str = "sum",
           normalize=None, steps: int = 1, uniform: bool = False, compensate: bool = False,
           ratios: dict | None = None, progress: bool = True, reconstruct: bool = False, damp: float = 0.01,
-          stream: bool = False, checkpoint=None, output=None):
+          stream: bool = False, checkpoint=None, output=None,
+          verify: bool = True):
     """Shrink ``model`` in place by ``target`` (fraction of *all* parameters); returns (model, report, plans).
 
     ``stream=True`` prunes a checkpoint larger than memory one decoder block at a time
@@ -128,6 +129,8 @@ def prune(model, calibration=None, target: float = 0.2, method: str = "activatio
     units: ``down_proj`` for neurons, ``o_proj`` for heads) by least squares on the calibration inputs, block by
     block on the outputs of the already-pruned blocks (:mod:`depgraph.reconstruct`; ``damp`` is the Gram
     dampening); with ``compensate=True`` too, the bias joins the fit. Both are done before each shrink.
+    ``verify`` (default on): each shrink is checked against its mask on a short probe, block by block
+    (:func:`depgraph.shrink`); a mismatch restores the model and raises ``ShrinkVerifyError``.
     """
     if stream:
         from .stream import StreamSettings, prune_streamed
@@ -174,7 +177,7 @@ def prune(model, calibration=None, target: float = 0.2, method: str = "activatio
             refits.append(refit["layers"])
         times["reconstruct_s"] += time.perf_counter() - t
         t = time.perf_counter()
-        shrink(model, plan)
+        shrink(model, plan, verify=verify)
         apply_bias(model, deltas)
         times["shrink_s"] += time.perf_counter() - t
         plans.append(plan)

@@ -125,15 +125,46 @@ def _mask(model, plan):
 
 
 @torch.no_grad()
-def shrink(model: nn.Module, plan: Plan) -> nn.Module:
+def shrink(model: nn.Module, plan: Plan, verify: bool = False) -> nn.Module:
     """Remove every planned unit in place: slice member tensors, fix module attributes and config. Weights that
-    accelerate keeps offloaded (a dispatched model) are sliced in its offload too."""
+    accelerate keeps offloaded (a dispatched model) are sliced in its offload too.
+
+    ``verify=True`` (the default of :func:`depgraph.prune` and the CLI) first records the masked model's
+    outputs on a short probe, decoder block by decoder block, then checks the shrunk blocks against them;
+    on a mismatch the model is restored and :class:`ShrinkVerifyError` names the first block that
+    differs and its groups (dispatched models are not verified)."""
+    check_model(model, plan)
+    if not verify:
+        _apply(model, plan, [])
+        return model
+    from . import verify as verifier
+
+    ref = verifier.masked_reference(model, plan, _get_tensor)
+    undo: list = []
+    config = getattr(model, "config", None)
+    saved_config = copy.deepcopy(config.__dict__) if config is not None else None
+    try:
+        _apply(model, plan, undo)
+        if ref is not None:
+            verifier.compare(model, plan, ref)
+    except Exception:
+        for restore in reversed(undo):
+            restore()
+        if saved_config is not None:
+            config.__dict__.clear()
+            config.__dict__.update(saved_config)
+        raise
+    return model
+
+
+def _apply(model, plan: Plan, undo: list) -> None:
+    """The shrink itself; ``undo`` collects closures that put back every tensor and attribute changed."""
     aliases = check_model(model, plan)
     with materialized(model, [a for names in aliases.values() for a in names]):
-        return _shrink(model, plan, aliases)
+        _shrink(model, plan, aliases, undo)
 
 
-def _shrink(model, plan, aliases):
+def _shrink(model, plan, aliases, undo):
     record = _record(model)
     changed_modules = {}
     for name, dims in plan.removed_by_param().items():
@@ -146,26 +177,27 @@ def _shrink(model, plan, aliases):
         new = new.contiguous()
         for alias in aliases[name]:
             mod, attr = _tensor_owner(model, alias)
-            if attr in mod._parameters:
-                mod._parameters[attr] = nn.Parameter(new, requires_grad=old.requires_grad) \
+            store = mod._parameters if attr in mod._parameters else mod._buffers
+            undo.append(lambda store=store, attr=attr, t=store[attr]: store.__setitem__(attr, t))
+            if store is mod._parameters:
+                store[attr] = nn.Parameter(new, requires_grad=old.requires_grad) \
                     if not isinstance(new, nn.Parameter) else new
-                new = mod._parameters[attr]
+                new = store[attr]
             else:
-                mod._buffers[attr] = new
+                store[attr] = new
             changed_modules[alias.rpartition(".")[0]] = mod
     for path, mod in changed_modules.items():
         for pred, fix in MODULE_FIXERS:
             if pred(mod):
-                _set_attrs(mod, fix(mod), record, path)
+                _set_attrs(mod, fix(mod), record, path, undo)
                 break
     for e in plan.entries:
         if e.attention:
             mod = model.get_submodule(e.attention["module"])
             values = {k: f(e.attention) for k, f in ATTENTION_ATTRIBUTES.items()
                       if isinstance(getattr(mod, k, None), int) and not isinstance(getattr(mod, k), bool)}
-            _set_attrs(mod, values, record, e.attention["module"])
+            _set_attrs(mod, values, record, e.attention["module"], undo)
     _update_config(model, plan, record)
-    return model
 
 
 def _record(model) -> dict:
@@ -178,8 +210,10 @@ def _record(model) -> dict:
     return info
 
 
-def _set_attrs(mod, values: dict, record: dict, path: str) -> None:
+def _set_attrs(mod, values: dict, record: dict, path: str, undo: list | None = None) -> None:
     for k, v in values.items():
+        if undo is not None:
+            undo.append(lambda mod=mod, k=k, old=getattr(mod, k, None): setattr(mod, k, old))
         setattr(mod, k, v)
         record["modules"].setdefault(path, {})[k] = list(v) if isinstance(v, tuple) else v
 
@@ -193,7 +227,8 @@ def _update_config(model, plan: Plan, record: dict) -> None:
         key = str(e.layer) if e.layer is not None else "all"
         if e.attention:
             a = e.attention
-            layers.setdefault(key, {}).update(num_attention_heads=a["heads_after"], num_key_value_heads=a["kv_after"])
+            layers.setdefault(key, {}).update(num_attention_heads=a["heads_after"], num_key_value_heads=a["kv_after"],
+                                              head_dim=a["head_dim"])
             after["heads"].add(a["heads_after"])
             after["kv"].add(a["kv_after"])
             after["head_dim"].add(a["head_dim"])
@@ -207,21 +242,33 @@ def _update_config(model, plan: Plan, record: dict) -> None:
     if config is None:
         return
     candidate = copy.deepcopy(config)
+    # composite configs keep the language model's sizes (vocab_size, hidden_size, ...) on text_config
+    target = candidate.get_text_config() if hasattr(candidate, "get_text_config") else candidate
     for kind, values in after.items():
         if len(values) != 1 or kind == "head_dim":
             continue
         (v,) = values
         for f in CONFIG_FIELDS[kind]:
-            if isinstance(getattr(candidate, f, None), int):
-                setattr(candidate, f, v)
+            if isinstance(_read(target, f), int):
+                setattr(target, f, v)
     if len(after["head_dim"]) == 1:  # models that derive head_dim from hidden/heads read it when set
-        candidate.head_dim = next(iter(after["head_dim"]))
+        target.head_dim = next(iter(after["head_dim"]))
     uniform = _builds_same_shapes(model, candidate)
-    record["uniform"] = uniform
+    record["uniform"] = uniform  # stock from_pretrained rebuilds these shapes
     if uniform:
-        for f in set(candidate.to_dict()) | set(vars(candidate)):
-            if f != "depgraph" and getattr(candidate, f, None) != getattr(config, f, None):
-                setattr(config, f, getattr(candidate, f))
+        config.__dict__.update({k: v for k, v in vars(candidate).items()
+                                if k != "depgraph" and config.__dict__.get(k, _MISSING) != v})
+
+
+_MISSING = object()
+
+
+def _read(config, field):
+    """A config field, or None (heterogeneous transformers configs raise on per-layer fields read globally)."""
+    try:
+        return getattr(config, field, None)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _builds_same_shapes(model, config) -> bool:

@@ -41,7 +41,7 @@ def sdpa(ctx):
     else:
         ctx.block(heads, "query heads are not a multiple of key/value heads")
     out[-3] = heads
-    mask = ctx.arg(3, "attn_mask")
+    mask = next((ctx.arg(3, n) for n in ("attn_mask", "attn_bias") if ctx.has_arg(n)), None)
     if ctx.is_tensor(mask):  # a per-head mask (e.g. ALiBi) couples its head dim
         ms, ml = ctx.shape(mask), ctx.lay(mask)
         off = len(out_shape) - len(ms)
