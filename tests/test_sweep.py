@@ -7,6 +7,7 @@ floor. Both use two worker processes and a per-architecture time box.
 """
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("coverage_sweep", ROOT / "bench" / "coverage.py")
 coverage = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = coverage  # dataclasses and the worker processes look the module up by name
 _spec.loader.exec_module(coverage)
 
 CROSS_SECTION = ["llama", "gemma2", "gpt2", "opt", "phi3", "bloom", "falcon", "mamba", "mixtral", "big_bird",
