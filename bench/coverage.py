@@ -542,6 +542,18 @@ def sweep(only=None, jobs: int = 2, timeout: float = 60, progress: bool = False)
             "jobs": jobs, "timeout_s": timeout, "totals": totals(rows), "rows": rows}
 
 
+def merged(old: dict, new: dict) -> dict:
+    """``old`` with ``new``'s rows replacing the same architectures (totals recomputed, re-graded names listed)."""
+    if old["transformers"] != new["transformers"]:
+        raise SystemExit(f"coverage: --update across transformers versions ({old['transformers']} vs "
+                         f"{new['transformers']}); run the whole sweep")
+    by_name = {r["name"]: r for r in old["rows"]}
+    by_name.update({r["name"]: r for r in new["rows"]})
+    rows = [by_name[n] for n in sorted(by_name)]
+    regraded = sorted(set(old.get("regraded", [])) | {r["name"] for r in new["rows"]})
+    return {**old, "rows": rows, "totals": totals(rows), "regraded": regraded}
+
+
 def markdown(result: dict) -> str:
     t = result["totals"]
     lines = [
@@ -557,7 +569,10 @@ def markdown(result: dict) -> str:
         f"({t['FAIL_depgraph']} in depgraph, {t['FAIL_export']} in torch.export, {t['FAIL_timeout']} timed out) "
         f"of {t['buildable']} buildable "
         f"({t['NOT_BUILDABLE']} not buildable); PASS rate {t['pass_rate']:.1%}. "
-        f"Sweep time {result['seconds']} s with {result['jobs']} process(es).", "",
+        f"Sweep time {result['seconds']} s with {result['jobs']} process(es) on a shared 2-core CPU machine "
+        f"(time box {result['timeout_s']} s per architecture)."
+        + (f" Re-graded after the sweep (`--update`): {', '.join(result['regraded'])}." if result.get("regraded")
+           else ""), "",
         "| architecture | class | verdict | reason |", "|---|---|---|---|",
     ]
     for r in sorted(result["rows"], key=lambda r: r["name"]):
@@ -582,9 +597,13 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for coverage.json / coverage.md")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (at most 2 on this machine)")
     ap.add_argument("--timeout", type=float, default=60, help="seconds per architecture")
+    ap.add_argument("--update", action="store_true",
+                    help="re-grade only the --only architectures and replace their rows in OUT/coverage.json")
     args = ap.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     result = sweep(only, jobs=args.jobs, timeout=args.timeout, progress=True)
+    if args.update:
+        result = merged(json.loads((args.out / "coverage.json").read_text()), result)
     write(result, args.out)
     t = result["totals"]
     print(f"{t} in {result['seconds']} s -> {args.out / 'coverage.md'}", file=sys.stderr)

@@ -3,7 +3,8 @@
 ``make test`` runs a fixed cross-section of families (dense SDPA, eager attention, fused qkv, ALiBi, SSM, MoE,
 encoder-style, custom norms) so it stays within a few minutes on a loaded 2-core machine; ``DEPGRAPH_SWEEP=all``
 runs every causal LM of the installed transformers (what bench/results/coverage.md reports) with the full-sweep
-floor. Both use two worker processes and a per-architecture time box.
+floor. Both use two worker processes and a per-architecture time box. The full sweep's 0-WRONG assertion fails
+today on one architecture (trocr, see bench/results/coverage.md): the target, not yet met.
 """
 import importlib.util
 import os
@@ -21,8 +22,8 @@ _spec.loader.exec_module(coverage)
 CROSS_SECTION = ["llama", "gemma2", "gpt2", "opt", "phi3", "bloom", "falcon", "mamba", "mixtral", "big_bird",
                  "cpmant", "gpt_neox"]
 # PASS floors measured with transformers 5.24 (bench/results/coverage.md); raise them as coverage grows
-CROSS_SECTION_PASS = 4
-FULL_PASS_RATE = 0.45
+CROSS_SECTION_PASS = 5
+FULL_PASS_RATE = 0.48
 
 FULL = os.environ.get("DEPGRAPH_SWEEP") == "all"
 

@@ -66,9 +66,17 @@ def _affine_norm(ctx, src, weight, bias, k):
     return tuple(lay)
 
 
+def _fixed_shape(ctx, src, weight, shape) -> None:
+    """Without a weight nothing the shrinker slices holds ``normalized_shape``: it is a fixed size."""
+    if not ctx.is_tensor(weight):
+        for lay, n in zip(ctx.lay(src)[-len(shape):], shape):
+            ctx.literal(lay, n, strict=True)
+
+
 @rule("layer_norm", "native_layer_norm")
 def layer_norm(ctx):
     src, shape = ctx.arg(0, "input"), ctx.arg(1, "normalized_shape")
+    _fixed_shape(ctx, src, ctx.arg(2, "weight"), shape)
     out = _affine_norm(ctx, src, ctx.arg(2, "weight"), ctx.arg(3, "bias"), len(shape))
     if ctx.op == "native_layer_norm":
         stats = tuple(out[:-len(shape)]) + (None,) * len(shape)
@@ -79,6 +87,7 @@ def layer_norm(ctx):
 @rule("rms_norm", "_fused_rms_norm")
 def rms_norm(ctx):
     src, shape = ctx.arg(0, "input"), ctx.arg(1, "normalized_shape")
+    _fixed_shape(ctx, src, ctx.arg(2, "weight"), shape)
     out = _affine_norm(ctx, src, ctx.arg(2, "weight"), None, len(shape))
     if isinstance(ctx.out_val, (list, tuple)):
         return [out] + [tuple(out[:-len(shape)]) + (None,) * len(shape)] * (len(ctx.out_val) - 1)
