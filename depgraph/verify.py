@@ -51,7 +51,10 @@ def decoder_blocks(model) -> list:
 
 
 def _logits(model, ids):
-    out = model(ids)
+    try:  # no KV cache: the captured block inputs must not carry a cache the first run filled
+        out = model(ids, use_cache=False)
+    except TypeError:
+        out = model(ids)
     out = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
     return out.detach().float()
 
