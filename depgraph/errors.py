@@ -23,3 +23,7 @@ class LoadError(DepgraphError):
 
 class ShrinkVerifyError(DepgraphError):
     """``shrink(..., verify=True)`` found a shrunk model that differs from its mask (the model is restored)."""
+
+
+class OutputError(DepgraphError):
+    """An output folder cannot be written without losing data (a file there, the input model, a foreign folder)."""

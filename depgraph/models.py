@@ -128,30 +128,18 @@ def fetch_smollm2() -> Path:
 def save_model_atomic(model, tokenizer, dest: str | os.PathLike) -> Path:
     """Save ``model`` (and ``tokenizer`` unless ``None``) to ``dest`` so that ``dest`` appears complete or not at all.
 
-    Everything is written to a temporary folder next to ``dest`` and renamed into place. If another process got
-    there first, its copy is kept and ours discarded. An existing complete ``dest`` is left untouched.
+    Written through :func:`depgraph.outdir.output_folder` (a temporary folder next to ``dest``, renamed into place; an
+    incomplete ``dest`` is replaced). An existing complete ``dest`` is left untouched.
     """
+    from depgraph.outdir import output_folder
+
     dest = Path(dest)
     if _is_complete(dest):
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    with output_folder(dest, overwrite=True, kind="cache") as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _chmod_like_umask(tmp)
-        if dest.exists() and not _is_complete(dest):
-            shutil.rmtree(dest)  # a stale, incomplete copy (not written by this function)
-        try:
-            os.rename(tmp, dest)
-        except OSError:
-            if not _is_complete(dest):
-                raise
-            # another process finished first; its copy is as good as ours
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -293,16 +281,6 @@ def _looks_like_local_path(source: str) -> bool:
 
 def _is_complete(folder: Path) -> bool:
     return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
-
-
-def _chmod_like_umask(folder: Path) -> None:
-    """mkdtemp makes a 0700 folder; give the cache the permissions an ordinary mkdir/open would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for item in folder.iterdir():
-        if item.is_file():
-            os.chmod(item, 0o666 & ~umask)
 
 
 def _find_smollm2_gguf(tmp: Path) -> Path:
