@@ -54,11 +54,24 @@ def meta_twin(model: torch.nn.Module) -> torch.nn.Module:
     if config is not None:
         if hasattr(config, "use_cache"):
             config.use_cache = False
-        try:  # the attention rule reads heads from scaled_dot_product_attention
-            twin.set_attn_implementation("sdpa")
-        except Exception:
-            pass
+        _traceable_attention(twin, config)
     return twin
+
+
+TRACEABLE_ATTENTION = ("eager", "sdpa")  # implementations that run on meta tensors on any machine
+
+
+def _traceable_attention(twin, config) -> None:
+    """Trace the attention the model runs; only kernels that cannot run on meta (flash, flex, ...) are
+    swapped for SDPA, or eager where the model has no SDPA path. The rules read heads from both."""
+    if getattr(config, "_attn_implementation", None) in TRACEABLE_ATTENTION + (None,):
+        return
+    for impl in TRACEABLE_ATTENTION[::-1]:
+        try:
+            twin.set_attn_implementation(impl)
+            return
+        except Exception:  # noqa: BLE001 - the model does not support this implementation
+            continue
 
 
 def default_inputs(model: torch.nn.Module) -> tuple:

@@ -228,6 +228,7 @@ class _Runner:
         self.notes: list = []
         self.literals: list = []
         self._attr_cache: dict = {}
+        self.input_spaces: list = []  # spaces of the model inputs' dims (batch, sequence)
 
     def attributes_equal_to(self, node, value: int) -> list:
         """``path:attr`` of the int attributes equal to ``value`` on the modules running ``node``."""
@@ -280,8 +281,11 @@ class _Runner:
             return lays
         kind = "model input" if node.name not in self.cap.program.graph_signature.inputs_to_lifted_tensor_constants \
             else "constant tensor"
-        return tuple(self.store.new(n, f"{node.name}[{d}]", blocked=f"{kind} {node.name} dim {d}")
+        lays = tuple(self.store.new(n, f"{node.name}[{d}]", blocked=f"{kind} {node.name} dim {d}")
                      for d, n in enumerate(shape))
+        if kind == "model input":
+            self.input_spaces.extend(s for s in lays if s is not None)
+        return lays
 
     def _call(self, node):
         if node.target is operator.getitem:  # multi-output ops give a list of layout tuples

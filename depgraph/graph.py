@@ -118,25 +118,18 @@ class DependencyGraph:
         stale = stale_attributes(self._module, self._flow, store)
         groups, taken, blocked = [], set(), {}
         has_attention = bool(self._flow.attention)
-        for site in self._flow.attention:
-            heads = store.expand(site.heads)
-            if isinstance(heads, Space):
-                classes, gqa = (heads,), None
-            elif isinstance(heads, Prod) and len(heads.parts) == 2 and all(isinstance(p, Space) for p in heads.parts) \
-                    and heads.parts[1].broadcast:
-                classes, gqa = heads.parts, (heads.parts[0].size, heads.parts[1].size)
-            else:
-                continue
-            if any(c in taken for c in classes):
-                continue
+        for classes, gqa, sites, reasons in self._head_sets():
             taken.update(classes)
-            reasons = [r for c in classes for r in c.blocked] + \
-                unowned_literals([lit for c in classes for lit in literals.get(c, ())], site.module,
-                                 self._flow.stale or frozenset())
+            for site in sites:  # literal sizes: owned only by the attributes of the modules rewritten
+                reasons = reasons + [r for r in unowned_literals([lit for c in classes for lit in literals.get(c, ())],
+                                                                 site.module, self._flow.stale or frozenset())
+                                     if r not in reasons]
             if reasons:
                 self._record_blocked(blocked, classes, users, reasons)
                 continue
-            groups.append(self._attention_group(site, classes, gqa, users))
+            group = self._attention_group(sites[0], classes, gqa, users)
+            group.modules = list(dict.fromkeys(site.module for site in sites))  # shared heads: every module
+            groups.append(group)
 
         for leaf, members in users.items():
             if leaf in taken or leaf.size < 2:
@@ -163,6 +156,38 @@ class DependencyGraph:
             used.add(g.id)
         return groups, list(blocked.values())
 
+    def _head_sets(self):
+        """[(head spaces, gqa, attention sites, reasons it is blocked)]: sites whose heads share a space are
+        one set (heads coupled across layers by a shared bias); a set is blocked unless every site in it has
+        the same head structure, a space (kv x q_per_kv for GQA) the attention rules can express."""
+        store = self._flow.store
+        sets = []  # [classes tuple, gqa, sites, reasons]
+        for site in self._flow.attention:
+            heads = store.expand(site.heads)
+            reasons = []
+            if isinstance(heads, Space):  # a broadcast space: every query head reads one shared key/value head
+                classes, gqa = (heads,), ((1, heads.size) if heads.broadcast else None)
+            elif isinstance(heads, Prod) and len(heads.parts) == 2 and all(isinstance(p, Space) for p in heads.parts) \
+                    and heads.parts[1].broadcast:
+                classes, gqa = heads.parts, (heads.parts[0].size, heads.parts[1].size)
+            else:
+                classes, gqa = tuple(dict.fromkeys(store.leaves(heads))), None
+                reasons = [f"attention heads of {site.module or '<root>'} have a layout the attention rules cannot "
+                           f"express: {store.describe(heads)}"]
+            same = [e for e in sets if set(e[0]) & set(classes)]
+            for e in same:
+                sets.remove(e)
+            merged = [classes, gqa, [site], reasons + [r for c in classes for r in c.blocked]]
+            for e in same:
+                if tuple(e[0]) != tuple(classes):
+                    merged[3].append(f"attention sites {e[2][0].module} and {site.module} share heads with "
+                                     f"different structures")
+                    merged[0] = tuple(dict.fromkeys(list(e[0]) + list(merged[0])))
+                merged[2] = e[2] + merged[2]
+                merged[3] = e[3] + merged[3]
+            sets.append(merged)
+        return [(tuple(c), g, sites, list(dict.fromkeys(r))) for c, g, sites, r in sets]
+
     def _record_blocked(self, blocked, classes, users, reasons):
         params = sorted({f"{p}[{d}]" for c in classes for p, d in users.get(c, [])})
         if params:
@@ -178,7 +203,7 @@ class DependencyGraph:
         keys = dict.fromkeys(k for c in classes for k in users.get(c, []))
         for name, d in keys:
             pos = self._positions((name, d))
-            if gqa:
+            if len(classes) == 2:
                 pk, pr = pos.get(classes[0]), pos.get(classes[1])
                 if pk is not None and pr is not None:
                     uoi = np.where((pk >= 0) & (pr >= 0), pk * gqa[1] + pr, -1)
@@ -191,7 +216,7 @@ class DependencyGraph:
         layers = {layer_of(m.param) for m in members}
         layer = layers.pop() if len(layers) == 1 else None
         return Group("", "attention", layer, site.num_heads, site.head_dim, members, not inexact, inexact,
-                     gqa if gqa and gqa[1] > 1 else None, site.module, site.head_dim)
+                     gqa if gqa and gqa[1] > 1 else None, site.module, site.head_dim, [site.module])
 
     def _channel_group(self, leaf, members, has_attention):
         ms = [self._member(name, d, self._positions((name, d))[leaf], "unit") for name, d in members]

@@ -47,6 +47,7 @@ class Group:
     gqa: tuple | None = None
     module: str | None = None
     head_dim: int | None = None
+    modules: list = field(default_factory=list)  # every attention module whose heads these are (shared heads)
 
     @property
     def params_per_unit(self) -> float:

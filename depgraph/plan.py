@@ -52,7 +52,8 @@ class Plan:
             if g.kind == "attention":
                 kv, rep = g.gqa if g.gqa else (g.num_units, 1)
                 kv_gone = len(g.removed_kv(units)) if g.gqa else len(units)
-                att = {"module": g.module, "head_dim": g.head_dim, "heads_before": g.num_units,
+                att = {"module": g.module, "modules": list(g.modules or [g.module]), "head_dim": g.head_dim,
+                       "heads_before": g.num_units,
                        "heads_after": g.num_units - len(units), "kv_before": kv, "kv_after": kv - kv_gone}
             entries.append(PlanEntry(g.id, g.kind, g.layer, g.num_units, units, removed, g.exact, att))
         touched = {p for e in entries for p in e.removed}

@@ -56,20 +56,32 @@ def _batch_norm(m):
     return {"num_features": m.weight.shape[0]}
 
 
-# attention modules: attribute name -> value, from heads/kv heads after pruning (set only if present)
+# attention modules: attribute name -> the size it holds, rewritten only where it holds that size before pruning
 ATTENTION_ATTRIBUTES = {
-    "num_heads": lambda a: a["heads_after"],
-    "num_attention_heads": lambda a: a["heads_after"],
-    "n_head": lambda a: a["heads_after"],
-    "n_heads": lambda a: a["heads_after"],
-    "num_key_value_heads": lambda a: a["kv_after"],
-    "num_kv_heads": lambda a: a["kv_after"],
-    "n_kv_heads": lambda a: a["kv_after"],
-    "num_key_value_groups": lambda a: a["heads_after"] // a["kv_after"],
-    "split_size": lambda a: a["heads_after"] * a["head_dim"],
-    "all_head_size": lambda a: a["heads_after"] * a["head_dim"],
-    "inner_dim": lambda a: a["heads_after"] * a["head_dim"],
+    "num_heads": "heads", "num_attention_heads": "heads", "n_head": "heads", "n_heads": "heads",
+    "num_key_value_heads": "kv", "num_kv_heads": "kv", "n_kv_heads": "kv", "kv_heads": "kv",
+    "num_key_value_groups": "q_per_kv",
+    "split_size": "q_width", "all_head_size": "q_width", "inner_dim": "q_width", "embed_dim": "q_width",
+    "kv_dim": "kv_width",
 }
+ATTENTION_SIZES = {  # size name -> value from a plan entry's attention record, before or after ("before"/"after")
+    "heads": lambda a, t: a[f"heads_{t}"],
+    "kv": lambda a, t: a[f"kv_{t}"],
+    "q_per_kv": lambda a, t: a[f"heads_{t}"] // a[f"kv_{t}"],
+    "q_width": lambda a, t: a[f"heads_{t}"] * a["head_dim"],
+    "kv_width": lambda a, t: a[f"kv_{t}"] * a["head_dim"],
+}
+
+
+def attention_attributes(mod, a: dict) -> dict:
+    """New values of ``mod``'s attention attributes that hold the sizes ``a`` (a plan entry's attention
+    record) had before pruning; an attribute holding anything else is left alone."""
+    out = {}
+    for k, size in ATTENTION_ATTRIBUTES.items():
+        v = getattr(mod, k, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v == ATTENTION_SIZES[size](a, "before"):
+            out[k] = ATTENTION_SIZES[size](a, "after")
+    return out
 
 # config fields per kind, for the uniform (stock-loadable) case
 CONFIG_FIELDS = {
@@ -193,10 +205,9 @@ def _shrink(model, plan, aliases, undo):
                 break
     for e in plan.entries:
         if e.attention:
-            mod = model.get_submodule(e.attention["module"])
-            values = {k: f(e.attention) for k, f in ATTENTION_ATTRIBUTES.items()
-                      if isinstance(getattr(mod, k, None), int) and not isinstance(getattr(mod, k), bool)}
-            _set_attrs(mod, values, record, e.attention["module"], undo)
+            for path in e.attention.get("modules") or [e.attention["module"]]:
+                mod = model.get_submodule(path)
+                _set_attrs(mod, attention_attributes(mod, e.attention), record, path, undo)
     _update_config(model, plan, record)
 
 

@@ -2,7 +2,7 @@
 (kv_head x q_per_kv); head_dim is never prunable (it is contracted and sets the softmax scale)."""
 from __future__ import annotations
 
-from ..layout import make_prod
+from ..layout import Prod, Space, make_prod
 from . import rule
 
 
@@ -54,3 +54,99 @@ def sdpa(ctx):
         return [tuple(out)] + [ctx.fresh(tuple(int(s) for s in v.shape), "attention statistics")
                                for v in out_val[1:]]
     return tuple(out)
+
+
+# -- eager attention: matmul(q, k^T) -> [scale, soft-cap, bias, mask] -> softmax -> [dropout] -> matmul(p, v) --
+# The generic rules already couple heads across q, k, v and the output (they are matmul batch dims) and block
+# the q.k contraction; this pattern adds what SDPA's rule knows: the values' head_dim is blocked too, GQA heads
+# shared through broadcasting are (kv_head x q_per_kv), and the heads are recorded as an attention site.
+SCORE_OPS = ("matmul", "bmm", "baddbmm")
+SOFTMAX_OPS = ("softmax", "_softmax", "_safe_softmax")
+SCORE_CHAIN_OPS = frozenset((  # elementwise on the scores or probabilities: scale, soft-cap, bias, mask, dropout
+    "mul", "div", "true_divide", "add", "sub", "neg", "tanh", "where", "masked_fill", "clamp", "clamp_min",
+    "clamp_max", "maximum", "minimum", "to", "_to_copy", "type_as", "clone", "contiguous", "alias", "detach",
+    "dropout", "native_dropout", "feature_dropout", "getitem", "view", "reshape", "_unsafe_view", "unsqueeze",
+    "squeeze", "lift_fresh_copy",
+))
+SCORE_CHAIN_OPS = SCORE_CHAIN_OPS | {f"{op}_" for op in SCORE_CHAIN_OPS}  # in-place forms (scores /= scale)
+_MAX_CHAIN = 32
+
+
+def _operands(node):
+    """(left, right) operands of a batched matmul-family node."""
+    from . import op_name
+
+    args = node.args[1:3] if op_name(node.target) == "baddbmm" else node.args[:2]
+    return tuple(args)
+
+
+def _between_activations(ctx, node) -> bool:
+    from .linear import from_parameter
+
+    ops = _operands(node)
+    return len(ops) == 2 and all(ctx.is_tensor(a) and len(ctx.shape(a)) >= 3 and not from_parameter(ctx, a)
+                                 for a in ops)
+
+
+def scores_behind(ctx, node, softmaxed=False, seen=None):
+    """The q.k^T matmul node whose softmax over the last dim (through elementwise ops) gives ``node``, or None."""
+    from . import op_name
+
+    seen = set() if seen is None else seen
+    if not ctx.is_tensor(node) or node.op != "call_function" or node in seen or len(seen) > _MAX_CHAIN:
+        return None
+    seen.add(node)
+    name = op_name(node.target)
+    if softmaxed and name in SCORE_OPS and _between_activations(ctx, node):
+        return node
+    if name in SOFTMAX_OPS:
+        ndim = node.meta["val"].dim()
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if softmaxed or not isinstance(dim, int) or dim % ndim != ndim - 1:
+            return None
+        return scores_behind(ctx, node.args[0], True, seen)
+    if name in SCORE_CHAIN_OPS:
+        for a in node.all_input_nodes:
+            found = scores_behind(ctx, a, softmaxed, seen)
+            if found is not None:
+                return found
+    return None
+
+
+def _heads(ctx, batch):
+    """Product of the batch dims' layouts without the model input's own (batch) spaces."""
+    store = ctx.store
+    inputs = {leaf for s in ctx.flow.input_spaces for leaf in store.leaves(s)}
+    parts = []
+    for lay in batch:
+        e = store.expand(lay)
+        for p in (e.parts if isinstance(e, Prod) else (e,)):
+            if p is not None and not (isinstance(p, Space) and p in inputs):
+                parts.append(p)
+    return make_prod(parts)
+
+
+def eager_attention(ctx, probs, values, out) -> None:
+    """Called by the batched matmul rules with ``out = probs @ values``: record the attention site when
+    ``probs`` is a softmax of a q.k^T contraction between two activations."""
+    if len(out) < 3 or not (ctx.is_tensor(probs) and ctx.is_tensor(values)) or len(ctx.shape(values)) < 3:
+        return
+    scores = scores_behind(ctx, probs)
+    if scores is None:
+        return
+    vs, vl = ctx.shape(values), ctx.lay(values)
+    ctx.block(vl[-1], "attention head_dim of the values")
+    out = list(out)
+    nb = len(out) - 2
+    for d in range(nb):  # values shared by several query heads (GQA through broadcasting): kv x q_per_kv
+        vd = d - (nb - (len(vs) - 2))
+        if out[d] is not None and (vd < 0 or vs[vd] == 1):
+            ctx.unify(out[d], ctx.fresh((ctx.out_shape[d],), broadcast=True)[0])
+    heads = _heads(ctx, out[:-2])
+    if heads is None:
+        return
+    q = _operands(scores)[0]
+    e = ctx.store.expand(heads)
+    kv = e.parts[0].size if isinstance(e, Prod) and len(e.parts) == 2 and getattr(e.parts[1], "broadcast", False) \
+        else (1 if getattr(e, "broadcast", False) else e.size)
+    ctx.attention_site(heads, e.size, kv, ctx.shape(q)[-1])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from . import rule
+from .attention import eager_attention
 from .elementwise import broadcast
 
 _VIEWS = {"t", "transpose", "permute", "view", "reshape", "_to_copy", "to", "alias", "detach", "contiguous",
@@ -19,7 +20,7 @@ def linear(ctx):
     return tuple(xl[:-1]) + (wl[0],)
 
 
-def _from_parameter(ctx, node, depth=0) -> bool:
+def from_parameter(ctx, node, depth=0) -> bool:
     """Does ``node`` come from a parameter through view-like ops only?"""
     from . import op_name
 
@@ -27,14 +28,14 @@ def _from_parameter(ctx, node, depth=0) -> bool:
         return node.name in ctx.flow.cap.params
     if node.op != "call_function" or depth > 8 or op_name(node.target) not in _VIEWS:
         return False
-    return _from_parameter(ctx, node.args[0], depth + 1)
+    return from_parameter(ctx, node.args[0], depth + 1)
 
 
 def _contract(ctx, a, b, ka, kb):
     """Couple the contracted dims; between two activations (attention scores) block them."""
     la, lb = ctx.lay(a)[ka], ctx.lay(b)[kb]
     ctx.unify(la, lb)
-    if not (_from_parameter(ctx, a) or _from_parameter(ctx, b)):
+    if not (from_parameter(ctx, a) or from_parameter(ctx, b)):
         ctx.block(la, "contracted between two activations (attention head_dim)")
 
 
@@ -88,12 +89,16 @@ def _batched(ctx, a, b):
 
 @rule("matmul", "bmm")
 def matmul(ctx):
-    return _batched(ctx, ctx.arg(0, "self"), ctx.arg(1, "other" if ctx.op == "matmul" else "mat2"))
+    a, b = ctx.arg(0, "self"), ctx.arg(1, "mat2" if ctx.op == "bmm" else "other")
+    out = _batched(ctx, a, b)
+    eager_attention(ctx, a, b, out)
+    return out
 
 
 @rule("baddbmm")
 def baddbmm(ctx):
-    out = _batched(ctx, ctx.arg(1, "batch1"), ctx.arg(2, "batch2"))
+    a, b = ctx.arg(1, "batch1"), ctx.arg(2, "batch2")
+    out = _batched(ctx, a, b)
     bias = ctx.arg(0, "self")
     if ctx.is_tensor(bias):
         shp, lay = ctx.shape(bias), ctx.lay(bias)
