@@ -142,7 +142,12 @@ class DependencyGraph:
             if reasons:
                 self._record_blocked(blocked, (leaf,), users, reasons)
                 continue
-            groups.append(self._channel_group(leaf, members, has_attention))
+            group = self._channel_group(leaf, members, has_attention)
+            if group.kind == "mlp" and not group.exact:  # e.g. an MLA latent under its RMSNorm: refuse, not approximate
+                self._record_blocked(blocked, (leaf,), users, [f"normalised inside layer {group.layer}, so removing "
+                                                               f"a channel is not zeroing it"] + list(leaf.inexact))
+                continue
+            groups.append(group)
 
         # stable, readable ids
         groups.sort(key=lambda g: (g.layer is not None, g.layer or 0, _KIND_ORDER.get(g.kind, 9)))
@@ -165,8 +170,8 @@ class DependencyGraph:
         for site in self._flow.attention:
             heads = store.expand(site.heads)
             reasons = []
-            if isinstance(heads, Space):  # a broadcast space: every query head reads one shared key/value head
-                classes, gqa = (heads,), ((1, heads.size) if heads.broadcast else None)
+            if isinstance(heads, Space):  # one kv head: every query head reads the same keys and values
+                classes, gqa = (heads,), ((1, heads.size) if site.num_kv_heads == 1 and heads.size > 1 else None)
             elif isinstance(heads, Prod) and len(heads.parts) == 2 and all(isinstance(p, Space) for p in heads.parts) \
                     and heads.parts[1].broadcast:
                 classes, gqa = heads.parts, (heads.parts[0].size, heads.parts[1].size)

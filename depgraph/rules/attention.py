@@ -1,6 +1,9 @@
-"""scaled_dot_product_attention: heads are coupled across q, k, v and the output; GQA heads are
-(kv_head x q_per_kv); head_dim is never prunable (it is contracted and sets the softmax scale)."""
+"""Attention: heads are coupled across q, k, v and the output; GQA heads are (kv_head x q_per_kv); head_dim is
+never prunable (it is contracted and sets the softmax scale). ``scaled_dot_product_attention`` by its rule, eager
+attention (matmul -> softmax -> matmul) by the pattern the batched matmul rules report here."""
 from __future__ import annotations
+
+from math import prod
 
 from ..layout import Prod, Space, make_prod
 from . import rule
@@ -49,7 +52,8 @@ def sdpa(ctx):
             if n > 1 and off + d == len(out_shape) - 3:
                 ctx.unify(ml[d], heads)
     if heads is not None:
-        ctx.attention_site(heads, hq, hk, qs[-1])
+        rep = shared_kv_factor(ctx, v) if hq == hk else 1  # values repeated before the call (repeat_kv)
+        ctx.attention_site(heads, hq, hk // rep if rep > 1 and hk % rep == 0 else hk, qs[-1])
     if isinstance(out_val, (list, tuple)):
         return [tuple(out)] + [ctx.fresh(tuple(int(s) for s in v.shape), "attention statistics")
                                for v in out_val[1:]]
@@ -113,10 +117,14 @@ def scores_behind(ctx, node, softmaxed=False, seen=None):
     return None
 
 
+def _input_leaves(ctx) -> set:
+    return {leaf for s in ctx.flow.input_spaces for leaf in ctx.store.leaves(s)}
+
+
 def _heads(ctx, batch):
     """Product of the batch dims' layouts without the model input's own (batch) spaces."""
     store = ctx.store
-    inputs = {leaf for s in ctx.flow.input_spaces for leaf in store.leaves(s)}
+    inputs = _input_leaves(ctx)
     parts = []
     for lay in batch:
         e = store.expand(lay)
@@ -138,15 +146,43 @@ def eager_attention(ctx, probs, values, out) -> None:
     ctx.block(vl[-1], "attention head_dim of the values")
     out = list(out)
     nb = len(out) - 2
+    rep = shared_kv_factor(ctx, values)
     for d in range(nb):  # values shared by several query heads (GQA through broadcasting): kv x q_per_kv
         vd = d - (nb - (len(vs) - 2))
         if out[d] is not None and (vd < 0 or vs[vd] == 1):
             ctx.unify(out[d], ctx.fresh((ctx.out_shape[d],), broadcast=True)[0])
+            rep *= ctx.out_shape[d]
     heads = _heads(ctx, out[:-2])
     if heads is None:
         return
     q = _operands(scores)[0]
-    e = ctx.store.expand(heads)
-    kv = e.parts[0].size if isinstance(e, Prod) and len(e.parts) == 2 and getattr(e.parts[1], "broadcast", False) \
-        else (1 if getattr(e, "broadcast", False) else e.size)
-    ctx.attention_site(heads, e.size, kv, ctx.shape(q)[-1])
+    n = ctx.store.expand(heads).size
+    ctx.attention_site(heads, n, n // rep if n % rep == 0 else n, ctx.shape(q)[-1])
+
+
+_VIEW_OPS = frozenset(("view", "reshape", "_unsafe_view", "transpose", "permute", "contiguous", "clone", "to",
+                       "_to_copy", "alias", "detach", "unsqueeze", "squeeze", "flatten", "unflatten", "lift_fresh_copy"))
+
+
+def shared_kv_factor(ctx, node) -> int:
+    """Query heads per key/value head made by repeating the values (``repeat_kv``: unsqueeze, expand, reshape):
+    the growth of the ``expand`` reached from ``node`` through view-like ops; 1 when there is none."""
+    from . import op_name
+
+    for _ in range(16):
+        if not ctx.is_tensor(node) or node.op != "call_function":
+            return 1
+        name = op_name(node.target)
+        if name in ("expand", "expand_as", "broadcast_to"):  # dims grown from 1, but not the batch
+            ins, outs, lay = ctx.shape(node.args[0]), ctx.shape(node), ctx.lay(node)
+            off = len(outs) - len(ins)
+            inputs = _input_leaves(ctx)
+            grown = [m for d, m in enumerate(outs) if (d < off or ins[d - off] != m)
+                     and not any(leaf in inputs for leaf in ctx.store.leaves(lay[d]))]
+            return prod(grown)
+        if name == "repeat_interleave" and isinstance(node.args[1] if len(node.args) > 1 else None, int):
+            return node.args[1]
+        if name not in _VIEW_OPS:
+            return 1
+        node = node.args[0]
+    return 1
