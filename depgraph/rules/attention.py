@@ -70,7 +70,7 @@ SCORE_CHAIN_OPS = frozenset((  # elementwise on the scores or probabilities: sca
     "mul", "div", "true_divide", "add", "sub", "neg", "tanh", "where", "masked_fill", "clamp", "clamp_min",
     "clamp_max", "maximum", "minimum", "to", "_to_copy", "type_as", "clone", "contiguous", "alias", "detach",
     "dropout", "native_dropout", "feature_dropout", "getitem", "view", "reshape", "_unsafe_view", "unsqueeze",
-    "squeeze", "lift_fresh_copy",
+    "squeeze", "lift_fresh_copy", "slice", "narrow", "cat", "amax", "max", "logsumexp",  # sinks, stable softmax
 ))
 SCORE_CHAIN_OPS = SCORE_CHAIN_OPS | {f"{op}_" for op in SCORE_CHAIN_OPS}  # in-place forms (scores /= scale)
 _MAX_CHAIN = 32

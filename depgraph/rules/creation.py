@@ -5,16 +5,16 @@ from . import rule
 
 
 @rule("arange", "zeros", "ones", "full", "empty", "scalar_tensor", "rand", "randn", "randint", "linspace",
-      "eye", "empty_strided", "tensor", "randperm")
+      "eye", "new_zeros", "new_ones", "new_full", "empty_strided", "new_empty_strided", "tensor", "randperm")
 def create(ctx):
     return ctx.fresh(ctx.out_shape, "tensor created from a fixed size")
 
 
-@rule("new_zeros", "new_ones", "new_full", "new_empty")
-def create_from(ctx):
-    """``x.new_empty(*x.shape[:-1], n)``: a dim the size of ``x``'s dim at the same position is read from ``x``
-    (it follows ``x`` when ``x`` shrinks); the others are fixed sizes. The values are constant (or written
-    later, e.g. by ``copy_`` into slices, as MLA builds its keys), so only sizes can differ."""
+@rule("new_empty")
+def new_empty(ctx):
+    """``x.new_empty(*x.shape[:-1], n)``, to be written into (MLA builds its keys by ``copy_`` into slices): a dim
+    the size of ``x``'s dim at the same position is read from ``x`` and follows it when ``x`` shrinks; the others
+    are fixed sizes. Uninitialised memory carries no values of its own, so only sizes can differ."""
     src = ctx.arg(0, "self")
     shp, lay = ctx.shape(src), ctx.lay(src)
     out = list(ctx.fresh(ctx.out_shape, "tensor created from a fixed size"))
@@ -22,9 +22,3 @@ def create_from(ctx):
         if d < len(shp) and shp[d] == n and n > 1 and lay[d] is not None:
             out[d] = lay[d]
     return tuple(out)
-
-
-@rule("_assert_scalar", "sym_constrain_range_for_size", "_local_scalar_dense", "item", "sym_size",
-      "_assert_async", "sym_numel", "sym_stride")
-def no_tensor(ctx):
-    return None
