@@ -120,10 +120,12 @@ class DependencyGraph:
         has_attention = bool(self._flow.attention)
         for classes, gqa, sites, reasons in self._head_sets():
             taken.update(classes)
-            for site in sites:  # literal sizes: owned only by the attributes of the modules rewritten
-                reasons = reasons + [r for r in unowned_literals([lit for c in classes for lit in literals.get(c, ())],
-                                                                 site.module, self._flow.stale or frozenset())
-                                     if r not in reasons]
+            stale_attrs = self._flow.stale or frozenset()
+            for lit in [lit for c in classes for lit in literals.get(c, ())]:
+                # a literal size is owned when the attributes of one of the modules rewritten hold it
+                unowned = [unowned_literals([lit], site.module, stale_attrs) for site in sites]
+                if all(unowned):
+                    reasons = reasons + [r for r in unowned[0] if r not in reasons]
             if reasons:
                 self._record_blocked(blocked, classes, users, reasons)
                 continue
