@@ -1,4 +1,4 @@
-"""Attention without SDPA: eager matmul -> softmax -> matmul (soft-capping, ALiBi, relative position bias, MQA,
+"""Attention without SDPA: eager matmul -> softmax -> matmul (soft-capping, sliding windows, ALiBi, MQA,
 fused qkv) and MLA, found exactly as SDPA's rule finds heads, with removal == masking and working shrunk models."""
 import copy
 import functools
