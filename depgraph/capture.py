@@ -55,6 +55,11 @@ def meta_twin(model: torch.nn.Module) -> torch.nn.Module:
         if hasattr(config, "use_cache"):
             config.use_cache = False
         _traceable_attention(twin, config)
+        if getattr(config, "_experts_implementation", None) not in (None, "grouped_mm", "batched_mm"):
+            try:  # eager experts loop over data-dependent expert hits, which torch.export cannot capture
+                twin.set_experts_implementation("grouped_mm")
+            except Exception:
+                pass
     return twin
 
 

@@ -11,7 +11,7 @@ from depgraph.errors import DepgraphError
 from depgraph.importance import METHODS, NEEDS_CALIBRATION
 from depgraph.plan import POLICIES
 
-KINDS = ("attention", "mlp", "hidden")
+KINDS = ("attention", "mlp", "hidden", "experts")
 
 
 def _layers(text: str):
@@ -85,7 +85,7 @@ def add_prune(subparsers, add_model_argument) -> None:
                         "dataset name (default: self)")
     p.add_argument("--n-samples", type=int, default=10)
     p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--kinds", default="mlp", help="comma list of group kinds to prune: attention, mlp, hidden "
+    p.add_argument("--kinds", default="mlp", help="comma list of group kinds to prune: attention, mlp, hidden, experts "
                                                   "(default: mlp, the best on SmolLM2; see bench/results/prune.md)")
     p.add_argument("--layers", type=_layers, default="auto",
                    help="only these layers, e.g. 3:27 or 0,5,7; 'all'; default 'auto': all but the first and last")

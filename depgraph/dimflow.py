@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import operator
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,6 +17,7 @@ from .capture import Capture
 from .errors import UnsupportedOpError
 from .layout import SpaceStore, Unifiable
 from .rules import RULES, RuleError, op_name
+from .rules.moe import routed
 
 
 @dataclass
@@ -70,6 +71,13 @@ class DimFlow:
     notes: list  # other places where spaces had to be blocked
     literals: list = None  # LiteralSize records
     stale: set = None  # "path:attr" the forward reads that shrink does not rewrite (see graph.read_attributes)
+    routing: list = field(default_factory=list)  # rules.moe.RoutingSite (mixture-of-experts top-k routing)
+    aligned: list = field(default_factory=list)  # layouts grouped_mm needs in multiples of rules.moe.GROUPED_MM_ALIGN
+    moe_modules: set = field(default_factory=set)  # module paths of top-k routing and the ops reading expert indices
+
+
+class _NoRule(Exception):
+    """Internal: the op has no dimension rule."""
 
 
 def module_path(node: torch.fx.Node) -> str:
@@ -229,6 +237,10 @@ class _Runner:
         self.literals: list = []
         self._attr_cache: dict = {}
         self.input_spaces: list = []  # spaces of the model inputs' dims (batch, sequence)
+        self.routing: list = []
+        self.aligned: list = []
+        self.moe_modules: set = set()
+        self.values: dict = {}  # node or (node, output index) -> ExpertValues (tensors of expert indices)
 
     def attributes_equal_to(self, node, value: int) -> list:
         """``path:attr`` of the int attributes equal to ``value`` on the modules running ``node``."""
@@ -260,7 +272,8 @@ class _Runner:
             else:
                 self.env[node] = None
         return DimFlow(self.store, self.param_layouts, set(self.cap.buffers.values()), self.attention,
-                       self.unsupported, self.notes, self.literals)
+                       self.unsupported, self.notes, self.literals,
+                       routing=self.routing, aligned=self.aligned, moe_modules=self.moe_modules)
 
     def _placeholder(self, node):
         val = node.meta.get("val")
@@ -291,21 +304,25 @@ class _Runner:
         if node.target is operator.getitem:  # multi-output ops give a list of layout tuples
             src = self.env.get(node.args[0])
             return src[node.args[1]] if isinstance(src, list) else None
-        name = op_name(node.target)
-        ctx = Ctx(self, node, name, module_path(node))
-        rule = RULES.get(name)
-        if rule is None:
-            return self._no_rule(ctx, "op has no dimension rule")
-        try:
-            out = rule(ctx)
+        ctx = Ctx(self, node, op_name(node.target), module_path(node))
+        try:  # ops reading expert indices go through rules.moe first
+            out = routed(ctx, self._rule)
             _check_output(self.store, out, ctx.out_val)
             return out
+        except _NoRule as e:
+            return self._no_rule(ctx, str(e))
         except (RuleError, Unifiable, IndexError, KeyError, TypeError, ValueError, AttributeError,
                 ZeroDivisionError, AssertionError, RuntimeError) as e:
             if self.strict:
-                raise UnsupportedOpError(f"rule for aten.{name} at {ctx.where or '<root>'} failed: "
+                raise UnsupportedOpError(f"rule for aten.{ctx.op} at {ctx.where or '<root>'} failed: "
                                          f"{type(e).__name__}: {e}") from e
             return self._no_rule(ctx, f"its dimension rule could not read the op ({type(e).__name__}: {e})")
+
+    def _rule(self, ctx: Ctx):
+        rule = RULES.get(ctx.op)
+        if rule is None:
+            raise _NoRule("op has no dimension rule")
+        return rule(ctx)
 
     def _no_rule(self, ctx: Ctx, why: str):
         touched = False

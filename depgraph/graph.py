@@ -13,9 +13,11 @@ from .capture import Capture, capture
 from .dimflow import DimFlow, propagate
 from .groups import Group, Member
 from .layout import Prod, Space
+from .rules.moe import GROUPED_MM_ALIGN
 
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
-_KIND_ORDER = {"hidden": 0, "channels": 1, "attention": 2, "mlp": 3}
+_KIND_ORDER = {"hidden": 0, "channels": 1, "attention": 2, "mlp": 3, "experts": 4}
+_SOFTMAX = ("softmax", "_softmax", "_safe_softmax", "log_softmax", "_log_softmax")
 
 
 def _owned(attr: str, attention_module) -> bool:
@@ -133,6 +135,12 @@ class DependencyGraph:
             group.modules = list(dict.fromkeys(site.module for site in sites))  # shared heads: every module
             groups.append(group)
 
+        for site in self._flow.routing:
+            group = self._experts_group(site, users, taken, blocked)
+            if group is not None:
+                groups.append(group)
+
+        aligned = {c for lay in self._flow.aligned for c in store.leaves(lay)}
         for leaf, members in users.items():
             if leaf in taken or leaf.size < 2:
                 continue
@@ -150,6 +158,17 @@ class DependencyGraph:
                                                                f"a channel is not zeroing it"] + list(leaf.inexact))
                 continue
             groups.append(group)
+            if leaf in aligned:  # fused expert weights multiplied by grouped_mm
+                group.align = GROUPED_MM_ALIGN
+
+        by_layer = defaultdict(list)
+        for path in self._flow.moe_modules:
+            by_layer[layer_of(path)].append(path)
+        moe_modules = sorted({p for g in groups if g.routing for p in g.routing["modules"]}
+                             | {p for paths in by_layer.values() for p in _module_chain(paths)})
+        for g in groups:  # routers and expert blocks keep the residual width as an attribute (reshape(-1, hidden))
+            if g.kind in ("hidden", "channels") and g.layer is None:
+                g.width_modules = moe_modules
 
         # stable, readable ids
         groups.sort(key=lambda g: (g.layer is not None, g.layer or 0, _KIND_ORDER.get(g.kind, 9)))
@@ -224,6 +243,33 @@ class DependencyGraph:
         layer = layers.pop() if len(layers) == 1 else None
         return Group("", "attention", layer, site.num_heads, site.head_dim, members, not inexact, inexact,
                      gqa if gqa and gqa[1] > 1 else None, site.module, site.head_dim, [site.module])
+
+    def _experts_group(self, site, users, taken, blocked):
+        """Whole routed experts of one routing site (rules.moe), or None with the expert dim recorded as
+        blocked: the router rows never form a group on their own."""
+        store = self._flow.store
+        experts = store.expand(site.experts)
+        leaves = tuple(dict.fromkeys(store.leaves(experts)))
+        if not leaves or any(c in taken for c in leaves):
+            return None
+        taken.update(leaves)
+        reasons = [r for c in leaves for r in c.blocked if r != site.reason]
+        if not isinstance(experts, Space):
+            reasons = reasons or [f"expert dim of the router at {site.module} is split or cut by the model code"]
+        if reasons:
+            self._record_blocked(blocked, leaves, users, reasons)
+            return None
+        allowed = tuple(f"({op} at {where or '<root>'})" for op, where in site.chain if op in _SOFTMAX)
+        inexact = [r for r in experts.inexact if not r.endswith(allowed)] if allowed else list(experts.inexact)
+        members = [self._member(name, d, self._positions((name, d))[experts], "unit")
+                   for name, d in users.get(experts, [])]
+        layers = {layer_of(m.param) for m in members}
+        layer = layers.pop() if len(layers) == 1 else None
+        routing = {"top_k": site.top_k, "router": list(site.router), "router_module": site.router_module,
+                   "modules": _module_chain([m.param.rpartition(".")[0] for m in members]
+                                            + [site.router_module, site.module])}
+        return Group("", "experts", layer, experts.size, 1, members, not inexact, inexact, module=site.module,
+                     routing=routing)
 
     def _channel_group(self, leaf, members, has_attention):
         ms = [self._member(name, d, self._positions((name, d))[leaf], "unit") for name, d in members]
@@ -324,6 +370,15 @@ class DependencyGraph:
         if self.unsupported:
             lines.append(f"  {len(self.unsupported)} ops without a dimension rule")
         return "\n".join(lines)
+
+
+def _module_chain(paths) -> list:
+    """Every module from the paths' common ancestor down to each path (the modules that may hold a count)."""
+    split = [p.split(".") if p else [] for p in paths]
+    common = 0
+    while all(len(s) > common for s in split) and len({s[common] for s in split}) == 1:
+        common += 1
+    return sorted({".".join(s[:n]) for s in split for n in range(common, len(s) + 1)})
 
 
 def trace(model, example_inputs=None, strict: bool = False) -> DependencyGraph:

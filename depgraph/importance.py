@@ -24,6 +24,12 @@ Methods (``w`` weight, ``g`` gradient of the mean calibration loss, ``F`` diagon
 ``activation``     |w| · ‖x_j‖₂ (Wanda), where ‖x_j‖₂ is the L2 norm over all calibration tokens of the
                    input feature j of the linear layer. Only defined for members along a linear layer's
                    input-feature dim; every other member (output rows, norms, embeddings) falls back to |w|.
+                   Routed experts (``experts`` groups) score their routed gate mass instead: over every
+                   calibration token, the router's softmax probability of the expert summed over the tokens
+                   whose top-k selects it (the logits are read where the router's linear runs,
+                   depgraph.routing), so an expert that is rarely chosen, or chosen with little weight,
+                   scores low. Gradient methods need nothing special: an expert's parameters only get
+                   gradients from the tokens routed to it.
 ``fluctuation``    w² · Var(x_j) (FLAP's fluctuation metric): the variance over all calibration tokens of the
                    input feature j, times the squared weights that read it, i.e. how much the layer's output
                    moves when the feature is replaced by its mean (which ``compensate=True`` folds into the
@@ -310,6 +316,38 @@ def fluctuation_stats(model, graph, batches, progress: bool = True) -> dict:
     return variances(input_moments(model, graph, batches, progress))
 
 
+@torch.no_grad()
+def routed_mass(model, graph, batches, progress: bool = True) -> dict:
+    """``{experts group id: float64 [num_experts]}``: sum over calibration tokens of the router's softmax
+    probability of each expert, counted only where the expert is among the token's top-k logits."""
+    from .routing import RouterLogits
+
+    batches = _check_batches(batches)
+    groups = {g.routing["router"][0]: g for g in graph.groups("experts")}
+    if not groups:
+        return {}
+    canon = _canonical_map(graph)
+    names = {canon.get(n, n): n for n in groups}
+    was_training = model.training
+    dev = _device(model)
+    mass = {g.id: np.zeros(g.num_units) for g in groups.values()}
+    try:
+        model.eval()
+        with RouterLogits(model, list(names)) as tap:
+            for row in tqdm(batches, desc="routing", disable=not progress, leave=False):
+                model(input_ids=row[None].to(dev))
+    finally:
+        model.train(was_training)
+    for name, chunks in tap.logits.items():
+        g = groups[names[name]]
+        for z in chunks:
+            sel = torch.topk(z, g.min_units, dim=-1).indices
+            p = torch.softmax(z, dim=-1).gather(1, sel)
+            mass[g.id] += np.bincount(sel.flatten().cpu().numpy(), weights=p.flatten().double().cpu().numpy(),
+                                      minlength=g.num_units)[:g.num_units]
+    return mass
+
+
 # -- element scores -> unit scores -----------------------------------------------------------
 def _element_scores(method, w, g=None, fisher=None, act=None, act_dim=None):
     """Element-wise score tensor (float32), or the signed w*g for ``taylor-vector``."""
@@ -455,4 +493,8 @@ def score(model, graph, calibration=None, method: str = "taylor", aggregate: str
             rows.append(_member_units(m, per_index, g, post))
         s = _aggregate(rows, aggregate) if rows else np.zeros(g.num_units)
         out[g.id] = _normalize(s.astype(np.float64), normalize)
+    if method == "activation" and calibration is not None and any(g.kind == "experts" for g in groups):
+        for gid, s in routed_mass(model, graph, calibration, progress=progress).items():
+            if gid in out:
+                out[gid] = _normalize(s, normalize)
     return out

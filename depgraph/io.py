@@ -46,7 +46,9 @@ def write_pruned(model, folder, tokenizer=None, extra_files: dict | None = None)
     info["shapes"] = {n: list(p.shape) for n, p in model.state_dict().items()}
     config.depgraph = info
     with _dense_quantizer_detached(model):
-        model.save_pretrained(folder, safe_serialization=True)
+        # the state-dict names as they are (no conversion back to a legacy layout such as per-expert
+        # checkpoints), so load_pruned and the modeling file find every tensor where the shrunk model keeps it
+        model.save_pretrained(folder, safe_serialization=True, save_original_format=False)
     wrote_code = remote_code.write(folder, model)  # non-uniform: modeling file + auto_map for stock loading
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)

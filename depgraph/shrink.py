@@ -9,6 +9,7 @@ from torch import nn
 from .dispatch import materialized
 from .errors import PlanError
 from .plan import Plan
+from .routing import mask_experts
 
 # -- module attributes that follow a parameter's shape: one small fixer per layer type -----------
 MODULE_FIXERS: list = []
@@ -83,11 +84,20 @@ def attention_attributes(mod, a: dict) -> dict:
             out[k] = ATTENTION_SIZES[size](a, "after")
     return out
 
+# routed-experts modules (router, experts, the block around them): attributes holding the expert count,
+# rewritten when they equal the count before pruning
+EXPERT_ATTRIBUTES = ("num_experts", "num_local_experts", "n_routed_experts", "n_experts", "num_routed_experts")
+
+# the residual width kept as an attribute by routers and expert blocks (``reshape(-1, self.hidden_dim)``),
+# rewritten on a hidden entry's ``width_modules`` when equal to the width before pruning
+WIDTH_ATTRIBUTES = ("hidden_size", "hidden_dim", "input_size", "embed_dim", "d_model", "model_dim")
+
 # config fields per kind, for the uniform (stock-loadable) case
 CONFIG_FIELDS = {
     "heads": ("num_attention_heads", "n_head", "num_heads", "n_heads"),
     "kv": ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num"),
-    "mlp": ("intermediate_size", "n_inner", "ffn_dim", "d_ff"),
+    "mlp": ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "moe_intermediate_size"),
+    "experts": ("num_local_experts", "num_experts", "n_routed_experts", "num_routed_experts", "moe_num_experts"),
     "hidden": ("hidden_size", "n_embd", "d_model", "word_embed_proj_dim"),
 }
 
@@ -122,7 +132,9 @@ def check_model(model, plan: Plan) -> dict:
 
 @torch.no_grad()
 def mask(model: nn.Module, plan: Plan) -> nn.Module:
-    """Zero every planned unit in place (soft pruning), leaving shapes unchanged (offloaded weights included)."""
+    """Zero every planned unit in place (soft pruning), leaving shapes unchanged (offloaded weights included).
+    Routed experts are also taken out of routing: their router logits become ``-inf`` (depgraph.routing), as
+    in the shrunk model."""
     aliases = check_model(model, plan)
     with materialized(model, [a for names in aliases.values() for a in names]):
         return _mask(model, plan)
@@ -133,6 +145,9 @@ def _mask(model, plan):
         t = _get_tensor(model, name)
         for d, idx in dims.items():
             t.index_fill_(d, torch.as_tensor(idx, device=t.device), 0)
+    for e in plan.entries:
+        if e.experts:
+            mask_experts(model, e.experts["router_module"], e.experts["router"][0], e.units)
     return model
 
 
@@ -208,7 +223,19 @@ def _shrink(model, plan, aliases, undo):
             for path in e.attention.get("modules") or [e.attention["module"]]:
                 mod = model.get_submodule(path)
                 _set_attrs(mod, attention_attributes(mod, e.attention), record, path, undo)
+        if e.experts:
+            _set_counts(model, e.experts["modules"], EXPERT_ATTRIBUTES, e.num_units, e.units_after, record)
+        if e.width_modules:
+            _set_counts(model, e.width_modules, WIDTH_ATTRIBUTES, e.num_units, e.units_after, record)
     _update_config(model, plan, record)
+
+
+def _set_counts(model, paths, names, before: int, after: int, record: dict) -> None:
+    """Set the int attributes ``names`` of the modules at ``paths`` that equal ``before`` to ``after``."""
+    for path in paths:
+        mod = model.get_submodule(path)
+        values = {k: after for k in names if type(getattr(mod, k, None)) is int and getattr(mod, k) == before}
+        _set_attrs(mod, values, record, path)
 
 
 def _record(model) -> dict:
@@ -233,7 +260,7 @@ def _update_config(model, plan: Plan, record: dict) -> None:
     """Record per-layer widths; when every layer has the same shape, write them into the standard
     config fields so stock ``from_pretrained`` loads the result (checked by rebuilding on meta)."""
     layers = record["layers"]
-    after = {"heads": set(), "kv": set(), "mlp": set(), "hidden": set(), "head_dim": set()}
+    after = {"heads": set(), "kv": set(), "mlp": set(), "hidden": set(), "head_dim": set(), "experts": set()}
     for e in plan.entries:
         key = str(e.layer) if e.layer is not None else "all"
         if e.attention:
@@ -246,6 +273,9 @@ def _update_config(model, plan: Plan, record: dict) -> None:
         elif e.kind == "mlp":
             layers.setdefault(key, {})["intermediate_size"] = e.units_after
             after["mlp"].add(e.units_after)
+        elif e.kind == "experts":
+            layers.setdefault(key, {})["num_experts"] = e.units_after
+            after["experts"].add(e.units_after)
         elif e.kind == "hidden":
             record["hidden_size"] = e.units_after
             after["hidden"].add(e.units_after)

@@ -32,4 +32,4 @@ def op_name(target) -> str:
     return getattr(target, "__name__", str(target))
 
 
-from . import attention, complex, control, conv, creation, elementwise, linear, norm, shape  # noqa: E402,F401  (registration)
+from . import attention, complex, control, conv, creation, elementwise, linear, moe, norm, shape  # noqa: E402,F401  (registration)

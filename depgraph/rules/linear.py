@@ -6,7 +6,8 @@ from .attention import eager_attention
 from .elementwise import broadcast
 
 _VIEWS = {"t", "transpose", "permute", "view", "reshape", "_to_copy", "to", "alias", "detach", "contiguous",
-          "expand", "unsqueeze", "_unsafe_view", "numpy_T", "clone"}
+          "expand", "unsqueeze", "_unsafe_view", "numpy_T", "clone",
+          "index", "index_select"}  # rows of a parameter gathered (per-expert weights): still a parameter
 
 
 @rule("linear")

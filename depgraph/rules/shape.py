@@ -168,8 +168,7 @@ def slice_(ctx):
         ctx.block(lay[dim], "slice with symbolic bounds")
         lay[dim] = ctx.fresh((out_n,), "slice with symbolic bounds")[0]
     elif step != 1:
-        ctx.block(lay[dim], "strided slice")
-        lay[dim] = ctx.fresh((out_n,), "strided slice")[0]
+        lay[dim] = _strided(ctx, lay[dim], n, start, step, out_n)
     elif (start, end) != (0, n):
         whole = lay[dim]
         lay[dim] = _sub(ctx, whole, start, end, out_n) if out_n > 0 else None
@@ -196,6 +195,19 @@ def _pieces(ctx, src, sizes, dim):
         out.append(tuple(piece))
         off += n
     return out
+
+
+def _strided(ctx, lay, n, start, step, out_n):
+    """x[start::step] over a whole residue class (interleaved gate/up halves): the dim is (n/step x step) and
+    the slice keeps the first factor at one index of the second; any other strided slice is blocked."""
+    if lay is not None and n % step == 0 and 0 <= start < step and out_n == n // step:
+        parts = ctx.split(lay, [n // step, step])
+        if parts is not None:
+            outer, inner = (parts + [None, None])[:2]
+            ctx.block(inner, "one index of a strided slice's step selected")
+            return outer
+    ctx.block(lay, "strided slice")
+    return ctx.fresh((out_n,), "strided slice")[0]
 
 
 @rule("split", "split_with_sizes", "chunk", "tensor_split")
@@ -287,7 +299,7 @@ def _block_all(ctx, src, why):
 
 # ops that move data along some dims: op -> the schema argument naming those dims
 MOVES_ALONG = {
-    "index_select": "dim", "flip": "dims", "roll": "dims", "sort": "dim", "argsort": "dim", "topk": "dim",
+    "index_select": "dim", "flip": "dims", "roll": "dims", "sort": "dim", "argsort": "dim",
     "cumsum": "dim", "cumprod": "dim", "cummax": "dim", "cummin": "dim", "logcumsumexp": "dim", "diff": "dim",
     "index_add": "dim", "index_copy": "dim", "index_fill": "dim", "kthvalue": "dim", "msort": None,
     "take_along_dim": "dim", "index_reduce": "dim",
