@@ -45,6 +45,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .stats import canonical_names
+
 from .dispatch import fetch
 
 METHODS = ("random", "l1", "l2", "magnitude", "taylor", "fisher", "taylor+fisher", "taylor-vector", "activation",
@@ -70,18 +72,10 @@ class GradStats:
 
 
 # -- helpers --------------------------------------------------------------------------------
-def _canonical_map(graph) -> dict:
-    """Every name (tied aliases included) -> canonical state-dict name."""
-    out = {}
-    for canon, names in getattr(graph, "aliases", {}).items():
-        for n in names:
-            out[n] = canon
-        out[canon] = canon
-    return out
 
 
 def _member_params(graph, groups=None) -> set:
-    canon = _canonical_map(graph)
+    canon = canonical_names(graph)
     groups = graph.groups() if groups is None else groups
     return {canon.get(m.param, m.param) for g in groups for m in g.members}
 
@@ -175,7 +169,7 @@ def _input_dims(model, graph) -> dict:
         from transformers.pytorch_utils import Conv1D
     except Exception:  # noqa: BLE001 - transformers is optional here
         Conv1D = ()
-    canon = _canonical_map(graph)
+    canon = canonical_names(graph)
     ids = {id(p): n for n, p in model.named_parameters()}
     along = {(canon.get(m.param, m.param), m.dim) for g in graph.groups() for m in g.members}
     out = {}
@@ -270,7 +264,7 @@ def obs_scores(model, graph, grams: dict, groups, damp: float = 0.01) -> dict:
     """``{group id: OBS cost per unit}`` from the consumers' Gram matrices (see ``obs`` in the module docstring)."""
     from .refit import obs_costs
 
-    canon = _canonical_map(graph)
+    canon = canonical_names(graph)
     tensors = _tensors(model)
     act_dims = {w: d for w, d in _input_dims(model, graph).values()}
     out = {}
@@ -326,7 +320,7 @@ def routed_mass(model, graph, batches, progress: bool = True) -> dict:
     groups = {g.routing["router"][0]: g for g in graph.groups("experts")}
     if not groups:
         return {}
-    canon = _canonical_map(graph)
+    canon = canonical_names(graph)
     names = {canon.get(n, n): n for n in groups}
     was_training = model.training
     dev = _device(model)
@@ -455,7 +449,7 @@ def score(model, graph, calibration=None, method: str = "taylor", aggregate: str
             stats = pass_(model, graph, calibration, progress=progress)
         act_dims = {w: d for w, d in _input_dims(model, graph).values()}
 
-    canon = _canonical_map(graph)
+    canon = canonical_names(graph)
     tensors = _tensors(model)
     cache = {}
     out = {}
