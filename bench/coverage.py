@@ -70,7 +70,7 @@ TINY = {
     "mamba_num_heads": 8, "mamba_head_dim": 16, "n_mamba_heads": 8, "mamba_headdim": 16,
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
     "attention_hidden_size": 64, "num_nextn_predict_layers": 0,
-    "sliding_window": 4,
+    "sliding_window": 6,
 }
 LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers")
 TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",
@@ -212,8 +212,8 @@ def decoder_layers(model) -> dict:
     return {i: f"{best[1]}.{i}" for i in range(len(best[2]))}
 
 
-def observe(model, x) -> dict:
-    """{layer: {"attention": [module paths], "mlp": [paths], "moe": [paths]}} from one plain forward."""
+def observe(model, x) -> tuple:
+    """({layer: {"attention": [module paths], "mlp": [paths], "moe": [paths]}}, logits) from one plain forward."""
     import torch
     from torch.overrides import TorchFunctionMode
 
@@ -263,7 +263,7 @@ def observe(model, x) -> dict:
 
     try:
         with Mode():
-            logits(model, x)
+            dense = logits(model, x)
     finally:
         for h in handles:
             h.remove()
@@ -283,7 +283,7 @@ def observe(model, x) -> dict:
         info["moe"] = [p for p in ffn if _is_moe(model.get_submodule(p))]
         info["attention"] = sorted(set(info["attention"]))
         out[i] = info
-    return out
+    return out, dense
 
 
 def _is_ffn(model, path, prefix) -> bool:
@@ -342,10 +342,14 @@ def _check(model, graph, kinds, gqa, x, ref_dense, exact: bool) -> str | None:
     masked = logits(depgraph.mask(copy.deepcopy(model), plan), x) if exact else None
     try:
         shrunk_model = _shrink(copy.deepcopy(model), plan)
+    except TimeoutError:
+        raise
     except Exception as e:  # noqa: BLE001
         return f"{label}: shrink raised {type(e).__name__}: {_first_line(e)}"
     try:
         shrunk = logits(shrunk_model, x)
+    except TimeoutError:
+        raise
     except Exception as e:  # noqa: BLE001
         return f"{label}: shrunk model fails: {type(e).__name__}: {_first_line(e)}"
     if not exact:
@@ -395,8 +399,7 @@ def grade(name: str, cls_name: str) -> Row:
             model = build(name, cls_name)
             row.cls = type(model).__name__
             x = probe_ids()
-            observed = observe(model, x)
-            dense = logits(model, x)
+            observed, dense = observe(model, x)
             if not torch.isfinite(dense).all():
                 raise ValueError("non-finite logits")
         except TimeoutError:
@@ -412,6 +415,8 @@ def grade(name: str, cls_name: str) -> Row:
         try:
             graph = depgraph.trace(model)
         except TraceError as e:
+            if isinstance(e.__cause__, TimeoutError):
+                raise e.__cause__
             cause = "export" if "torch.export failed" in str(e) else "depgraph"
             row.verdict, row.cause, row.reason = "FAIL", cause, _first_line(e)
             return row
@@ -432,13 +437,10 @@ def grade(name: str, cls_name: str) -> Row:
                     row.missing[f"{kind}@{i}"] = "; ".join(f"{m}: {_why_missing(graph, m)}" for m in mods[:1])
 
         problems = []
-        exact_kinds = sorted({g.kind for g in graph.groups() if g.exact})
-        runs = []
-        if "attention" in exact_kinds:
-            runs += [(("attention",), "heads"), (("attention",), "kv")]
-        others = tuple(k for k in exact_kinds if k != "attention")
-        if others:
-            runs.append((others, "heads"))
+        exact_kinds = tuple(sorted({g.kind for g in graph.groups() if g.exact}))
+        runs = [(exact_kinds, "heads")] if exact_kinds else []  # every exact kind at once, GQA: heads per kv
+        if any(g.gqa for g in graph.groups("attention") if g.exact):
+            runs.append((("attention",), "kv"))  # and whole kv groups
         for kinds, gqa in runs:
             why = _check(model, graph, kinds, gqa, x, dense, exact=True)
             row.checked.append("+".join(kinds) + (f"/{gqa}" if "attention" in kinds else ""))
@@ -506,9 +508,10 @@ def totals(rows: list) -> dict:
     for r in rows:
         counts[r["verdict"]] += 1
     buildable = len(rows) - counts["NOT_BUILDABLE"]
-    fail_ours = sum(1 for r in rows if r["verdict"] == "FAIL" and r["cause"] != "export")
-    return {**counts, "buildable": buildable, "FAIL_depgraph": fail_ours,
-            "FAIL_export": counts["FAIL"] - fail_ours,
+    causes = {c: sum(1 for r in rows if r["verdict"] == "FAIL" and r["cause"] == c)
+              for c in ("depgraph", "export", "timeout")}
+    return {**counts, "buildable": buildable, "FAIL_depgraph": causes["depgraph"],
+            "FAIL_export": causes["export"], "FAIL_timeout": causes["timeout"],
             "pass_rate": round(counts["PASS"] / buildable, 3) if buildable else 0.0}
 
 
@@ -527,13 +530,28 @@ def sweep(only=None, jobs: int = 2, timeout: float = 60, progress: bool = False)
             if progress:
                 print(f"{r['name']:<28} {r['verdict']:<14} {r['seconds']:>6}s {r['reason'][:150]}", flush=True)
     else:
-        with ProcessPoolExecutor(max_workers=jobs, max_tasks_per_child=20) as pool:
+        import multiprocessing
+
+        import depgraph  # noqa: F401 - imported once here, so forked workers start warm
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork")) as pool:
             for r in pool.map(_grade_timed, tasks):
                 rows.append(r)
                 if progress:
                     print(f"{r['name']:<28} {r['verdict']:<14} {r['seconds']:>6}s {r['reason'][:150]}", flush=True)
     return {"transformers": transformers.__version__, "seconds": round(time.perf_counter() - t0, 1),
             "jobs": jobs, "timeout_s": timeout, "totals": totals(rows), "rows": rows}
+
+
+def merged(old: dict, new: dict) -> dict:
+    """``old`` with ``new``'s rows replacing the same architectures (totals recomputed, re-graded names listed)."""
+    if old["transformers"] != new["transformers"]:
+        raise SystemExit(f"coverage: --update across transformers versions ({old['transformers']} vs "
+                         f"{new['transformers']}); run the whole sweep")
+    by_name = {r["name"]: r for r in old["rows"]}
+    by_name.update({r["name"]: r for r in new["rows"]})
+    rows = [by_name[n] for n in sorted(by_name)]
+    regraded = sorted(set(old.get("regraded", [])) | {r["name"] for r in new["rows"]})
+    return {**old, "rows": rows, "totals": totals(rows), "regraded": regraded}
 
 
 def markdown(result: dict) -> str:
@@ -544,12 +562,17 @@ def markdown(result: dict) -> str:
         "random model: 2 layers, hidden 64, 4 heads / 2 kv heads, vocabulary 128, MLP 128 (MoE: 4 experts, top-2, "
         "expert MLP 32); composite configs give their text model. Protocol: one plain forward on ids [2, 8] "
         "(fails: not buildable); `depgraph.trace`; what each layer runs is read from forward hooks; for every exact "
-        "kind a random 50% plan (attention: both GQA policies), masked vs shrunk logits in fp32 within 1e-5; "
+        "kind a random 50% plan (all exact kinds together, GQA: the same query heads per kv group; then whole kv "
+        "groups), masked vs shrunk logits in fp32 within 1e-5 (times max(1, max |logit|)); "
         "inexact groups (hidden) must shrink to a model that runs. Generated by `bench/coverage.py`.", "",
         f"**{t['PASS']} PASS, {t['PARTIAL']} PARTIAL, {t['WRONG']} WRONG, {t['FAIL']} FAIL** "
-        f"({t['FAIL_depgraph']} in depgraph, {t['FAIL_export']} in torch.export) of {t['buildable']} buildable "
+        f"({t['FAIL_depgraph']} in depgraph, {t['FAIL_export']} in torch.export, {t['FAIL_timeout']} timed out) "
+        f"of {t['buildable']} buildable "
         f"({t['NOT_BUILDABLE']} not buildable); PASS rate {t['pass_rate']:.1%}. "
-        f"Sweep time {result['seconds']} s with {result['jobs']} process(es).", "",
+        f"Sweep time {result['seconds']} s with {result['jobs']} process(es) on a shared 2-core CPU machine "
+        f"(time box {result['timeout_s']} s per architecture)."
+        + (f" Re-graded after the sweep (`--update`): {', '.join(result['regraded'])}." if result.get("regraded")
+           else ""), "",
         "| architecture | class | verdict | reason |", "|---|---|---|---|",
     ]
     for r in sorted(result["rows"], key=lambda r: r["name"]):
@@ -574,9 +597,13 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for coverage.json / coverage.md")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (at most 2 on this machine)")
     ap.add_argument("--timeout", type=float, default=60, help="seconds per architecture")
+    ap.add_argument("--update", action="store_true",
+                    help="re-grade only the --only architectures and replace their rows in OUT/coverage.json")
     args = ap.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     result = sweep(only, jobs=args.jobs, timeout=args.timeout, progress=True)
+    if args.update:
+        result = merged(json.loads((args.out / "coverage.json").read_text()), result)
     write(result, args.out)
     t = result["totals"]
     print(f"{t} in {result['seconds']} s -> {args.out / 'coverage.md'}", file=sys.stderr)

@@ -5,7 +5,7 @@
 Writes bench/results/deploy.json and bench/results/deploy.md. Per model: saved folder size, the time of
 ``AutoModelForCausalLM.from_pretrained`` in a fresh interpreter where depgraph is not importable (median of 3; the
 non-uniform folder loads with ``trust_remote_code=True``), the GGUF file size per outtype, llama.cpp agreement with
-transformers on the fixed prompt (f32: max |logit difference|, top-1 equal at every position, 32 greedy tokens
+transformers on the fixed prompt (f32 weights and f32 KV cache: max |logit difference|, top-1 equal at every position, 32 greedy tokens
 identical), and greedy decode speed after that prompt (decode steps only, ``--new-tokens`` tokens, ``--threads``
 threads in both runtimes, median of ``--rounds`` rounds; within a round every runtime and model runs back to back).
 Pruning: ``depgraph.prune`` library defaults (activation scores, 10 x 64 self-generated calibration tokens, seed 0,
@@ -86,11 +86,14 @@ def run(args, results: Results) -> None:
             path = export_gguf(model, tok, tmp / f"{name}.{outtype}.gguf", outtype=outtype)
             row["gguf_mib"][outtype] = round(path.stat().st_size / 2**20, 1)
             llms[name, outtype] = open_llama(path, threads=args.threads)
-        check = compare(model, llms[name, "f32"], ids, new_tokens=32)
+        exact = open_llama(tmp / f"{name}.f32.gguf", threads=args.threads, f32_cache=True)
+        check = compare(model, exact, ids, new_tokens=32)
+        exact.close()
         row["f32_check"] = {k: check[k] for k in ("max_abs_diff", "logit_scale", "top1_equal_all", "greedy_equal")}
         row["greedy_text"] = tok.decode(check["greedy_llama"])
         models[name] = model
         results.data.setdefault("rows", {})[name] = row
+        results.save()  # a partial run keeps its rows
         print(name, json.dumps(row), flush=True)
     speeds = {}
     for _ in range(args.rounds):  # back to back: every runtime and model once per round
@@ -106,6 +109,8 @@ def run(args, results: Results) -> None:
                                 "threads": args.threads, "machine": platform.processor() or platform.machine(),
                                 "cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg()}
     results.save()
+    for llm in llms.values():
+        llm.close()
 
 
 def markdown(data: dict) -> str:
@@ -117,7 +122,8 @@ def markdown(data: dict) -> str:
         "(activation scores, 10 x 64 self-generated calibration tokens, MLP neurons, layers 1-28); `uniform` keeps "
         "one width in every layer. Folder: `save_pruned` output (f32 safetensors, tokenizer, card). Stock load: "
         "`AutoModelForCausalLM.from_pretrained` in a fresh interpreter without depgraph, median of 3 (non-uniform: "
-        "`trust_remote_code=True`). llama.cpp: llama-cpp-python 0.3.36 built from source, CPU. "
+        "`trust_remote_code=True`). llama.cpp: llama-cpp-python 0.3.36 built from source, CPU; the agreement check uses "
+        "f32 weights and an f32 KV cache, the speed runs llama.cpp's default f16 KV cache. "
         f"Decode: greedy tokens/s after the prompt {p['prompt']!r}, decode steps only, {p['new_tokens']} tokens, "
         f"{p['threads']} threads in both runtimes, median of {p['rounds']} back-to-back rounds on a shared "
         f"{p['cpus']}-core machine (load average at the end {p['load_avg_at_end'][0]:.1f}).", "",

@@ -16,6 +16,7 @@ import platform
 import resource
 import sys
 import time
+from pathlib import Path
 
 from _common import RESULTS, Results, load_smollm2, perplexities
 
@@ -120,6 +121,73 @@ def part_cost(res: Results) -> None:
     res.save()
 
 
+# the issue-13 study: (variant, prune kwargs, calibration) per row; calibration (source, n, length)
+STUDY = (
+    ("default", {}, ("self", 10, 64)),
+    ("+reconstruct", {"reconstruct": True}, ("alpaca", 16, 128)),
+    ("+reconstruct, obs", {"reconstruct": True, "method": "obs"}, ("alpaca", 16, 128)),
+    ("+reconstruct, obs, adaptive", {"reconstruct": True, "method": "obs", "policy": "adaptive"},
+     ("alpaca", 16, 128)),
+)
+
+
+def _peak_rss_reset() -> None:
+    """Reset the kernel's high-water mark of this process's RSS (Linux: clear_refs 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024)
+    except OSError:
+        return None
+    return None
+
+
+def part_study(res: Results, windows: int, targets, sets, variants=None) -> None:
+    """Rows of the reconstruction / adaptive-width study: prune time, peak RSS, perplexity per target."""
+    import depgraph
+
+    dense, tok = load_smollm2()
+    st = res.data.setdefault("study", {"windows": windows, "window": 128, "protocol": "bos", "rows": []})
+    if st.get("windows") != windows:
+        st.update(windows=windows, rows=[])
+    done = {(r["variant"], r["target"]) for r in st["rows"]}
+    if ("dense", 0.0) not in done:
+        st["rows"].append({"variant": "dense", "target": 0.0, "removed": 0.0,
+                           "params": sum(p.numel() for p in dense.parameters()),
+                           **perplexities(dense, tok, windows, sets=sets)})
+        res.save()
+    calib_cache = {}
+    for target in targets:
+        for variant, kw, (source, n, length) in STUDY:
+            if (variants and variant not in variants) or (variant, target) in done:
+                continue
+            model = copy.deepcopy(dense)
+            _peak_rss_reset()
+            t = time.perf_counter()
+            key = (source, n, length)
+            if key not in calib_cache:  # calibration is part of the prune time (self-generation is not free)
+                calib_cache[key] = _calib(tok, model, source, n, length)
+            _, report, _ = depgraph.prune(model, calib_cache[key], target=target, progress=False, **kw)
+            prune_s = time.perf_counter() - t
+            r = {"variant": variant, "target": target, "method": report["method"], "policy": report["policy"],
+                 "calibration": f"{source} {n}x{length}", "removed": round(report["removed_fraction"], 4),
+                 "params": report["params_after"], "prune_s": round(prune_s, 1), "peak_rss_mb": _peak_rss_mb(),
+                 "times": {k: round(v, 1) for k, v in report["times"].items()},
+                 "mlp_widths": [w.get("mlp") for w in report["widths"].values()],
+                 **perplexities(model, tok, windows, sets=sets)}
+            st["rows"].append(r)
+            res.save()
+            print(r, flush=True)
+            del model
+
+
 def _decode_tps(model, ids, new_tokens=64):
     model.config.use_cache = True
     with torch.no_grad():
@@ -219,15 +287,43 @@ def write_markdown(res: Results) -> None:
                   f"{s['decode_speedup']} | {s['decode_share_of_ideal']} |",
                   f"| 1x512 forward (s) | {s['latency_512_dense_s']} | {s['latency_512_pruned_s']} | "
                   f"{s['latency_speedup']} | {s['latency_share_of_ideal']} |", ""]
+    st = d.get("study")
+    if st:
+        rows = st["rows"]
+        dense = next((r for r in rows if r["variant"] == "dense"), None)
+        sets = [k for k in ("wikitext2", "ptb", "ptb-test") if dense and k in dense]
+        lines += [f"## Reconstruction and per-layer widths (window {st['window']}, first {st['windows']} windows of "
+                  f"{' and '.join(sets)}, protocol {st.get('protocol', 'bos')}; no recovery)", "",
+                  "default: `depgraph prune --target T` (activation scores, MLP neurons of layers 1-28, uniform "
+                  "widths, self-generated 10 x 64 calibration); +reconstruct: kept columns of every down_proj "
+                  "re-fitted by least squares, block by block (Alpaca 16 x 128 calibration); obs: OBS scores; "
+                  "adaptive: per-layer widths. Prune time includes building the calibration set; peak RSS of the "
+                  "process during the prune (the dense copy included).", "",
+                  "| variant | target | removed | params | " + " | ".join(f"{k} | x dense" for k in sets)
+                  + " | prune (s) | peak RSS (MB) |",
+                  "|---|---|---|---|" + "---|---|" * len(sets) + "---|---|"]
+        for r in rows:
+            cells = [r["variant"], f"{r['target']:.2g}", f"{100 * r['removed']:.1f}%", f"{r['params'] / 1e6:.1f}M"]
+            for k in sets:
+                cells += [f"{r[k]:.1f}", f"{r[k] / dense[k]:.2f}"]
+            cells += [str(r.get("prune_s", "")), str(r.get("peak_rss_mb", ""))]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
     (RESULTS / "prune.md").write_text("\n".join(lines))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("quality", "cost", "speed", "all", "markdown"), default="all")
+    ap.add_argument("--part", choices=("quality", "cost", "speed", "study", "all", "markdown"), default="all")
     ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--targets", default="0.2,0.3,0.5", help="study: comma list of parameter targets")
+    ap.add_argument("--sets", default="wikitext2,ptb-test", help="study: perplexity sets")
+    ap.add_argument("--variants", default="", help="study: only these variants (comma list)")
     args = ap.parse_args()
     res = Results(RESULTS / "prune.json")
+    if args.part == "study":
+        part_study(res, args.windows, [float(t) for t in args.targets.split(",")], tuple(args.sets.split(",")),
+                   [v for v in args.variants.split(",") if v])
     if args.part in ("cost", "all"):
         part_cost(res)
     if args.part in ("speed", "all"):

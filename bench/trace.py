@@ -24,6 +24,57 @@ CONFIGS = {
 }
 
 
+# the sweep's largest real-size configs (bench/coverage.py): MoE and MLA at full size, on meta, no weights
+BIG = {
+    "Mixtral-8x7B": ("MixtralConfig", "MixtralForCausalLM", dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768)),
+    "DeepSeek-V3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+        num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128, n_shared_experts=1,
+        n_routed_experts=256, num_experts_per_tok=8, n_group=8, topk_group=4, first_k_dense_replace=3,
+        q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128)),
+}
+
+
+def _big_model(name: str):
+    import torch
+    import transformers
+
+    cfg_name, cls_name, kw = BIG[name]
+    cfg = getattr(transformers, cfg_name)(**kw)
+    cfg.use_cache = False
+    with torch.device("meta"):
+        return getattr(transformers, cls_name)(cfg).eval()
+
+
+def job_big(name: str) -> dict:
+    """depgraph.trace of a full-size config on meta: groups found, seconds, peak RSS."""
+    import depgraph
+
+    model = _big_model(name)
+    t0 = time.perf_counter()
+    graph = depgraph.trace(model)
+    groups = graph.groups()
+    counts: dict = {}
+    for g in groups:
+        counts[g.kind] = counts.get(g.kind, 0) + 1
+    return {"model": name, "trace_s": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(_rss_mb()),
+            "groups": len(groups), "kinds": counts, "unsupported": len(graph.unsupported)}
+
+
+def job_export(name: str) -> dict:
+    """A bare torch.export of the same meta model (what the trace is compared with)."""
+    import torch
+
+    from depgraph.capture import meta_twin
+
+    twin = meta_twin(_big_model(name))
+    t0 = time.perf_counter()
+    torch.export.export(twin, (torch.zeros(2, 8, dtype=torch.long, device="meta"),), strict=False)
+    return {"model": name, "export_s": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(_rss_mb())}
+
+
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -116,6 +167,7 @@ def main() -> None:
     out["smollm2"] = {"ours_gqa": ours_gqa, "torch_pruning_gqa": tp_gqa, "ours_mha_twin": ours_mha,
                       "torch_pruning_mha_twin": tp_mha}
     out["shrink"] = run("shrink", "-", 600)
+    out["big"] = [{"trace": run("big", name, 1200), "export": run("export", name, 1200)} for name in BIG]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "trace.json").write_text(json.dumps(out, indent=2) + "\n")
 
@@ -140,6 +192,15 @@ def main() -> None:
     sh = out["shrink"]
     lines += ["", f"Shrink of SmolLM2 by a random 20% plan over heads and neurons: {sh.get('shrink_s')} s "
               f"(target 2 s), {sh.get('params_before'):,} -> {sh.get('params_after'):,} parameters.", ""]
+    lines += ["", "Full-size MoE / MLA configs on meta (no weights), each measurement in its own process; the ratio is "
+              "depgraph.trace + groups over a bare torch.export of the same meta twin (target 1.5x).", "",
+              "| model | trace + groups (s) | bare export (s) | ratio | peak RSS trace / export (MB) | groups |",
+              "|---|---|---|---|---|---|"]
+    for row in out["big"]:
+        tr, ex = row["trace"], row["export"]
+        ratio = f"{tr['trace_s'] / ex['export_s']:.2f}" if "trace_s" in tr and "export_s" in ex else "n/a"
+        lines.append(f"| {tr.get('model', ex.get('model', '?'))} | {secs(tr, 'trace_s')} | {secs(ex, 'export_s')} "
+                     f"| {ratio} | {tr.get('peak_rss_mb')} / {ex.get('peak_rss_mb')} | {tr.get('kinds', tr)} |")
     (RESULTS / "trace.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
@@ -147,5 +208,8 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--job":
         print(json.dumps(globals()[f"job_{sys.argv[2]}"](sys.argv[3])))
+    elif len(sys.argv) > 1 and sys.argv[1] == "--big":  # only the full-size MoE / MLA rows
+        for name in BIG:
+            print(json.dumps({"trace": run("big", name, 1200), "export": run("export", name, 1200)}))
     else:
         main()

@@ -1,10 +1,10 @@
 """depgraph: structured pruning of Hugging Face models through an exact dependency graph."""
-from .errors import DepgraphError, LoadError, PlanError, TraceError, UnsupportedOpError
+from .errors import DepgraphError, LoadError, OutputError, PlanError, TraceError, UnsupportedOpError
 from .graph import DependencyGraph, trace
 from .groups import Group, Member
 
 __all__ = ["trace", "DependencyGraph", "Group", "Member", "DepgraphError", "TraceError", "PlanError",
-           "LoadError", "UnsupportedOpError"]
+           "LoadError", "OutputError", "UnsupportedOpError"]
 from .io import load_pruned, save_pruned
 from .plan import Plan
 from .shrink import mask, shrink

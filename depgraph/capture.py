@@ -24,6 +24,7 @@ class Capture:
     persistent_buffers: set
     aliases: dict  # canonical parameter name -> all names sharing that tensor (tied weights)
     shapes: dict = field(default_factory=dict)  # canonical tensor name -> shape
+    module: torch.nn.Module | None = None  # the meta twin that was exported (its attributes explain literals)
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -39,16 +40,43 @@ def meta_twin(model: torch.nn.Module) -> torch.nn.Module:
         meta = torch.empty_like(t, device="meta")
         memo[id(t)] = torch.nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else meta
     twin = copy.deepcopy(model, memo)
+    if any(hasattr(m, "_hf_hook") for m in twin.modules()):  # dispatched with accelerate: trace the plain model
+        from accelerate.hooks import remove_hook_from_module
+
+        for m in twin.modules():  # offload=False: detaching must not load the offloaded weights into the twin
+            hook = getattr(m, "_hf_hook", None)
+            for h in getattr(hook, "hooks", None) or [hook]:
+                if h is not None and hasattr(h, "offload"):
+                    h.offload = False
+        remove_hook_from_module(twin, recurse=True)
     twin.eval()
     config = getattr(twin, "config", None)
     if config is not None:
         if hasattr(config, "use_cache"):
             config.use_cache = False
-        try:  # the attention rule reads heads from scaled_dot_product_attention
-            twin.set_attn_implementation("sdpa")
-        except Exception:
-            pass
+        _traceable_attention(twin, config)
+        if getattr(config, "_experts_implementation", None) not in (None, "grouped_mm", "batched_mm"):
+            try:  # eager experts loop over data-dependent expert hits, which torch.export cannot capture
+                twin.set_experts_implementation("grouped_mm")
+            except Exception:
+                pass
     return twin
+
+
+TRACEABLE_ATTENTION = ("eager", "sdpa")  # implementations that run on meta tensors on any machine
+
+
+def _traceable_attention(twin, config) -> None:
+    """Trace the attention the model runs; only kernels that cannot run on meta (flash, flex, ...) are
+    swapped for SDPA, or eager where the model has no SDPA path. The rules read heads from both."""
+    if getattr(config, "_attn_implementation", None) in TRACEABLE_ATTENTION + (None,):
+        return
+    for impl in TRACEABLE_ATTENTION[::-1]:
+        try:
+            twin.set_attn_implementation(impl)
+            return
+        except Exception:  # noqa: BLE001 - the model does not support this implementation
+            continue
 
 
 def default_inputs(model: torch.nn.Module) -> tuple:
@@ -68,13 +96,16 @@ def _persistent_buffer_names(model: torch.nn.Module) -> set:
     return names
 
 
-def capture(model: torch.nn.Module, example_inputs=None) -> Capture:
-    """Export a meta twin of ``model`` (non-strict) and map placeholders to state-dict names."""
+def capture(model: torch.nn.Module, example_inputs=None, prepare=None) -> Capture:
+    """Export a meta twin of ``model`` (non-strict) and map placeholders to state-dict names.
+    ``prepare(twin)``, if given, edits the twin before the export."""
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"trace() needs a torch.nn.Module, got {type(model).__name__}")
     inputs = tuple(example_inputs) if example_inputs is not None else default_inputs(model)
     inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs)
     twin = meta_twin(model)
+    if prepare is not None:
+        prepare(twin)
 
     # Canonical name of every tensor: the first name ``named_parameters`` gives it; tied names are aliases.
     canonical, aliases = {}, {}
@@ -94,4 +125,4 @@ def capture(model: torch.nn.Module, example_inputs=None) -> Capture:
     sig = program.graph_signature
     params = {ph: by_name.get(name, name) for ph, name in sig.inputs_to_parameters.items()}
     buffers = dict(sig.inputs_to_buffers)
-    return Capture(program, params, buffers, _persistent_buffer_names(twin), aliases, shapes)
+    return Capture(program, params, buffers, _persistent_buffer_names(twin), aliases, shapes, twin)

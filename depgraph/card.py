@@ -10,6 +10,7 @@ import json
 import re
 from pathlib import Path
 
+from . import record as records
 from .shrink import CONFIG_FIELDS
 
 # per-layer width columns: card heading -> (record key, config fields to fall back on)
@@ -34,7 +35,7 @@ def _config_value(config, fields):
 
 def layer_widths(config) -> list[dict]:
     """One row per decoder layer: {"heads", "kv heads", "ffn"} from the record, else the config."""
-    record = getattr(config, "depgraph", None) or {}
+    record = records.get(config, create=False) or {}
     layers = record.get("layers") or {}
     n = getattr(config, "num_hidden_layers", None) or len([k for k in layers if k.isdigit()])
     rows = []

@@ -8,14 +8,16 @@ can never produce a wrong group.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 import torch
 
 from .capture import Capture
 from .errors import UnsupportedOpError
 from .layout import SpaceStore, Unifiable
-from .rules import RULES, op_name
+from .rules import RULES, RuleError, op_name
+from .rules.moe import routed
 
 
 @dataclass
@@ -40,6 +42,24 @@ class Note:
 
 
 @dataclass
+class LiteralSize:
+    """A fixed size in an op's arguments that equals attributes of the modules running the op: pruning
+    its space is exact only if the shrinker rewrites one of them (checked when groups are built)."""
+
+    layout: object
+    value: int
+    attributes: list  # "module.path:attr" whose value equals the literal
+    op: str
+    module: str
+    node: str = ""  # the fx node's name (to find it again in a re-export)
+    strict: bool = False
+
+    def __str__(self) -> str:
+        names = ", ".join(a.replace(":", ".") for a in self.attributes[:3]) or "no module attribute"
+        return f"literal size {self.value} in aten.{self.op} at {self.module or '<root>'} (= {names})"
+
+
+@dataclass
 class DimFlow:
     """The result of the propagation: spaces, parameter layouts, attention sites and notes."""
 
@@ -49,6 +69,15 @@ class DimFlow:
     attention: list
     unsupported: list  # Notes for ops without a rule that touched a channel space
     notes: list  # other places where spaces had to be blocked
+    literals: list = None  # LiteralSize records
+    stale: set = None  # "path:attr" the forward reads that shrink does not rewrite (see graph.read_attributes)
+    routing: list = field(default_factory=list)  # rules.moe.RoutingSite (mixture-of-experts top-k routing)
+    aligned: list = field(default_factory=list)  # layouts grouped_mm needs in multiples of rules.moe.GROUPED_MM_ALIGN
+    moe_modules: set = field(default_factory=set)  # module paths of top-k routing and the ops reading expert indices
+
+
+class _NoRule(Exception):
+    """Internal: the op has no dimension rule."""
 
 
 def module_path(node: torch.fx.Node) -> str:
@@ -57,6 +86,27 @@ def module_path(node: torch.fx.Node) -> str:
         return ""
     path = list(stack.values())[-1][0]
     return path.replace("L['self'].", "").replace("L__self__.", "")
+
+
+_INDEX_LIKE = re.compile(r"(idx|index|_id)$")  # positions, not sizes: never the owner of a literal size
+
+
+def static_shape(val, what: str) -> tuple:
+    """Concrete sizes of a tensor's shape; a data-dependent (unbacked symbolic) size raises RuleError."""
+    out = []
+    for s in val.shape:
+        try:
+            out.append(int(s))
+        except Exception as e:  # noqa: BLE001 - torch raises several types for unbacked sizes
+            raise RuleError(f"data-dependent size {s} in the {what}") from e
+    return tuple(out)
+
+
+def _safe_size(s):
+    try:
+        return int(s)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 @dataclass
@@ -73,9 +123,31 @@ class Ctx:
         return self.flow.store
 
     def arg(self, i: int, name: str, default=None):
-        if len(self.node.args) > i:
-            return self.node.args[i]
-        return self.node.kwargs.get(name, default)
+        """Argument ``name``, read by the op's schema (position, keyword or schema default); ``i`` and
+        ``default`` are used only for targets without a schema. Raises :class:`RuleError` when the op
+        has no such argument, so a rule never reads the wrong one."""
+        schema = getattr(self.node.target, "_schema", None)
+        if schema is None:
+            if len(self.node.args) > i:
+                return self.node.args[i]
+            return self.node.kwargs.get(name, default)
+        return self.arg_by_name(name)
+
+    def arg_by_name(self, name: str):
+        schema = self.node.target._schema
+        for k, a in enumerate(schema.arguments):
+            if a.name != name:
+                continue
+            if not a.kwarg_only and len(self.node.args) > k:
+                return self.node.args[k]
+            if name in self.node.kwargs:
+                return self.node.kwargs[name]
+            return a.default_value if a.has_default_value() else None
+        raise RuleError(f"aten.{self.op} has no argument {name!r} (schema: {schema})")
+
+    def has_arg(self, name: str) -> bool:
+        schema = getattr(self.node.target, "_schema", None)
+        return schema is not None and any(a.name == name for a in schema.arguments)
 
     def is_tensor(self, a) -> bool:
         return isinstance(a, torch.fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)
@@ -85,7 +157,7 @@ class Ctx:
 
     def shape(self, a) -> tuple:
         if isinstance(a, torch.fx.Node):
-            return tuple(int(s) for s in a.meta["val"].shape)
+            return static_shape(a.meta["val"], f"input {a.name} of aten.{self.op}")
         return ()
 
     @property
@@ -94,7 +166,7 @@ class Ctx:
 
     @property
     def out_shape(self) -> tuple:
-        return tuple(int(s) for s in self.node.meta["val"].shape)
+        return static_shape(self.node.meta["val"], f"output of aten.{self.op}")
 
     def is_parameter(self, node) -> bool:
         """Is ``node`` the placeholder of a model parameter (not a buffer, not an input)?"""
@@ -140,6 +212,18 @@ class Ctx:
             self.flow.notes.append(Note(self.op, self.where, str(e)))
             return None
 
+    def literal(self, layout, value, strict: bool = False) -> None:
+        """Record that a prunable ``layout`` is sized by the literal ``value`` in this op's arguments.
+
+        A reshape's sizes are mostly read off the tensor itself (``view(*x.shape[:-1], -1, d)`` exports as
+        literals), so only a value equal to a module attribute is recorded; ``strict`` (split sizes, slice
+        offsets) records every value: one no rewritten attribute holds blocks its space."""
+        if layout is None or not isinstance(value, int) or isinstance(value, bool) or value in (-1, 0):
+            return
+        attrs = self.flow.attributes_equal_to(self.node, value)
+        if attrs or strict:
+            self.flow.literals.append(LiteralSize(layout, value, attrs, self.op, self.where, self.node.name, strict))
+
     def attention_site(self, heads, num_heads, num_kv_heads, head_dim) -> None:
         self.flow.attention.append(AttentionSite(heads, num_heads, num_kv_heads, head_dim, self.where))
 
@@ -154,6 +238,32 @@ class _Runner:
         self.attention: list = []
         self.unsupported: list = []
         self.notes: list = []
+        self.literals: list = []
+        self._attr_cache: dict = {}
+        self.input_spaces: list = []  # spaces of the model inputs' dims (batch, sequence)
+        self.routing: list = []
+        self.aligned: list = []
+        self.moe_modules: set = set()
+        self.values: dict = {}  # node or (node, output index) -> ExpertValues (tensors of expert indices)
+
+    def attributes_equal_to(self, node, value: int) -> list:
+        """``path:attr`` of the int attributes equal to ``value`` on the modules running ``node``."""
+        root = self.cap.module
+        if root is None:
+            return []
+        prefix = module_path(node)  # the module whose forward runs the op
+        out = []
+        for prefix in (prefix,):
+            if prefix not in self._attr_cache:
+                try:
+                    mod = root.get_submodule(prefix)
+                    self._attr_cache[prefix] = {a: v for a, v in vars(mod).items()
+                                                if isinstance(v, int) and not isinstance(v, bool)
+                                                and not _INDEX_LIKE.search(a)}
+                except (AttributeError, TypeError):
+                    self._attr_cache[prefix] = {}
+            out += [f"{prefix}:{a}" for a, v in self._attr_cache[prefix].items() if v == value]
+        return out
 
     def run(self) -> DimFlow:
         for node in self.cap.graph.nodes:
@@ -166,7 +276,8 @@ class _Runner:
             else:
                 self.env[node] = None
         return DimFlow(self.store, self.param_layouts, set(self.cap.buffers.values()), self.attention,
-                       self.unsupported, self.notes)
+                       self.unsupported, self.notes, self.literals,
+                       routing=self.routing, aligned=self.aligned, moe_modules=self.moe_modules)
 
     def _placeholder(self, node):
         val = node.meta.get("val")
@@ -187,34 +298,69 @@ class _Runner:
             return lays
         kind = "model input" if node.name not in self.cap.program.graph_signature.inputs_to_lifted_tensor_constants \
             else "constant tensor"
-        return tuple(self.store.new(n, f"{node.name}[{d}]", blocked=f"{kind} {node.name} dim {d}")
+        lays = tuple(self.store.new(n, f"{node.name}[{d}]", blocked=f"{kind} {node.name} dim {d}")
                      for d, n in enumerate(shape))
+        if kind == "model input":
+            self.input_spaces.extend(s for s in lays if s is not None)
+        return lays
 
     def _call(self, node):
         if node.target is operator.getitem:  # multi-output ops give a list of layout tuples
             src = self.env.get(node.args[0])
             return src[node.args[1]] if isinstance(src, list) else None
-        name = op_name(node.target)
-        ctx = Ctx(self, node, name, module_path(node))
-        rule = RULES.get(name)
+        ctx = Ctx(self, node, op_name(node.target), module_path(node))
+        try:  # ops reading expert indices go through rules.moe first
+            out = routed(ctx, self._rule)
+            _check_output(self.store, out, ctx.out_val)
+            return out
+        except _NoRule as e:
+            return self._no_rule(ctx, str(e))
+        except (RuleError, Unifiable, IndexError, KeyError, TypeError, ValueError, AttributeError,
+                ZeroDivisionError, AssertionError, RuntimeError) as e:
+            if self.strict:
+                raise UnsupportedOpError(f"rule for aten.{ctx.op} at {ctx.where or '<root>'} failed: "
+                                         f"{type(e).__name__}: {e}") from e
+            return self._no_rule(ctx, f"its dimension rule could not read the op ({type(e).__name__}: {e})")
+
+    def _rule(self, ctx: Ctx):
+        rule = RULES.get(ctx.op)
         if rule is None:
-            return self._no_rule(ctx)
+            raise _NoRule("op has no dimension rule")
         return rule(ctx)
 
-    def _no_rule(self, ctx: Ctx):
+    def _no_rule(self, ctx: Ctx, why: str):
         touched = False
         for a in ctx.node.all_input_nodes:
             lays = self.env.get(a)
             for lay in _flatten_layouts(lays):
                 if lay is not None and any(not s.blocked for s in self.store.leaves(lay)):
                     touched = True
-                ctx.block(lay, "op has no dimension rule")
+                ctx.block(lay, why)
         if touched:
-            note = Note(ctx.op, ctx.where, "op has no dimension rule; its channel spaces are unprunable")
+            note = Note(ctx.op, ctx.where, f"{why}; its channel spaces are unprunable")
             if self.strict:
                 raise UnsupportedOpError(str(note))
             self.unsupported.append(note)
-        return _fresh_like(ctx, ctx.out_val, "output of an op with no dimension rule")
+        return _fresh_like(ctx, ctx.out_val, f"output of an op whose {why[3:] if why.startswith('op ') else why}")
+
+    def run_subgraph(self, graph: torch.fx.Graph, inputs: list) -> list:
+        """Propagate through a nested graph (a higher-order op's body); returns its outputs' layouts."""
+        phs = [n for n in graph.nodes if n.op == "placeholder"]
+        if len(phs) != len(inputs):
+            raise RuleError(f"sub-graph takes {len(phs)} inputs, the op passes {len(inputs)}")
+        outputs = []
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                self.env[node] = inputs[phs.index(node)]
+            elif node.op == "call_function":
+                self.env[node] = self._call(node)
+            elif node.op == "output":
+                outs = node.args[0]
+                outs = outs if isinstance(outs, (list, tuple)) else [outs]
+                outputs = [self.env.get(o) if isinstance(o, torch.fx.Node) else None for o in outs]
+            else:
+                self.env[node] = None
+        return outputs
 
     def _output(self, node):
         for a in node.all_input_nodes:
@@ -232,9 +378,29 @@ def _flatten_layouts(lays) -> list:
     return [lay for e in lays for lay in _flatten_layouts(e)]
 
 
+def _check_output(store, out, val) -> None:
+    """A rule's result must have one layout per dim of the op's output, each of that dim's size."""
+    if isinstance(val, torch.Tensor):
+        if not isinstance(out, tuple) or len(out) != val.dim():
+            raise RuleError(f"rule gave {len(out) if isinstance(out, tuple) else type(out).__name__} layouts "
+                            f"for a {val.dim()}-d output")
+        for lay, n in zip(out, val.shape):
+            n = _safe_size(n)
+            size = 1 if lay is None else store.expand(lay).size
+            if n is not None and size != n and not (lay is None and n <= 1):
+                raise RuleError(f"rule gave a layout of size {size} for an output dim of size {n}")
+    elif isinstance(val, (list, tuple)) and isinstance(out, list):
+        if len(out) != len(val):
+            raise RuleError(f"rule gave {len(out)} outputs for {len(val)}")
+        for o, v in zip(out, val):
+            if isinstance(v, torch.Tensor) or o is not None:
+                _check_output(store, o, v)
+
+
 def _fresh_like(ctx: Ctx, val, why):
     if isinstance(val, torch.Tensor):
-        return ctx.fresh(tuple(int(s) for s in val.shape), why)
+        return tuple(ctx.store.new(n, ctx.reason("created"), blocked=ctx.reason(why)) if n is not None else None
+                     for n in (_safe_size(s) for s in val.shape))
     if isinstance(val, (list, tuple)):
         return [_fresh_like(ctx, v, why) for v in val]
     return None

@@ -19,3 +19,11 @@ class PlanError(DepgraphError):
 
 class LoadError(DepgraphError):
     """A saved pruned-model folder is missing files or does not match its recorded shapes."""
+
+
+class ShrinkVerifyError(DepgraphError):
+    """``shrink(..., verify=True)`` found a shrunk model that differs from its mask (the model is restored)."""
+
+
+class OutputError(DepgraphError):
+    """An output folder cannot be written without losing data (a file there, the input model, a foreign folder)."""

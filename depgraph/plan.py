@@ -24,6 +24,8 @@ class PlanEntry:
     removed: dict  # param -> {dim: [indices]}
     exact: bool = True
     attention: dict | None = None  # module, heads_before/after, kv_before/after, head_dim
+    experts: dict | None = None  # routed experts: top_k, router, router_module, modules, experts_before/after
+    width_modules: list | None = None  # modules whose width attributes (hidden_dim, ...) follow the group
 
     @property
     def units_after(self) -> int:
@@ -52,9 +54,14 @@ class Plan:
             if g.kind == "attention":
                 kv, rep = g.gqa if g.gqa else (g.num_units, 1)
                 kv_gone = len(g.removed_kv(units)) if g.gqa else len(units)
-                att = {"module": g.module, "head_dim": g.head_dim, "heads_before": g.num_units,
+                att = {"module": g.module, "modules": list(g.modules or [g.module]), "head_dim": g.head_dim,
+                       "heads_before": g.num_units,
                        "heads_after": g.num_units - len(units), "kv_before": kv, "kv_after": kv - kv_gone}
-            entries.append(PlanEntry(g.id, g.kind, g.layer, g.num_units, units, removed, g.exact, att))
+            experts = None
+            if g.routing:
+                experts = dict(g.routing, experts_before=g.num_units, experts_after=g.num_units - len(units))
+            entries.append(PlanEntry(g.id, g.kind, g.layer, g.num_units, units, removed, g.exact, att, experts,
+                                     list(g.width_modules) or None))
         touched = {p for e in entries for p in e.removed}
         return cls(entries, {p: list(graph.shapes[p]) for p in touched})
 
@@ -62,7 +69,7 @@ class Plan:
     def random(cls, graph, ratio: float, seed: int = 0, kinds=None, gqa: str = "heads") -> "Plan":
         """Remove about ``ratio`` of the units of every group of ``kinds`` (all kinds if None), legally:
         GQA groups lose ``gqa="heads"`` the same number of query heads per kv group, or ``"kv"`` whole kv
-        groups; no group is emptied."""
+        groups; no group is emptied and every experts group keeps at least ``top_k`` experts."""
         check_ratio(ratio)
         if gqa not in ("heads", "kv"):
             raise PlanError(f"gqa policy must be 'heads' or 'kv', got {gqa!r}")
@@ -78,7 +85,7 @@ class Plan:
                     n = min(int(round(ratio * rep)), rep - 1)
                     units = [k * rep + r for k in range(kv) for r in rng.choice(rep, n, replace=False)]
             else:
-                n = min(int(round(ratio * g.num_units)), g.num_units - 1)
+                n = g.legal_count(round(ratio * g.num_units))
                 units = rng.choice(g.num_units, n, replace=False).tolist()
             removals[g.id] = units
         return cls.from_units(graph, removals)
@@ -310,11 +317,11 @@ def _select(group, s, frac: float, round_to: int, gqa: str) -> list:
         c = min(int(round(frac * rep)), rep - 1)
         return [g * rep + int(r) for g in range(kv) for r in np.argsort(s[g * rep:(g + 1) * rep], kind="stable")[:c]]
     k = min(int(round(frac * n)), n - 1)
-    if group.kind != "attention" and round_to > 1 and n % round_to == 0:
+    if group.kind not in ("attention", "experts") and round_to > 1 and n % round_to == 0:
         keep = n - k
         keep = max(round_to, -(-keep // round_to) * round_to)
         k = n - keep
-    return np.argsort(s, kind="stable")[:max(k, 0)].tolist()
+    return np.argsort(s, kind="stable")[:group.legal_count(k)].tolist()
 
 
 def check_ratio(ratio) -> None:

@@ -6,7 +6,7 @@ import time
 import torch
 
 from . import record as records
-from .compensate import apply_bias
+from .compensate import apply_bias, bias_deltas
 from .errors import PlanError
 from .graph import trace
 from .importance import methods, score
@@ -31,6 +31,54 @@ def _embedding_params(model) -> int:
 DEFAULT_KINDS = ("mlp",)
 
 
+def auto_layers(graph) -> list:
+    """``layers="auto"``: every layer of ``graph`` but the first and the last (all of them when <= 2)."""
+    found = sorted({g.layer for g in graph.groups() if g.layer is not None})
+    return found[1:-1] if len(found) > 2 else found
+
+
+def step_target(original: int, current: int, target: float, step: int, steps: int) -> float:
+    """Fraction of the ``current`` parameters to remove at ``step`` of ``steps`` so that ``target`` of the
+    ``original`` ones are gone after the last step."""
+    goal = original * (1 - target * step / steps)  # parameters left after this step
+    return max(0.0, 1 - goal / current)
+
+
+def record_groups(groups: dict, plan, scores: dict) -> None:
+    """Add ``plan``'s entries to the report's per-group records ``groups`` (first scores, last widths)."""
+    for e in plan.entries:
+        first = groups.setdefault(e.group, {"group": e.group, "kind": e.kind, "layer": e.layer,
+                                            "units_before": e.num_units,
+                                            "scores": [float(x) for x in scores[e.group]]})
+        first["units_after"] = e.units_after
+        first["params_removed"] = first.get("params_removed", 0) + Plan([e], plan.shapes).params_removed()
+
+
+def check_args(target, method, steps, compensate, calibration, ratios, reconstruct=False) -> None:
+    """The argument checks shared by the in-memory and the streamed prune (raised before any work)."""
+    if ratios is not None and steps != 1:
+        raise PlanError("per-kind ratios are applied in one step; use a parameter target with steps > 1")
+    check_ratio(target)
+    if method not in methods():
+        raise PlanError(f"unknown method {method!r}; choose one of {', '.join(methods())}")
+    if not isinstance(steps, int) or steps < 1:
+        raise PlanError(f"steps must be a positive integer, got {steps!r}")
+    if compensate and calibration is None:
+        raise PlanError("compensate=True needs calibration data (the removed units' mean activations)")
+    if reconstruct and calibration is None:
+        raise PlanError("reconstruct=True needs calibration data (the consumers' input Gram matrices)")
+
+
+def _has_blocks(model) -> bool:
+    from .sparsify import SparsifyError, find_layers
+
+    try:
+        find_layers(model)
+    except SparsifyError:
+        return False
+    return True
+
+
 def _widths(groups) -> dict:
     """{layer: {kind: units kept}} for the pruned per-layer groups (the per-layer widths a policy chose)."""
     out: dict = {}
@@ -40,7 +88,7 @@ def _widths(groups) -> dict:
     return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
 
 
-def _refit_summary(layers) -> list:
+def refit_summary(layers) -> list:
     """Per consumer: removed columns and the output error relative to ``||W X||^2`` before and after the re-fit."""
     out = []
     for rec in layers:
@@ -56,8 +104,15 @@ def _refit_summary(layers) -> list:
 def prune(model, calibration=None, target: float = 0.2, method: str = "activation", kinds=DEFAULT_KINDS,
           policy: str = "uniform", layers="auto", round_to: int = 8, gqa: str = "heads", aggregate: str = "sum",
           normalize=None, steps: int = 1, uniform: bool = False, compensate: bool = False,
-          ratios: dict | None = None, progress: bool = True, reconstruct: bool = False, damp: float = 0.01):
+          ratios: dict | None = None, progress: bool = True, reconstruct: bool = False, damp: float = 0.01,
+          stream: bool = False, checkpoint=None, output=None,
+          verify: bool = True):
     """Shrink ``model`` in place by ``target`` (fraction of *all* parameters); returns (model, report, plans).
+
+    ``stream=True`` prunes a checkpoint larger than memory one decoder block at a time
+    (:func:`depgraph.stream.prune_streamed`): ``model`` is then a model folder of safetensors shards (or a model
+    on the meta device, with ``checkpoint`` its folder), ``output`` the folder to write, and the returned model
+    lives on the meta device (shapes only).
 
     Defaults come from bench/results/prune.md on SmolLM2: gradient-free activation scores (|w| times
     the input feature's norm; with FLAP's ``fluctuation`` the best scores at 20% and 30%, within about 5% of
@@ -75,20 +130,20 @@ def prune(model, calibration=None, target: float = 0.2, method: str = "activatio
     units: ``down_proj`` for neurons, ``o_proj`` for heads) by least squares on the calibration inputs, block by
     block on the outputs of the already-pruned blocks (:mod:`depgraph.reconstruct`; ``damp`` is the Gram
     dampening); with ``compensate=True`` too, the bias joins the fit. Both are done before each shrink.
+    ``verify`` (default on): each shrink is checked against its mask on a short probe, block by block
+    (:func:`depgraph.shrink`); a mismatch restores the model and raises ``ShrinkVerifyError``.
     """
+    if stream:
+        from .stream import StreamSettings, prune_streamed
+
+        settings = StreamSettings(target=target, method=method, kinds=tuple(kinds), policy=policy, layers=layers,
+                                  round_to=round_to, gqa=gqa, aggregate=aggregate, normalize=normalize,
+                                  steps=steps, uniform=uniform, compensate=compensate, ratios=ratios,
+                                  progress=progress, reconstruct=reconstruct, damp=damp)
+        return prune_streamed(model, calibration, output, settings, checkpoint=checkpoint)
+    check_args(target, method, steps, compensate, calibration, ratios, reconstruct)
     if ratios is not None:
-        if steps != 1:
-            raise PlanError("per-kind ratios are applied in one step; use a parameter target with steps > 1")
         kinds = tuple(ratios)
-    check_ratio(target)
-    if method not in methods():
-        raise PlanError(f"unknown method {method!r}; choose one of {', '.join(methods())}")
-    if not isinstance(steps, int) or steps < 1:
-        raise PlanError(f"steps must be a positive integer, got {steps!r}")
-    if compensate and calibration is None:
-        raise PlanError("compensate=True needs calibration data (the removed units' mean activations)")
-    if reconstruct and calibration is None:
-        raise PlanError("reconstruct=True needs calibration data (the consumers' input Gram matrices)")
     refit_config = ReconstructConfig(mode="lstsq" if reconstruct else "mean", intercept=compensate, damp=damp)
     if uniform:
         policy, layers = "uniform", None
@@ -102,49 +157,49 @@ def prune(model, calibration=None, target: float = 0.2, method: str = "activatio
         t = time.perf_counter()
         graph = trace(model)
         times["trace_s"] += time.perf_counter() - t
-        if layers == "auto":  # every layer but the first and the last, read off the first graph
-            found = sorted({g.layer for g in graph.groups() if g.layer is not None})
-            layers = found[1:-1] if len(found) > 2 else found
+        if layers == "auto":  # read off the first graph
+            layers = auto_layers(graph)
         t = time.perf_counter()
         scores = score(model, graph, calibration, method=method, aggregate=aggregate, normalize=normalize,
                        kinds=kinds, progress=progress)
         times["score_s"] += time.perf_counter() - t
-        current = _params(model)
-        goal = original * (1 - target * step / steps)  # parameters left after this step
-        step_target = None if ratios is not None else max(0.0, 1 - goal / current)
+        fraction = None if ratios is not None else step_target(original, _params(model), target, step, steps)
         t = time.perf_counter()
-        plan = Plan.from_scores(graph, scores, step_target, kinds=kinds, policy=policy, layers=layers,
+        plan = Plan.from_scores(graph, scores, fraction, kinds=kinds, policy=policy, layers=layers,
                                 round_to=round_to, gqa=gqa, ratios=ratios)
         times["plan_s"] += time.perf_counter() - t
         t = time.perf_counter()
         deltas = {}
-        if reconstruct or compensate:
+        if compensate and not reconstruct and not _has_blocks(model):  # no decoder blocks: one dense pass
+            deltas = bias_deltas(model, plan, calibration)
+        elif reconstruct or compensate:
             refit = refit_consumers(model, plan, calibration, refit_config)
             deltas = refit["bias"]
             refits.append(refit["layers"])
         times["reconstruct_s"] += time.perf_counter() - t
         t = time.perf_counter()
-        shrink(model, plan)
+        shrink(model, plan, verify=verify)
         apply_bias(model, deltas)
         times["shrink_s"] += time.perf_counter() - t
         plans.append(plan)
-        for e in plan.entries:
-            first = groups.setdefault(e.group, {"group": e.group, "kind": e.kind, "layer": e.layer,
-                                                "units_before": e.num_units,
-                                                "scores": [float(x) for x in scores[e.group]]})
-            first["units_after"] = e.units_after
-            first["params_removed"] = first.get("params_removed", 0) + Plan([e], plan.shapes).params_removed()
+        record_groups(groups, plan, scores)
+    settings = {"method": method, "target": target, "policy": policy, "steps": steps, "uniform": uniform,
+                "compensate": compensate, "reconstruct": reconstruct, "damp": damp if reconstruct else None,
+                "reconstruction": refit_summary(refits[-1]) if refits else None,
+                "layers": layers, "round_to": round_to, "gqa": gqa, "ratios": ratios}
+    return model, build_report(model, original, settings, times, groups), plans
+
+
+def build_report(model, original: int, settings: dict, times: dict, groups: dict) -> dict:
+    """The prune report: ``settings`` (method, target, ...), parameter counts of ``model`` after pruning
+    (a meta model counts too) against ``original``, ``times`` and the per-group records."""
     after = _params(model)
     emb = _embedding_params(model)
-    report = {
-        "method": method, "target": target, "policy": policy, "steps": steps, "uniform": uniform,
-        "compensate": compensate, "reconstruct": reconstruct, "damp": damp if reconstruct else None,
-        "reconstruction": _refit_summary(refits[-1]) if refits else None,
-        "layers": None if layers is None else sorted(layers), "round_to": round_to, "gqa": gqa,
+    layers = settings.get("layers")
+    return {
+        **settings, "layers": None if layers is None else sorted(layers),
         "params_before": original, "params_after": after, "removed_fraction": (original - after) / original,
-        "non_embedding_removed_fraction": (original - after) / (original - emb), "ratios": ratios,
+        "non_embedding_removed_fraction": (original - after) / (original - emb),
         "stock_loadable": bool((records.get(model, create=False) or {}).get("uniform")),
-        "times": times, "groups": list(groups.values()),
-        "widths": _widths(groups.values()),
+        "times": times, "groups": list(groups.values()), "widths": _widths(groups.values()),
     }
-    return model, report, plans

@@ -29,7 +29,7 @@ from .errors import PlanError
 from .plan import Plan
 from .refit import augment, mean_fill, output_error, refit
 from .shrink import mask
-from .sparsify import batches_of, capture_layer_inputs, find_layers, run_layer
+from .sparsify import SparsifyError, batches_of, capture_layer_inputs, find_layers, run_layer
 from .stats import Collector, InputStats, linear_view
 
 __all__ = ["ReconstructConfig", "MODES", "consumers", "reconstruct", "reconstruct_block", "weight_out_in"]
@@ -141,7 +141,10 @@ def reconstruct(model, plan: Plan, calibration, config: ReconstructConfig | None
     config = config or ReconstructConfig()
     if calibration is None:
         raise PlanError("reconstruction needs calibration token ids [n_samples, seq_len]")
-    layers_path, layers = find_layers(model)
+    try:
+        layers_path, layers = find_layers(model)
+    except SparsifyError as e:
+        raise PlanError(f"reconstruction runs block by block: {e}") from None
     prefixes = [f"{layers_path}.{i}." for i in range(len(layers))]
     per_block = [_block_entries(plan, p) for p in prefixes]
     local = {id(e) for es in per_block for e in es}

@@ -7,8 +7,10 @@ import torch
 from torch import nn
 
 from . import record as records
+from .dispatch import materialized
 from .errors import PlanError
 from .plan import Plan
+from .routing import mask_experts
 
 # -- module attributes that follow a parameter's shape: one small fixer per layer type -----------
 MODULE_FIXERS: list = []
@@ -56,26 +58,47 @@ def _batch_norm(m):
     return {"num_features": m.weight.shape[0]}
 
 
-# attention modules: attribute name -> value, from heads/kv heads after pruning (set only if present)
+# attention modules: attribute name -> the size it holds, rewritten only where it holds that size before pruning
 ATTENTION_ATTRIBUTES = {
-    "num_heads": lambda a: a["heads_after"],
-    "num_attention_heads": lambda a: a["heads_after"],
-    "n_head": lambda a: a["heads_after"],
-    "n_heads": lambda a: a["heads_after"],
-    "num_key_value_heads": lambda a: a["kv_after"],
-    "num_kv_heads": lambda a: a["kv_after"],
-    "n_kv_heads": lambda a: a["kv_after"],
-    "num_key_value_groups": lambda a: a["heads_after"] // a["kv_after"],
-    "split_size": lambda a: a["heads_after"] * a["head_dim"],
-    "all_head_size": lambda a: a["heads_after"] * a["head_dim"],
-    "inner_dim": lambda a: a["heads_after"] * a["head_dim"],
+    "num_heads": "heads", "num_attention_heads": "heads", "n_head": "heads", "n_heads": "heads",
+    "num_key_value_heads": "kv", "num_kv_heads": "kv", "n_kv_heads": "kv", "kv_heads": "kv",
+    "num_key_value_groups": "q_per_kv",
+    "split_size": "q_width", "all_head_size": "q_width", "inner_dim": "q_width", "embed_dim": "q_width",
+    "kv_dim": "kv_width",
 }
+ATTENTION_SIZES = {  # size name -> value from a plan entry's attention record, before or after ("before"/"after")
+    "heads": lambda a, t: a[f"heads_{t}"],
+    "kv": lambda a, t: a[f"kv_{t}"],
+    "q_per_kv": lambda a, t: a[f"heads_{t}"] // a[f"kv_{t}"],
+    "q_width": lambda a, t: a[f"heads_{t}"] * a["head_dim"],
+    "kv_width": lambda a, t: a[f"kv_{t}"] * a["head_dim"],
+}
+
+
+def attention_attributes(mod, a: dict) -> dict:
+    """New values of ``mod``'s attention attributes that hold the sizes ``a`` (a plan entry's attention
+    record) had before pruning; an attribute holding anything else is left alone."""
+    out = {}
+    for k, size in ATTENTION_ATTRIBUTES.items():
+        v = getattr(mod, k, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v == ATTENTION_SIZES[size](a, "before"):
+            out[k] = ATTENTION_SIZES[size](a, "after")
+    return out
+
+# routed-experts modules (router, experts, the block around them): attributes holding the expert count,
+# rewritten when they equal the count before pruning
+EXPERT_ATTRIBUTES = ("num_experts", "num_local_experts", "n_routed_experts", "n_experts", "num_routed_experts")
+
+# the residual width kept as an attribute by routers and expert blocks (``reshape(-1, self.hidden_dim)``),
+# rewritten on a hidden entry's ``width_modules`` when equal to the width before pruning
+WIDTH_ATTRIBUTES = ("hidden_size", "hidden_dim", "input_size", "embed_dim", "d_model", "model_dim")
 
 # config fields per kind, for the uniform (stock-loadable) case
 CONFIG_FIELDS = {
     "heads": ("num_attention_heads", "n_head", "num_heads", "n_heads"),
     "kv": ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num"),
-    "mlp": ("intermediate_size", "n_inner", "ffn_dim", "d_ff"),
+    "mlp": ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "moe_intermediate_size"),
+    "experts": ("num_local_experts", "num_experts", "n_routed_experts", "num_routed_experts", "moe_num_experts"),
     "hidden": ("hidden_size", "n_embd", "d_model", "word_embed_proj_dim"),
 }
 
@@ -110,19 +133,66 @@ def check_model(model, plan: Plan) -> dict:
 
 @torch.no_grad()
 def mask(model: nn.Module, plan: Plan) -> nn.Module:
-    """Zero every planned unit in place (soft pruning), leaving shapes unchanged."""
-    check_model(model, plan)
+    """Zero every planned unit in place (soft pruning), leaving shapes unchanged (offloaded weights included).
+    Routed experts are also taken out of routing: their router logits become ``-inf`` (depgraph.routing), as
+    in the shrunk model."""
+    aliases = check_model(model, plan)
+    with materialized(model, [a for names in aliases.values() for a in names]):
+        return _mask(model, plan)
+
+
+def _mask(model, plan):
     for name, dims in plan.removed_by_param().items():
         t = _get_tensor(model, name)
         for d, idx in dims.items():
             t.index_fill_(d, torch.as_tensor(idx, device=t.device), 0)
+    for e in plan.entries:
+        if e.experts:
+            mask_experts(model, e.experts["router_module"], e.experts["router"][0], e.units)
     return model
 
 
 @torch.no_grad()
-def shrink(model: nn.Module, plan: Plan) -> nn.Module:
-    """Remove every planned unit in place: slice member tensors, fix module attributes and config."""
+def shrink(model: nn.Module, plan: Plan, verify: bool = False) -> nn.Module:
+    """Remove every planned unit in place: slice member tensors, fix module attributes and config. Weights that
+    accelerate keeps offloaded (a dispatched model) are sliced in its offload too.
+
+    ``verify=True`` (the default of :func:`depgraph.prune` and the CLI) first records the masked model's
+    outputs on a short probe, decoder block by decoder block, then checks the shrunk blocks against them;
+    on a mismatch the model is restored and :class:`ShrinkVerifyError` names the first block that
+    differs and its groups (dispatched models are not verified)."""
+    check_model(model, plan)
+    if not verify:
+        _apply(model, plan, [])
+        return model
+    from . import verify as verifier
+
+    ref = verifier.masked_reference(model, plan, _get_tensor)
+    undo: list = []
+    config = getattr(model, "config", None)
+    saved_config = copy.deepcopy(config.__dict__) if config is not None else None
+    try:
+        _apply(model, plan, undo)
+        if ref is not None:
+            verifier.compare(model, plan, ref)
+    except Exception:
+        for restore in reversed(undo):
+            restore()
+        if saved_config is not None:
+            config.__dict__.clear()
+            config.__dict__.update(saved_config)
+        raise
+    return model
+
+
+def _apply(model, plan: Plan, undo: list) -> None:
+    """The shrink itself; ``undo`` collects closures that put back every tensor and attribute changed."""
     aliases = check_model(model, plan)
+    with materialized(model, [a for names in aliases.values() for a in names]):
+        _shrink(model, plan, aliases, undo)
+
+
+def _shrink(model, plan, aliases, undo):
     record = records.get(model)
     changed_modules = {}
     for name, dims in plan.removed_by_param().items():
@@ -135,30 +205,44 @@ def shrink(model: nn.Module, plan: Plan) -> nn.Module:
         new = new.contiguous()
         for alias in aliases[name]:
             mod, attr = _tensor_owner(model, alias)
-            if attr in mod._parameters:
-                mod._parameters[attr] = nn.Parameter(new, requires_grad=old.requires_grad) \
+            store = mod._parameters if attr in mod._parameters else mod._buffers
+            undo.append(lambda store=store, attr=attr, t=store[attr]: store.__setitem__(attr, t))
+            if store is mod._parameters:
+                store[attr] = nn.Parameter(new, requires_grad=old.requires_grad) \
                     if not isinstance(new, nn.Parameter) else new
-                new = mod._parameters[attr]
+                new = store[attr]
             else:
-                mod._buffers[attr] = new
+                store[attr] = new
             changed_modules[alias.rpartition(".")[0]] = mod
     for path, mod in changed_modules.items():
         for pred, fix in MODULE_FIXERS:
             if pred(mod):
-                _set_attrs(mod, fix(mod), record, path)
+                _set_attrs(mod, fix(mod), record, path, undo)
                 break
     for e in plan.entries:
         if e.attention:
-            mod = model.get_submodule(e.attention["module"])
-            values = {k: f(e.attention) for k, f in ATTENTION_ATTRIBUTES.items()
-                      if isinstance(getattr(mod, k, None), int) and not isinstance(getattr(mod, k), bool)}
-            _set_attrs(mod, values, record, e.attention["module"])
+            for path in e.attention.get("modules") or [e.attention["module"]]:
+                mod = model.get_submodule(path)
+                _set_attrs(mod, attention_attributes(mod, e.attention), record, path, undo)
+        if e.experts:
+            _set_counts(model, e.experts["modules"], EXPERT_ATTRIBUTES, e.num_units, e.units_after, record, undo)
+        if e.width_modules:
+            _set_counts(model, e.width_modules, WIDTH_ATTRIBUTES, e.num_units, e.units_after, record, undo)
     _update_config(model, plan, record)
-    return model
 
 
-def _set_attrs(mod, values: dict, record: dict, path: str) -> None:
+def _set_counts(model, paths, names, before: int, after: int, record: dict, undo: list | None = None) -> None:
+    """Set the int attributes ``names`` of the modules at ``paths`` that equal ``before`` to ``after``."""
+    for path in paths:
+        mod = model.get_submodule(path)
+        values = {k: after for k in names if type(getattr(mod, k, None)) is int and getattr(mod, k) == before}
+        _set_attrs(mod, values, record, path, undo)
+
+
+def _set_attrs(mod, values: dict, record: dict, path: str, undo: list | None = None) -> None:
     for k, v in values.items():
+        if undo is not None:
+            undo.append(lambda mod=mod, k=k, old=getattr(mod, k, None): setattr(mod, k, old))
         setattr(mod, k, v)
     records.set_module_attrs(record, path, values)
 
@@ -167,18 +251,22 @@ def _update_config(model, plan: Plan, record: dict) -> None:
     """Record per-layer widths; when every layer has the same shape, write them into the standard
     config fields so stock ``from_pretrained`` loads the result (checked by rebuilding on meta)."""
     layers = record["layers"]
-    after = {"heads": set(), "kv": set(), "mlp": set(), "hidden": set(), "head_dim": set()}
+    after = {"heads": set(), "kv": set(), "mlp": set(), "hidden": set(), "head_dim": set(), "experts": set()}
     for e in plan.entries:
         key = str(e.layer) if e.layer is not None else "all"
         if e.attention:
             a = e.attention
-            layers.setdefault(key, {}).update(num_attention_heads=a["heads_after"], num_key_value_heads=a["kv_after"])
+            layers.setdefault(key, {}).update(num_attention_heads=a["heads_after"], num_key_value_heads=a["kv_after"],
+                                              head_dim=a["head_dim"])
             after["heads"].add(a["heads_after"])
             after["kv"].add(a["kv_after"])
             after["head_dim"].add(a["head_dim"])
         elif e.kind == "mlp":
             layers.setdefault(key, {})["intermediate_size"] = e.units_after
             after["mlp"].add(e.units_after)
+        elif e.kind == "experts":
+            layers.setdefault(key, {})["num_experts"] = e.units_after
+            after["experts"].add(e.units_after)
         elif e.kind == "hidden":
             record["hidden_size"] = e.units_after
             after["hidden"].add(e.units_after)
@@ -186,21 +274,33 @@ def _update_config(model, plan: Plan, record: dict) -> None:
     if config is None:
         return
     candidate = copy.deepcopy(config)
+    # composite configs keep the language model's sizes (vocab_size, hidden_size, ...) on text_config
+    target = candidate.get_text_config() if hasattr(candidate, "get_text_config") else candidate
     for kind, values in after.items():
         if len(values) != 1 or kind == "head_dim":
             continue
         (v,) = values
         for f in CONFIG_FIELDS[kind]:
-            if isinstance(getattr(candidate, f, None), int):
-                setattr(candidate, f, v)
+            if isinstance(_read(target, f), int):
+                setattr(target, f, v)
     if len(after["head_dim"]) == 1:  # models that derive head_dim from hidden/heads read it when set
-        candidate.head_dim = next(iter(after["head_dim"]))
+        target.head_dim = next(iter(after["head_dim"]))
     uniform = _builds_same_shapes(model, candidate)
-    record["uniform"] = uniform
+    record["uniform"] = uniform  # stock from_pretrained rebuilds these shapes
     if uniform:
-        for f in set(candidate.to_dict()) | set(vars(candidate)):
-            if f != "depgraph" and getattr(candidate, f, None) != getattr(config, f, None):
-                setattr(config, f, getattr(candidate, f))
+        config.__dict__.update({k: v for k, v in vars(candidate).items()
+                                if k != "depgraph" and config.__dict__.get(k, _MISSING) != v})
+
+
+_MISSING = object()
+
+
+def _read(config, field):
+    """A config field, or None (heterogeneous transformers configs raise on per-layer fields read globally)."""
+    try:
+        return getattr(config, field, None)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _builds_same_shapes(model, config) -> bool:

@@ -12,7 +12,7 @@ from depgraph.export.gguf import export_gguf, plan  # noqa: E402
 
 pytestmark = pytest.mark.slow
 PROMPT = "The capital of France is"
-MAX_ABS_DIFF = 5e-3  # f32: measured ~1e-4 to 1e-3 on logits of magnitude ~20-30
+MAX_ABS_DIFF = 1e-3  # f32 weights and KV cache: measured 5e-5 (dense) on logits up to ~27
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_llama_cpp_agrees_with_transformers(variant, smollm2, tmp_path):
     model = VARIANTS[variant](copy.deepcopy(dense)).eval()
     assert plan(model)[0] == ARCH[variant]
     path = export_gguf(model, tok, tmp_path / "m.gguf", outtype="f32")
-    llm = open_llama(path, threads=2)
+    llm = open_llama(path, threads=2, f32_cache=True)
     for text in (PROMPT, "Hello, world! 12345  tabs\tand ünïcödé"):
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == \
             tok(text, add_special_tokens=False)["input_ids"]
@@ -47,3 +47,4 @@ def test_llama_cpp_agrees_with_transformers(variant, smollm2, tmp_path):
     assert r["greedy_equal"], r
     if variant == "dense":
         assert "Paris" in tok.decode(r["greedy_llama"])
+    llm.close()

@@ -75,6 +75,22 @@ def test_load_hf_folder_dtype_and_use_cache(tiny_folder):
     assert model.config.use_cache is False  # left as the checkpoint says
 
 
+def test_default_dtype_follows_the_checkpoint(tmp_path):
+    """A bf16 checkpoint loads in bf16 (not fp32) by default and prunes in bf16; an fp32 one stays fp32."""
+    import depgraph
+
+    _tiny_llama().to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    model, _ = load_model(tmp_path / "bf16")
+    assert model.dtype == torch.bfloat16
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text()).get("dtype") == "bfloat16"
+    calib = torch.randint(0, 64, (2, 8))
+    depgraph.prune(model, calib, target=0.2, layers=None, round_to=1, progress=False)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.model.layers[0].mlp.down_proj.in_features < 48
+    _tiny_llama().save_pretrained(tmp_path / "fp32")
+    assert load_model(tmp_path / "fp32")[0].dtype == torch.float32
+
+
 def test_folder_without_tokenizer_warns(tmp_path):
     _tiny_llama().save_pretrained(tmp_path / "m")
     with pytest.warns(UserWarning, match="tokenizer"):
@@ -133,7 +149,7 @@ def test_depgraph_folder_uses_load_pruned(tiny_folder, monkeypatch):
     fake_io.load_pruned = fake_load_pruned
     monkeypatch.setitem(sys.modules, "depgraph.io", fake_io)
 
-    model, tokenizer = load_model(folder)
+    model, tokenizer = load_model(folder, dtype=torch.float32)
     assert calls == [folder]
     assert not model.training
     assert model.dtype == torch.float32  # converted to the requested dtype

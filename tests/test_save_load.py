@@ -49,15 +49,6 @@ def test_uniform_plan_loads_with_stock_from_pretrained(arch, tmp_path):
     assert stock.config.intermediate_size == 48
 
 
-def test_save_is_atomic_and_replaces(tmp_path):
-    model = ARCHS["llama-mha"]()
-    out = tmp_path / "m"
-    depgraph.save_pruned(model, out)
-    depgraph.save_pruned(model, out)  # overwrite in place
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
-    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
-
-
 def test_corrupted_folders_raise_load_error(tmp_path):
     model = ARCHS["llama-mha"]()
     graph = depgraph.trace(model)
@@ -103,3 +94,63 @@ def test_record_is_versioned_and_read_with_defaults():
     record.add_biases(info, ["a"])
     record.set_module_attrs(info, "x", {"normalized_shape": (4,)})
     assert info["added_biases"] == ["a", "b"] and info["modules"] == {"x": {"normalized_shape": [4]}}
+
+
+def write_tiny_gguf(path, vocab=64, hidden=32, layers=2, ffn=64, heads=4, kv=2, seed=0):
+    """A float32 Llama GGUF written with the gguf package (llama.cpp's tensor names)."""
+    import numpy as np
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(128)
+    w.add_embedding_length(hidden)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(vocab)])
+    w.add_token_types([1] * vocab)
+    w.add_token_merges([])
+    hd = hidden // heads
+
+    def t(*shape):
+        return (rng.standard_normal(shape) * 0.1).astype(np.float32)
+
+    w.add_tensor("token_embd.weight", t(vocab, hidden))
+    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    w.add_tensor("output.weight", t(vocab, hidden))
+    for i in range(layers):
+        for name, shape in (("attn_q", (heads * hd, hidden)), ("attn_k", (kv * hd, hidden)),
+                            ("attn_v", (kv * hd, hidden)), ("attn_output", (hidden, heads * hd)),
+                            ("ffn_gate", (ffn, hidden)), ("ffn_up", (ffn, hidden)), ("ffn_down", (hidden, ffn))):
+            w.add_tensor(f"blk.{i}.{name}.weight", t(*shape))
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_stock_gguf_loaded_model_saves(tmp_path):
+    """transformers refuses to save a model loaded with gguf_file= ("not serializable"); its weights are plain
+    dequantized tensors, so save_pruned saves it, and the shrunk model loads back exactly."""
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf").eval()
+    assert model.hf_quantizer is not None
+    with pytest.raises(ValueError, match="not serializable"):
+        model.save_pretrained(tmp_path / "stock")
+    graph = depgraph.trace(model)
+    depgraph.shrink(model, depgraph.Plan.from_units(graph, {"mlp.0": [1, 2, 3], "attention.1": [0, 2]}))
+    depgraph.save_pruned(model, tmp_path / "pruned")
+    assert model.hf_quantizer is not None  # the user's model is left as it was
+    assert "quantization_config" not in json.loads((tmp_path / "pruned" / "config.json").read_text())
+    loaded = depgraph.load_pruned(tmp_path / "pruned")
+    x = torch.tensor([[1, 5, 9, 2, 7]])
+    assert torch.equal(_logits(loaded, x), _logits(model, x))
+    assert loaded.model.layers[0].mlp.up_proj.out_features == 61

@@ -35,6 +35,7 @@ COLORS = {
     "mlp": ("#b35806", "#fde0c2"),
     "hidden": ("#2e7d32", "#d5ecd1"),
     "channels": ("#7b3f8c", "#ecd9e6"),
+    "experts": ("#8a6d00", "#f6ebb8"),
     "blocked": ("#777777", "#eeeeee"),
     "param": ("#444444", "#ffffff"),
 }

@@ -27,7 +27,7 @@ import numpy as np
 __all__ = ["report", "render_html", "load_run"]
 
 _KNOWN = {"report.json", "plan.json", "eval.json"}
-_KIND_COLOR = {"attention": "#4c78a8", "mlp": "#f58518", "hidden": "#54a24b", "channels": "#b279a2"}
+_KIND_COLOR = {"attention": "#4c78a8", "mlp": "#f58518", "hidden": "#54a24b", "channels": "#b279a2", "experts": "#c9a400"}
 _REMOVED = "#e45756"
 _CSS = """
 body{font-family:Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}

@@ -12,9 +12,16 @@ BUNDLED = "SmolLM2-135M-Instruct (bundled)"  # what a report names when MODEL is
 
 
 def add_dtype(parser: argparse.ArgumentParser) -> None:
-    """``--dtype``: the dtype to load models in."""
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to load the model in "
-                                                                             "(default: %(default)s)")
+    """``--dtype``: the dtype to load models in (``auto``: the checkpoint's own)."""
+    parser.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto",
+                        help="dtype to load the model in (default: auto, the checkpoint's own dtype)")
+
+
+def torch_dtype(name: str):
+    """``auto`` -> None (the checkpoint's dtype), else the torch dtype of that name."""
+    import torch
+
+    return None if name == "auto" else getattr(torch, name)
 
 
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
@@ -51,11 +58,9 @@ def model_name(args) -> str:
 
 def load(args, source=None):
     """``(model, tokenizer)`` of ``source`` (default ``args.model``) in ``args.dtype``."""
-    import torch
-
     from depgraph.models import load_model
 
-    return load_model(args.model if source is None else source, dtype=getattr(torch, args.dtype))
+    return load_model(args.model if source is None else source, dtype=torch_dtype(args.dtype))
 
 
 def fraction(text: str, what: str = "--target") -> float:

@@ -11,10 +11,10 @@ from depgraph.errors import DepgraphError
 from depgraph.importance import methods, needs_calibration
 from depgraph.plan import POLICIES, dump_plans
 
-from .common import (add_calibration, add_model_argument, add_protocol_argument, calibration_from_args, fraction,
-                     load, model_name)
+from .common import (DTYPES, add_calibration, add_model_argument, add_protocol_argument, calibration_from_args,
+                     fraction, load, model_name, torch_dtype)
 
-KINDS = ("attention", "mlp", "hidden")
+KINDS = ("attention", "mlp", "hidden", "experts")
 
 
 def _layers(text: str):
@@ -56,8 +56,9 @@ def add(subparsers) -> None:
                     "calibration source: self (data-free text sampled from the model; the best on SmolLM2 in "
                     "bench/results/prune.md), alpaca, ptb, wikitext2, a text/JSON/JSONL file, or an HF "
                     "dataset name (default: self)")
-    p.add_argument("--kinds", default="mlp", help="comma list of group kinds to prune: attention, mlp, hidden "
-                                                  "(default: mlp, the best on SmolLM2; see bench/results/prune.md)")
+    p.add_argument("--kinds", default="mlp", help="comma list of group kinds to prune: attention, mlp, hidden, "
+                                                  "experts (default: mlp, the best on SmolLM2; see "
+                                                  "bench/results/prune.md)")
     p.add_argument("--layers", type=_layers, default="auto",
                    help="only these layers, e.g. 3:27 or 0,5,7; 'all'; default 'auto': all but the first and last")
     p.add_argument("--policy", choices=POLICIES, default="uniform",
@@ -73,6 +74,12 @@ def add(subparsers) -> None:
                    help="re-fit the kept input columns of each consumer (down_proj, o_proj) by least squares on the "
                         "calibration inputs, block by block (with --compensate the bias joins the fit)")
     add_protocol_argument(p)
+    p.add_argument("--stream", action="store_true",
+                   help="models larger than memory: read MODEL's safetensors shards one decoder block at a time "
+                        "(gradient-free methods; --calib must name data, not self)")
+    p.add_argument("--compute-dtype", choices=("auto",) + DTYPES, default="auto",
+                   help="with --stream: dtype of the per-block math (default auto: the weights' dtype; float32 is "
+                        "~10x faster than bf16 on CPUs without bf16 matmuls); the written weights keep their dtype")
     p.add_argument("--no-report", action="store_true", help="do not write report.html into the output folder")
     p.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
     p.set_defaults(func=run)
@@ -97,6 +104,8 @@ def _check_prune_args(args) -> list:
 
 def run(args) -> int:
     kinds = _check_prune_args(args)
+    if args.stream:
+        return run_streamed(args, kinds)
     import depgraph
 
     t0 = time.perf_counter()
@@ -121,13 +130,50 @@ def run(args) -> int:
                                extra_files={"plan.json": plan_json, "report.json": json.dumps(report, indent=1)})
     report["times"]["save_s"] = time.perf_counter() - t
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    if not args.no_report:
-        try:
-            from viz import report as html_report
-
-            html_report(out)
-        except ImportError as e:  # matplotlib is an optional extra
-            print(f"no report.html ({e}); install depgraph[viz]", file=sys.stderr)
+    _html_report(out, args)
     print(f"pruned {report['params_before']:,} -> {report['params_after']:,} parameters "
           f"({100 * report['removed_fraction']:.1f}% removed, method {args.method}); wrote {out}")
+    return 0
+
+
+def _html_report(out, args) -> None:
+    if args.no_report:
+        return
+    try:
+        from viz import report as html_report
+
+        html_report(out)
+    except ImportError as e:  # matplotlib is an optional extra
+        print(f"no report.html ({e}); install depgraph[viz]", file=sys.stderr)
+
+
+def run_streamed(args, kinds) -> int:
+    """``depgraph prune MODEL --stream``: the checks of :mod:`depgraph.stream` first, then the streamed prune."""
+    from depgraph.calibration import SELF_SOURCES
+    from depgraph.stream import SELF_CALIBRATION, StreamSettings, check_settings, prune_streamed
+
+    if args.model is None or not Path(args.model).expanduser().is_dir():
+        raise DepgraphError(f"--stream needs MODEL to be a local model folder of safetensors shards, got "
+                            f"{args.model!r}")
+    settings = StreamSettings(target=args.target, method=args.method, kinds=tuple(kinds), policy=args.policy,
+                              layers=args.layers, round_to=args.round_to, gqa=args.gqa, steps=args.steps,
+                              uniform=args.uniform, compensate=args.compensate, ratios=args.ratios,
+                              reconstruct=args.reconstruct, dtype=torch_dtype(args.dtype),
+                              compute_dtype=torch_dtype(args.compute_dtype))
+    check_settings(settings)
+    needs_calib = needs_calibration(args.method) or args.reconstruct
+    if needs_calib and args.calib in SELF_SOURCES:
+        raise DepgraphError(SELF_CALIBRATION)
+    calib = None
+    if needs_calib:
+        from transformers import AutoTokenizer
+
+        calib = calibration_from_args(args, None, AutoTokenizer.from_pretrained(args.model))
+    _, report, _ = prune_streamed(args.model, calib, args.output, settings)
+    out = Path(args.output)
+    _html_report(out, args)
+    s = report["stream"]
+    print(f"pruned {report['params_before']:,} -> {report['params_after']:,} parameters "
+          f"({100 * report['removed_fraction']:.1f}% removed, method {args.method}, streamed: "
+          f"{s['wall_s']:.0f} s, peak RSS {s['peak_rss_gb']:.2f} GB); wrote {out}")
     return 0

@@ -12,12 +12,15 @@ import numpy as np
 import torch
 
 
-def open_llama(path, n_ctx: int = 512, threads: int | None = None):
-    """A llama.cpp context on ``path`` keeping every position's logits (needs ``llama_cpp``)."""
+def open_llama(path, n_ctx: int = 512, threads: int | None = None, f32_cache: bool = False):
+    """A llama.cpp context on ``path`` keeping every position's logits (needs ``llama_cpp``).
+
+    ``f32_cache``: keep the KV cache in f32 (llama.cpp's default is f16) for an f32-exact comparison."""
     import llama_cpp
 
+    cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_cache else {}
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
-                           n_threads=threads, n_threads_batch=threads, seed=0)
+                           n_threads=threads, n_threads_batch=threads, seed=0, **cache)
 
 
 def llama_logits(llm, ids: list[int]) -> np.ndarray:

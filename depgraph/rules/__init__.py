@@ -9,6 +9,11 @@ from __future__ import annotations
 RULES: dict = {}
 
 
+class RuleError(Exception):
+    """A rule cannot read its op (unknown argument, symbolic size, unexpected signature): the op then
+    blocks every space it touches, like an op without a rule."""
+
+
 def rule(*names: str):
     """Register ``fn`` for the given aten op names (``"linear"`` means ``aten::linear``, any overload)."""
     def register(fn):
@@ -27,4 +32,4 @@ def op_name(target) -> str:
     return getattr(target, "__name__", str(target))
 
 
-from . import attention, conv, creation, elementwise, linear, norm, shape  # noqa: E402,F401  (registration)
+from . import attention, complex, control, conv, creation, elementwise, linear, moe, norm, shape  # noqa: E402,F401  (registration)

@@ -1,8 +1,11 @@
-"""scaled_dot_product_attention: heads are coupled across q, k, v and the output; GQA heads are
-(kv_head x q_per_kv); head_dim is never prunable (it is contracted and sets the softmax scale)."""
+"""Attention: heads are coupled across q, k, v and the output; GQA heads are (kv_head x q_per_kv); head_dim is
+never prunable (it is contracted and sets the softmax scale). ``scaled_dot_product_attention`` by its rule, eager
+attention (matmul -> softmax -> matmul) by the pattern the batched matmul rules report here."""
 from __future__ import annotations
 
-from ..layout import make_prod
+from math import prod
+
+from ..layout import Prod, Space, make_prod
 from . import rule
 
 
@@ -41,7 +44,7 @@ def sdpa(ctx):
     else:
         ctx.block(heads, "query heads are not a multiple of key/value heads")
     out[-3] = heads
-    mask = ctx.arg(3, "attn_mask")
+    mask = next((ctx.arg(3, n) for n in ("attn_mask", "attn_bias") if ctx.has_arg(n)), None)
     if ctx.is_tensor(mask):  # a per-head mask (e.g. ALiBi) couples its head dim
         ms, ml = ctx.shape(mask), ctx.lay(mask)
         off = len(out_shape) - len(ms)
@@ -49,8 +52,137 @@ def sdpa(ctx):
             if n > 1 and off + d == len(out_shape) - 3:
                 ctx.unify(ml[d], heads)
     if heads is not None:
-        ctx.attention_site(heads, hq, hk, qs[-1])
+        rep = shared_kv_factor(ctx, v) if hq == hk else 1  # values repeated before the call (repeat_kv)
+        ctx.attention_site(heads, hq, hk // rep if rep > 1 and hk % rep == 0 else hk, qs[-1])
     if isinstance(out_val, (list, tuple)):
         return [tuple(out)] + [ctx.fresh(tuple(int(s) for s in v.shape), "attention statistics")
                                for v in out_val[1:]]
     return tuple(out)
+
+
+# -- eager attention: matmul(q, k^T) -> [scale, soft-cap, bias, mask] -> softmax -> [dropout] -> matmul(p, v) --
+# The generic rules already couple heads across q, k, v and the output (they are matmul batch dims) and block
+# the q.k contraction; this pattern adds what SDPA's rule knows: the values' head_dim is blocked too, GQA heads
+# shared through broadcasting are (kv_head x q_per_kv), and the heads are recorded as an attention site.
+SCORE_OPS = ("matmul", "bmm", "baddbmm")
+SOFTMAX_OPS = ("softmax", "_softmax", "_safe_softmax")
+SCORE_CHAIN_OPS = frozenset((  # elementwise on the scores or probabilities: scale, soft-cap, bias, mask, dropout
+    "mul", "div", "true_divide", "add", "sub", "neg", "tanh", "where", "masked_fill", "clamp", "clamp_min",
+    "clamp_max", "maximum", "minimum", "to", "_to_copy", "type_as", "clone", "contiguous", "alias", "detach",
+    "dropout", "native_dropout", "feature_dropout", "getitem", "view", "reshape", "_unsafe_view", "unsqueeze",
+    "squeeze", "lift_fresh_copy", "slice", "narrow", "cat", "amax", "max", "logsumexp",  # sinks, stable softmax
+))
+SCORE_CHAIN_OPS = SCORE_CHAIN_OPS | {f"{op}_" for op in SCORE_CHAIN_OPS}  # in-place forms (scores /= scale)
+_MAX_CHAIN = 32
+
+
+def _operands(node):
+    """(left, right) operands of a batched matmul-family node."""
+    from . import op_name
+
+    args = node.args[1:3] if op_name(node.target) == "baddbmm" else node.args[:2]
+    return tuple(args)
+
+
+def _between_activations(ctx, node) -> bool:
+    from .linear import from_parameter
+
+    ops = _operands(node)
+    return len(ops) == 2 and all(ctx.is_tensor(a) and len(ctx.shape(a)) >= 3 and not from_parameter(ctx, a)
+                                 for a in ops)
+
+
+def scores_behind(ctx, node, softmaxed=False, seen=None):
+    """The q.k^T matmul node whose softmax over the last dim (through elementwise ops) gives ``node``, or None."""
+    from . import op_name
+
+    seen = set() if seen is None else seen
+    if not ctx.is_tensor(node) or node.op != "call_function" or node in seen or len(seen) > _MAX_CHAIN:
+        return None
+    seen.add(node)
+    name = op_name(node.target)
+    if softmaxed and name in SCORE_OPS and _between_activations(ctx, node):
+        return node
+    if name in SOFTMAX_OPS:
+        ndim = node.meta["val"].dim()
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if softmaxed or not isinstance(dim, int) or dim % ndim != ndim - 1:
+            return None
+        return scores_behind(ctx, node.args[0], True, seen)
+    if name in SCORE_CHAIN_OPS:
+        for a in node.all_input_nodes:
+            found = scores_behind(ctx, a, softmaxed, seen)
+            if found is not None:
+                return found
+    return None
+
+
+def _input_leaves(ctx) -> set:
+    return {leaf for s in ctx.flow.input_spaces for leaf in ctx.store.leaves(s)}
+
+
+def _heads(ctx, batch):
+    """Product of the batch dims' layouts without the model input's own (batch) spaces."""
+    store = ctx.store
+    inputs = _input_leaves(ctx)
+    parts = []
+    for lay in batch:
+        e = store.expand(lay)
+        for p in (e.parts if isinstance(e, Prod) else (e,)):
+            if p is not None and not (isinstance(p, Space) and p in inputs):
+                parts.append(p)
+    return make_prod(parts)
+
+
+def eager_attention(ctx, probs, values, out) -> None:
+    """Called by the batched matmul rules with ``out = probs @ values``: record the attention site when
+    ``probs`` is a softmax of a q.k^T contraction between two activations."""
+    if len(out) < 3 or not (ctx.is_tensor(probs) and ctx.is_tensor(values)) or len(ctx.shape(values)) < 3:
+        return
+    scores = scores_behind(ctx, probs)
+    if scores is None:
+        return
+    vs, vl = ctx.shape(values), ctx.lay(values)
+    ctx.block(vl[-1], "attention head_dim of the values")
+    out = list(out)
+    nb = len(out) - 2
+    rep = shared_kv_factor(ctx, values)
+    for d in range(nb):  # values shared by several query heads (GQA through broadcasting): kv x q_per_kv
+        vd = d - (nb - (len(vs) - 2))
+        if out[d] is not None and (vd < 0 or vs[vd] == 1):
+            ctx.unify(out[d], ctx.fresh((ctx.out_shape[d],), broadcast=True)[0])
+            rep *= ctx.out_shape[d]
+    heads = _heads(ctx, out[:-2])
+    if heads is None:
+        return
+    q = _operands(scores)[0]
+    n = ctx.store.expand(heads).size
+    ctx.attention_site(heads, n, n // rep if n % rep == 0 else n, ctx.shape(q)[-1])
+
+
+_VIEW_OPS = frozenset(("view", "reshape", "_unsafe_view", "transpose", "permute", "contiguous", "clone", "to",
+                       "_to_copy", "alias", "detach", "unsqueeze", "squeeze", "flatten", "unflatten", "lift_fresh_copy"))
+
+
+def shared_kv_factor(ctx, node) -> int:
+    """Query heads per key/value head made by repeating the values (``repeat_kv``: unsqueeze, expand, reshape):
+    the growth of the ``expand`` reached from ``node`` through view-like ops; 1 when there is none."""
+    from . import op_name
+
+    for _ in range(16):
+        if not ctx.is_tensor(node) or node.op != "call_function":
+            return 1
+        name = op_name(node.target)
+        if name in ("expand", "expand_as", "broadcast_to"):  # dims grown from 1, but not the batch
+            ins, outs, lay = ctx.shape(node.args[0]), ctx.shape(node), ctx.lay(node)
+            off = len(outs) - len(ins)
+            inputs = _input_leaves(ctx)
+            grown = [m for d, m in enumerate(outs) if (d < off or ins[d - off] != m)
+                     and not any(leaf in inputs for leaf in ctx.store.leaves(lay[d]))]
+            return prod(grown)
+        if name == "repeat_interleave" and isinstance(node.args[1] if len(node.args) > 1 else None, int):
+            return node.args[1]
+        if name not in _VIEW_OPS:
+            return 1
+        node = node.args[0]
+    return 1

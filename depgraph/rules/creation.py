@@ -5,12 +5,20 @@ from . import rule
 
 
 @rule("arange", "zeros", "ones", "full", "empty", "scalar_tensor", "rand", "randn", "randint", "linspace",
-      "eye", "new_zeros", "new_ones", "new_full", "new_empty", "empty_strided", "tensor", "randperm")
+      "eye", "new_zeros", "new_ones", "new_full", "empty_strided", "new_empty_strided", "tensor", "randperm")
 def create(ctx):
     return ctx.fresh(ctx.out_shape, "tensor created from a fixed size")
 
 
-@rule("_assert_scalar", "sym_constrain_range_for_size", "_local_scalar_dense", "item", "sym_size",
-      "_assert_async", "sym_numel", "sym_stride")
-def no_tensor(ctx):
-    return None
+@rule("new_empty")
+def new_empty(ctx):
+    """``x.new_empty(*x.shape[:-1], n)``, to be written into (MLA builds its keys by ``copy_`` into slices): a dim
+    the size of ``x``'s dim at the same position is read from ``x`` and follows it when ``x`` shrinks; the others
+    are fixed sizes. Uninitialised memory carries no values of its own, so only sizes can differ."""
+    src = ctx.arg(0, "self")
+    shp, lay = ctx.shape(src), ctx.lay(src)
+    out = list(ctx.fresh(ctx.out_shape, "tensor created from a fixed size"))
+    for d, n in enumerate(ctx.out_shape):
+        if d < len(shp) and shp[d] == n and n > 1 and lay[d] is not None:
+            out[d] = lay[d]
+    return tuple(out)

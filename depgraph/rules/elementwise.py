@@ -14,6 +14,8 @@ _UNARY_AND_BINARY = (
     "clone", "contiguous", "alias", "detach", "to", "_to_copy", "type_as", "dropout", "lift_fresh_copy",
     "zeros_like", "ones_like", "full_like", "empty_like", "fill", "copy", "_assert_tensor_metadata",
     "feature_dropout", "alpha_dropout", "native_dropout",
+    "copy_", "fill_", "zero_", "masked_fill_", "clamp_", "neg_", "exp_", "tanh_", "sigmoid_", "pow_", "rsqrt_",
+    "where_", "sqrt_", "abs_", "sign_", "log_", "erf_", "square_", "reciprocal_",
 )
 
 

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from . import rule
+from .attention import eager_attention
 from .elementwise import broadcast
 
 _VIEWS = {"t", "transpose", "permute", "view", "reshape", "_to_copy", "to", "alias", "detach", "contiguous",
-          "expand", "unsqueeze", "_unsafe_view", "numpy_T", "clone"}
+          "expand", "unsqueeze", "_unsafe_view", "numpy_T", "clone",
+          "index", "index_select"}  # rows of a parameter gathered (per-expert weights): still a parameter
 
 
 @rule("linear")
@@ -19,7 +21,7 @@ def linear(ctx):
     return tuple(xl[:-1]) + (wl[0],)
 
 
-def _from_parameter(ctx, node, depth=0) -> bool:
+def from_parameter(ctx, node, depth=0) -> bool:
     """Does ``node`` come from a parameter through view-like ops only?"""
     from . import op_name
 
@@ -27,14 +29,14 @@ def _from_parameter(ctx, node, depth=0) -> bool:
         return ctx.is_parameter(node)
     if node.op != "call_function" or depth > 8 or op_name(node.target) not in _VIEWS:
         return False
-    return _from_parameter(ctx, node.args[0], depth + 1)
+    return from_parameter(ctx, node.args[0], depth + 1)
 
 
 def _contract(ctx, a, b, ka, kb):
     """Couple the contracted dims; between two activations (attention scores) block them."""
     la, lb = ctx.lay(a)[ka], ctx.lay(b)[kb]
     ctx.unify(la, lb)
-    if not (_from_parameter(ctx, a) or _from_parameter(ctx, b)):
+    if not (from_parameter(ctx, a) or from_parameter(ctx, b)):
         ctx.block(la, "contracted between two activations (attention head_dim)")
 
 
@@ -88,12 +90,16 @@ def _batched(ctx, a, b):
 
 @rule("matmul", "bmm")
 def matmul(ctx):
-    return _batched(ctx, ctx.arg(0, "self"), ctx.arg(1, "other"))
+    a, b = ctx.arg(0, "self"), ctx.arg(1, "mat2" if ctx.op == "bmm" else "other")
+    out = _batched(ctx, a, b)
+    eager_attention(ctx, a, b, out)
+    return out
 
 
 @rule("baddbmm")
 def baddbmm(ctx):
-    out = _batched(ctx, ctx.arg(1, "batch1"), ctx.arg(2, "batch2"))
+    a, b = ctx.arg(1, "batch1"), ctx.arg(2, "batch2")
+    out = _batched(ctx, a, b)
     bias = ctx.arg(0, "self")
     if ctx.is_tensor(bias):
         shp, lay = ctx.shape(bias), ctx.lay(bias)
@@ -111,3 +117,57 @@ def embedding(ctx):
     wl = ctx.lay(w)
     ctx.block(wl[0], "embedding rows are selected by token ids")
     return tuple(ctx.lay(ids)) + (wl[1],)
+
+
+def _einsum_terms(equation: str, ndims: list) -> tuple:
+    """Letters per operand dim and for the output, with ``...`` expanded (right-aligned broadcasting)."""
+    eq = equation.replace(" ", "")
+    lhs, arrow, rhs = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ndims):
+        raise ValueError(f"einsum {equation!r} has {len(terms)} operands, got {len(ndims)}")
+    used = set(eq) - set(",->.")
+    free = (c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" if c not in used)
+    n_ell = max((n - len(t.replace("...", "")) for t, n in zip(terms, ndims) if "..." in t), default=0)
+    ell = "".join(next(free) for _ in range(n_ell))
+    out_terms = []
+    for t, n in zip(terms, ndims):
+        k = n - len(t.replace("...", ""))
+        out_terms.append(t.replace("...", ell[n_ell - k:] if k else ""))
+    if arrow:
+        out = rhs.replace("...", ell)
+    else:  # implicit output: ellipsis dims then the letters seen once, sorted
+        once = sorted(c for c in set("".join(terms)) - set(".") if "".join(terms).count(c) == 1)
+        out = ell + "".join(once)
+    for t, n in zip(out_terms, ndims):
+        if len(t) != n:
+            raise ValueError(f"einsum term {t!r} does not match a {n}-d operand")
+    return out_terms, out
+
+
+@rule("einsum")
+def einsum(ctx):
+    """By the equation: dims sharing a letter are one space; a letter missing from the output is
+    contracted (blocked between two activations, like attention's q.k) or summed (inexact)."""
+    eq, tensors = ctx.arg(0, "equation"), list(ctx.arg(1, "tensors"))
+    terms, out = _einsum_terms(eq, [len(ctx.shape(t)) for t in tensors])
+    by_letter: dict = {}
+    for t, term in zip(tensors, terms):
+        for d, c in enumerate(term):
+            if ctx.shape(t)[d] > 1:
+                by_letter.setdefault(c, []).append((t, ctx.lay(t)[d]))
+    for c, uses in by_letter.items():
+        for _, lay in uses[1:]:
+            ctx.unify(uses[0][1], lay)
+        if c in out:
+            continue
+        operands = {id(t): t for t, _ in uses}
+        if len(operands) > 1:
+            if not any(_from_parameter(ctx, t) for t in operands.values()):
+                ctx.block(uses[0][1], "contracted between two activations by aten.einsum")
+        else:
+            ctx.inexact(uses[0][1], "summed over by aten.einsum")
+    out_shape = ctx.out_shape
+    return tuple(by_letter[c][0][1] if c in by_letter and n > 1 else
+                 (ctx.fresh((n,), "einsum output dim without a source")[0] if n > 1 else None)
+                 for c, n in zip(out, out_shape))

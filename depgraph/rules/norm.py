@@ -7,6 +7,13 @@ import torch
 from . import rule
 
 
+def _arg_or(ctx, name, default):
+    """An argument the op's overload may not have (``max.default`` has no ``dim``)."""
+    if getattr(ctx.node.target, "_schema", None) is None or ctx.has_arg(name):
+        return ctx.arg(1, name, default)
+    return default
+
+
 def _dims(arg, ndim):
     if arg is None or arg == []:
         return list(range(ndim))
@@ -18,19 +25,17 @@ def _dims(arg, ndim):
 @rule("mean", "sum", "amax", "amin", "var", "std", "var_mean", "std_mean", "linalg_vector_norm", "norm",
       "logsumexp", "prod", "argmax", "argmin", "max", "min", "any", "all", "nansum", "nanmean")
 def reduce(ctx):
+    if ctx.has_arg("other"):  # max.other / min.other are elementwise
+        from .elementwise import broadcast
+        return broadcast(ctx, [ctx.arg(0, "self"), ctx.arg(1, "other")], ctx.out_shape)
     src = ctx.arg(0, "self")
     lay = ctx.lay(src)
     ndim = len(lay)
-    if ctx.op in ("linalg_vector_norm", "norm"):
-        dim_arg, keep_arg = ctx.arg(2, "dim"), ctx.arg(3, "keepdim", False)
-    elif ctx.op in ("var", "std", "var_mean", "std_mean") and ctx.node.kwargs.get("correction") is not None:
-        dim_arg, keep_arg = ctx.arg(1, "dim"), ctx.node.kwargs.get("keepdim", False)
-    else:
-        dim_arg, keep_arg = ctx.arg(1, "dim"), ctx.arg(2, "keepdim", False)
-    if ctx.op in ("max", "min") and len(ctx.node.args) == 1:  # full reduction
-        dim_arg = None
-    if isinstance(dim_arg, torch.fx.Node):
-        dim_arg = None
+    dim_arg = _arg_or(ctx, "dim", None)
+    keep_arg = _arg_or(ctx, "keepdim", False)
+    if isinstance(dim_arg, torch.fx.Node) or (isinstance(dim_arg, (list, tuple)) and
+                                             any(not isinstance(d, int) for d in dim_arg)):
+        dim_arg = None  # a symbolic dim: treat as a reduction over every dim (the conservative reading)
     dims = _dims(dim_arg, ndim)
     for d in dims:
         ctx.inexact(lay[d], f"reduced over by aten.{ctx.op}")
@@ -61,9 +66,17 @@ def _affine_norm(ctx, src, weight, bias, k):
     return tuple(lay)
 
 
+def _fixed_shape(ctx, src, weight, shape) -> None:
+    """Without a weight nothing the shrinker slices holds ``normalized_shape``: it is a fixed size."""
+    if not ctx.is_tensor(weight):
+        for lay, n in zip(ctx.lay(src)[-len(shape):], shape):
+            ctx.literal(lay, n, strict=True)
+
+
 @rule("layer_norm", "native_layer_norm")
 def layer_norm(ctx):
     src, shape = ctx.arg(0, "input"), ctx.arg(1, "normalized_shape")
+    _fixed_shape(ctx, src, ctx.arg(2, "weight"), shape)
     out = _affine_norm(ctx, src, ctx.arg(2, "weight"), ctx.arg(3, "bias"), len(shape))
     if ctx.op == "native_layer_norm":
         stats = tuple(out[:-len(shape)]) + (None,) * len(shape)
@@ -74,6 +87,7 @@ def layer_norm(ctx):
 @rule("rms_norm", "_fused_rms_norm")
 def rms_norm(ctx):
     src, shape = ctx.arg(0, "input"), ctx.arg(1, "normalized_shape")
+    _fixed_shape(ctx, src, ctx.arg(2, "weight"), shape)
     out = _affine_norm(ctx, src, ctx.arg(2, "weight"), None, len(shape))
     if isinstance(ctx.out_val, (list, tuple)):
         return [out] + [tuple(out[:-len(shape)]) + (None,) * len(shape)] * (len(ctx.out_val) - 1)

@@ -1,0 +1,303 @@
+"""Routed experts (mixture of experts): top-k routing and the ops that read the expert indices it makes.
+
+A *routing site* is ``topk(z, k, dim=E)`` over router logits ``z = linear(x, W_r[, b_r])`` reached through
+ops that keep a logit of ``-inf`` meaning "this expert takes no part" (casts, views, softmax or sigmoid over
+E, adding finite tensors, scaling by a positive constant). The expert dim E is then blocked with the site's
+reason; only an ``experts`` group (depgraph.graph) lifts it, and only as whole experts.
+
+The top-k's indices (of any top-k; only a routing site's can make an experts group) are *expert values*: integer tensors whose values index E (:class:`ExpertValues`,
+kept in ``flow.values``). The ops that read them couple E with the dims they select:
+
+- ``index``/``index_select`` of a tensor by expert indices: that tensor's dim is E (a 3-D expert weight
+  ``[E, out, in]`` gathered per token, a per-expert bias);
+- ``histc(ids, bins=|E|, min=0, max=|E|-1)``: per-expert counts along E; ``cumsum`` of them: offsets;
+- ``grouped_mm(x, W, offs)`` with such offsets: W's dim 0 is E, x's last dim is W's dim 1;
+- views, casts, clones and ``sort`` keep the values expert indices (renumbering the experts that stay
+  keeps their order, so sorted order and groups are unchanged).
+
+Any other op reading expert indices blocks E with its name and module path: the proof covers only what
+these rules understand. Removal equals masking for whole experts when masking an expert means: zero its
+parameters *and* make its router logit ``-inf`` (see depgraph.routing).
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+
+from . import op_name, rule
+
+
+@dataclass(frozen=True)
+class ExpertValues:
+    """A tensor whose values are expert indices (``index``), per-expert counts along its dim 0 (``count``)
+    or cumulative counts (``offsets``), over the expert space ``experts`` (a layout)."""
+
+    kind: str
+    experts: object
+
+
+@dataclass
+class RoutingSite:
+    """One top-k over router logits: the expert dim's layout, how many experts each token reads, the
+    router's linear (module path, parameter names) and the ops between it and the top-k."""
+
+    experts: object  # layout of the logits' expert dim
+    top_k: int
+    module: str  # where the top-k happens
+    router_module: str  # where the router's linear is called
+    router: tuple  # parameter names of that linear (weight, bias)
+    reason: str  # the block reason the expert dim carries until an experts group claims it
+    chain: tuple  # (op, module path) of every op from the router's linear to the top-k
+
+
+GROUPED_MM_ALIGN = 8  # grouped_mm kernels need 16-byte strides: 8 elements in bf16/fp16
+
+
+class Unrouted(Exception):
+    """Internal: an op reads expert indices in a way the rules below do not prove."""
+
+
+ROUTED: dict = {}
+
+
+def routed_rule(*names: str):
+    """Register ``fn(ctx, infos, fallback)`` for ops that read expert values (``infos``: input -> ExpertValues)."""
+    def register(fn):
+        for n in names:
+            ROUTED[n] = fn
+        return fn
+    return register
+
+
+def values_of(flow, node):
+    if not isinstance(node, torch.fx.Node):
+        return None
+    if node.target is operator.getitem:
+        return flow.values.get((node.args[0], node.args[1]))
+    return flow.values.get(node)
+
+
+def routed(ctx, fallback):
+    """Run the op's rule; an op that reads expert values goes through ``ROUTED`` (or blocks E, then ``fallback``)."""
+    infos = {a: v for a in ctx.node.all_input_nodes if (v := values_of(ctx.flow, a)) is not None}
+    if not infos:
+        return fallback(ctx)
+    ctx.flow.moe_modules.add(ctx.where)
+    fn = ROUTED.get(ctx.op)
+    why = f"expert indices read by aten.{ctx.op}, which has no expert rule"
+    if fn is not None:
+        try:
+            return fn(ctx, infos, fallback)
+        except Unrouted as e:
+            why = str(e)
+    for v in infos.values():
+        ctx.block(v.experts, why)
+    return fallback(ctx)
+
+
+# -- the top-k: routing sites --------------------------------------------------------------------
+_KEEP_MINUS_INF = {"to", "_to_copy", "clone", "contiguous", "alias", "detach", "type_as", "view", "reshape",
+                   "_unsafe_view", "lift_fresh_copy", "squeeze", "unsqueeze", "flatten"}
+_SOFTMAX = ("softmax", "_softmax", "_safe_softmax", "log_softmax", "_log_softmax")
+
+
+def _same_space(store, a, b) -> bool:
+    return a is not None and b is not None and set(store.leaves(a)) == set(store.leaves(b))
+
+
+def _router_chain(ctx, x, experts):
+    """Walk back from the top-k input to the router's ``linear``; ``(linear node, chain)`` or ``(None, why)``.
+
+    Then check, from the linear forward, that a masked expert stays "not routed": while the values are
+    logits its entry is ``-inf`` (casts, views, adding a finite tensor, scaling by a positive constant,
+    log-softmax keep it); softmax or sigmoid over E turn it into ``0`` with the others positive and
+    renormalised as if it were absent; after that only casts, views and positive scaling are allowed
+    (a bias added after a sigmoid, DeepSeek-V3's score correction, would make it selectable again)."""
+    from ..dimflow import module_path
+
+    nodes, node = [], x
+    while len(nodes) < 32:
+        if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+            return None, "top-k input does not come from a linear layer"
+        nodes.append(node)
+        if op_name(node.target) == "linear":
+            break
+        node = node.args[0]
+    else:
+        return None, "too many ops between the router and the top-k"
+    linear = nodes[-1]
+    w = linear.args[1]
+    if not (isinstance(w, torch.fx.Node) and w.op == "placeholder" and w.name in ctx.flow.cap.params):
+        return None, "the router's weight is not a parameter"
+    if not _same_space(ctx.store, ctx.lay(linear)[-1], experts):
+        return None, "top-k dim is not the router's output dim"
+    state = "logits"
+    for node in reversed(nodes[:-1]):
+        op = op_name(node.target)
+        tensors = [a for a in node.args if ctx.is_tensor(a)]
+        others = [a for a in tensors if a is not node.args[0]]
+        if op in _KEEP_MINUS_INF:
+            continue
+        if op in ("mul", "div") and not others and isinstance(node.args[1], (int, float)) and node.args[1] > 0:
+            continue
+        if state == "logits" and op in ("add", "sub") and len(tensors) >= 1 and tensors[0] is node.args[0] \
+                and all(a.op == "placeholder" and a.name in ctx.flow.cap.params for a in others):
+            continue
+        if state == "logits" and op in _SOFTMAX + ("sigmoid",):
+            if op != "sigmoid":
+                src = node.args[0]
+                if not _same_space(ctx.store, ctx.lay(src)[node.args[1] % len(ctx.lay(src))], experts):
+                    return None, f"aten.{op} over another dim between the router and the top-k"
+            state = "logits" if op in ("log_softmax", "_log_softmax") else "probabilities"
+            continue
+        return None, f"aten.{op} on router {state} before the top-k"
+    return linear, tuple((op_name(n.target), module_path(n)) for n in reversed(nodes))
+
+
+@rule("topk")
+def topk(ctx):
+    """values, indices = topk(x, k, dim=-1, largest=True): the dim becomes k slots. Over router logits it is
+    a routing site and the indices are expert values; otherwise the dim is blocked (data moved along it)."""
+    x, k = ctx.arg(0, "self"), ctx.arg(1, "k")
+    dim, largest = ctx.arg(2, "dim", -1), ctx.arg(3, "largest", True)
+    lay = list(ctx.lay(x))
+    if not isinstance(dim, int) or not isinstance(k, int) or not lay:
+        for lo in lay:
+            ctx.block(lo, "aten.topk with a symbolic k or dim")
+        return [ctx.fresh(tuple(int(s) for s in v.shape), "aten.topk output") for v in ctx.out_val]
+    dim %= len(lay)
+    experts = lay[dim]
+    out = lay[:dim] + [ctx.fresh((k,), "top-k slots")[0]] + lay[dim + 1:]
+    if experts is None:
+        return [tuple(out), tuple(out)]
+    linear, chain = _router_chain(ctx, x, experts) if largest else (None, "smallest-k")
+    ctx.flow.values[(ctx.node, 1)] = ExpertValues("index", experts)  # what they index is coupled either way
+    ctx.flow.moe_modules.update((ctx.where, ctx.where.rpartition(".")[0]))  # the router and the block calling it
+    if linear is None:
+        ctx.block(experts, f"data moved along the dim by aten.topk ({chain})")
+        return [tuple(out), tuple(out)]
+    from ..dimflow import module_path
+
+    reason = ctx.reason("routed by top-k: prunable only as whole experts")
+    ctx.store.block(experts, reason)
+    names = tuple(ctx.flow.cap.params[a.name] for a in linear.args[1:3]
+                  if isinstance(a, torch.fx.Node) and a.name in ctx.flow.cap.params)
+    ctx.flow.routing.append(RoutingSite(experts, k, ctx.where, module_path(linear), names, reason, chain))
+    return [tuple(out), tuple(out)]
+
+
+# -- ops that read expert values -------------------------------------------------------------------
+_VALUE_VIEWS = ("view", "reshape", "_unsafe_view", "flatten", "clone", "contiguous", "alias", "detach", "to",
+                "_to_copy", "lift_fresh_copy", "squeeze", "unsqueeze", "expand")
+
+
+@routed_rule(*_VALUE_VIEWS)
+def value_view(ctx, infos, fallback):
+    """Same values, other shape or dtype: still expert indices."""
+    (info,) = infos.values()
+    if info.kind != "index":
+        raise Unrouted(f"expert {info.kind} reshaped by aten.{ctx.op}")
+    out = fallback(ctx)
+    ctx.flow.values[ctx.node] = info
+    return out
+
+
+@routed_rule("_assert_tensor_metadata")
+def value_check(ctx, infos, fallback):
+    return fallback(ctx)
+
+
+@routed_rule("sort")
+def value_sort(ctx, infos, fallback):
+    """Sorted expert indices are expert indices (output 0); the permutation (output 1) is positions."""
+    (info,) = infos.values()
+    if info.kind != "index":
+        raise Unrouted("expert counts sorted by aten.sort")
+    out = fallback(ctx)
+    ctx.flow.values[(ctx.node, 0)] = info
+    return out
+
+
+@routed_rule("histc")
+def value_histc(ctx, infos, fallback):
+    """histc(ids, bins=|E|, min=0, max=|E|-1): one bin per expert, so the output's dim is E."""
+    (info,) = infos.values()
+    n = info.experts.size if info.experts is not None else 1
+    bins, lo, hi = ctx.arg(1, "bins", 100), ctx.arg(2, "min", 0), ctx.arg(3, "max", 0)
+    if info.kind != "index" or (bins, lo, hi) != (n, 0, n - 1):
+        raise Unrouted(f"aten.histc of expert indices with bins={bins}, range [{lo}, {hi}] (not one bin per "
+                       f"expert of {n})")
+    ctx.flow.values[ctx.node] = ExpertValues("count", info.experts)
+    return (info.experts,)
+
+
+@routed_rule("cumsum")
+def value_cumsum(ctx, infos, fallback):
+    """Offsets from per-expert counts: an expert that is never routed adds a zero count, so deleting it
+    deletes a repeated offset and leaves every other group of rows unchanged."""
+    (info,) = infos.values()
+    src = ctx.arg(0, "self")
+    if info.kind != "count" or len(ctx.shape(src)) != 1 or ctx.arg(1, "dim") not in (0, -1):
+        raise Unrouted("aten.cumsum of expert values other than per-expert counts")
+    ctx.flow.values[ctx.node] = ExpertValues("offsets", info.experts)
+    return tuple(ctx.lay(src))
+
+
+@routed_rule("grouped_mm_fallback", "_grouped_mm", "grouped_mm")
+def grouped_mm(ctx, infos, fallback):
+    """out[s] = x[s] @ W[e(s)] for the rows s in expert e's offsets range: W [E, in, out], x [S, in]."""
+    if ctx.op == "grouped_mm_fallback":  # transformers' (input, weight, offs)
+        x, w, offs, bias = ctx.arg(0, "input"), ctx.arg(1, "weight"), ctx.arg(2, "offs"), None
+    else:
+        x, w, offs, bias = ctx.arg(0, "self"), ctx.arg(1, "mat2"), ctx.arg(2, "offs"), ctx.arg(3, "bias")
+    info = infos.get(offs)
+    if info is None or info.kind != "offsets" or len(ctx.shape(x)) != 2 or len(ctx.shape(w)) != 3 \
+            or len(infos) != 1:
+        raise Unrouted(f"aten.{ctx.op} whose groups are not offsets of routed experts")
+    xl, wl = ctx.lay(x), ctx.lay(w)
+    ctx.flow.aligned.extend(lo for lo in wl[1:] if lo is not None)
+    ctx.unify(wl[0], info.experts)
+    ctx.unify(xl[-1], wl[1])
+    if ctx.is_tensor(bias):
+        bl = ctx.lay(bias)
+        ctx.unify(bl[0], wl[0])
+        ctx.unify(bl[-1], wl[2])
+    return (xl[0], wl[2])
+
+
+def _gather(ctx, src, d, ids_node, info):
+    """src indexed along dim ``d`` by expert indices: that dim is E; the index's dims replace it."""
+    if info.kind != "index":
+        raise Unrouted(f"expert {info.kind} used as an index by aten.{ctx.op}")
+    lay = ctx.lay(src)
+    ctx.unify(lay[d], info.experts)
+    rows = ctx.fresh(ctx.shape(ids_node), "rows gathered by expert index")
+    return tuple(lay[:d]) + tuple(rows) + tuple(lay[d + 1:])
+
+
+@routed_rule("index")
+def value_index(ctx, infos, fallback):
+    """W[ids]: a per-expert tensor read at the routed experts; ids[positions]: still expert indices."""
+    src, indices = ctx.arg(0, "self"), list(ctx.arg(1, "indices"))
+    if src in infos:
+        if len(infos) != 1:
+            raise Unrouted("expert indices indexed by expert indices")
+        out = fallback(ctx)
+        ctx.flow.values[ctx.node] = infos[src]
+        return out
+    tensor_at = [d for d, ix in enumerate(indices) if ix is not None]
+    if len(tensor_at) != 1 or indices[tensor_at[0]] not in infos:
+        raise Unrouted("aten.index mixing expert indices with other indices")
+    d = tensor_at[0]
+    return _gather(ctx, src, d, indices[d], infos[indices[d]])
+
+
+@routed_rule("index_select")
+def value_index_select(ctx, infos, fallback):
+    src, dim, ids = ctx.arg(0, "self"), ctx.arg(1, "dim"), ctx.arg(2, "index")
+    if src in infos or ids not in infos:
+        raise Unrouted("aten.index_select of expert indices")
+    return _gather(ctx, src, dim % len(ctx.shape(src)), ids, infos[ids])
+

@@ -1,0 +1,123 @@
+"""Tiny random mixture-of-experts models, built offline: transformers' fused experts (3-D expert weights)
+and a hand-written LM whose experts are separate modules."""
+from __future__ import annotations
+
+import torch
+import transformers as tf
+from torch import nn
+
+VOCAB = 96
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               num_experts_per_tok=2, tie_word_embeddings=False)
+
+MOE_CONFIGS = {  # name: (config class, model class, experts, extra config fields)
+    "mixtral": (tf.MixtralConfig, "MixtralForCausalLM", 8, dict(intermediate_size=32)),
+    "qwen3_moe": (tf.Qwen3MoeConfig, "Qwen3MoeForCausalLM", 4, dict(moe_intermediate_size=32, intermediate_size=48,
+                                                                    head_dim=16, norm_topk_prob=False)),
+    "olmoe": (tf.OlmoeConfig, "OlmoeForCausalLM", 6, dict(intermediate_size=32, eos_token_id=0, pad_token_id=1)),
+    "gpt_oss": (tf.GptOssConfig, "GptOssForCausalLM", 4, dict(intermediate_size=32, head_dim=16)),
+}
+_EXPERT_COUNT_FIELD = {"mixtral": "num_local_experts", "qwen3_moe": "num_experts", "olmoe": "num_experts",
+                       "gpt_oss": "num_local_experts"}
+
+
+def build_moe(name: str, experts_implementation: str | None = None):
+    cfg_cls, model_cls, n_experts, extra = MOE_CONFIGS[name]
+    torch.manual_seed(0)
+    cfg = cfg_cls(**_COMMON, **extra, **{_EXPERT_COUNT_FIELD[name]: n_experts})
+    cfg.use_cache = False
+    model = getattr(tf, model_cls)(cfg).eval()
+    with torch.no_grad():  # random routers far enough from uniform that the routing is decided
+        for n, p in model.named_parameters():
+            if n.endswith(("gate.weight", "router.weight", "router.bias")) or "experts" in n:
+                p.normal_(0, 0.5 if "experts" not in n else 0.1)
+    if experts_implementation:
+        model.set_experts_implementation(experts_implementation)
+    return model
+
+
+class Expert(nn.Module):
+    def __init__(self, hidden, inter):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class UnfusedMoE(nn.Module):
+    """Softmax-top-k routing over experts that are separate modules (every expert runs on every token;
+    the routing weight of a token for expert e is zero unless e is in its top-k)."""
+
+    def __init__(self, hidden, inter, num_experts, top_k):
+        super().__init__()
+        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(hidden, inter) for _ in range(num_experts))
+        self.num_experts, self.top_k = num_experts, top_k
+
+    def forward(self, x):
+        w, idx = torch.topk(torch.softmax(self.gate(x), dim=-1), self.top_k, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            out = out + (w * (idx == e)).sum(-1, keepdim=True) * expert(x)
+        return out
+
+
+class SigmoidMoE(nn.Module):
+    """Fused experts ``[E, out, in]`` gathered per token, sigmoid routing scores; ``score_bias=True`` adds a
+    per-expert bias to the scores *after* the sigmoid (DeepSeek-V3's score correction)."""
+
+    def __init__(self, hidden, inter, num_experts, top_k, score_bias=False):
+        super().__init__()
+        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.up = nn.Parameter(torch.randn(num_experts, inter, hidden) * 0.2)
+        self.down = nn.Parameter(torch.randn(num_experts, hidden, inter) * 0.2)
+        self.score_bias = nn.Parameter(torch.randn(num_experts) * 0.1) if score_bias else None
+        self.num_experts, self.top_k = num_experts, top_k
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        scores = torch.sigmoid(self.gate(x))
+        if self.score_bias is not None:
+            scores = scores + self.score_bias
+        w, idx = torch.topk(scores, self.top_k, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        ids = idx.reshape(-1)
+        h = torch.bmm(self.up[ids], x.repeat_interleave(self.top_k, 0).unsqueeze(-1)).squeeze(-1)
+        h = torch.bmm(self.down[ids], nn.functional.gelu(h).unsqueeze(-1)).squeeze(-1)
+        out = (h * w.reshape(-1, 1)).view(-1, self.top_k, shape[-1]).sum(1)
+        return out.reshape(shape)
+
+
+class MoELM(nn.Module):
+    def __init__(self, make_moe, hidden=64, layers=2):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, hidden)
+        self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(layers))
+        self.moes = nn.ModuleList(make_moe() for _ in range(layers))
+        self.head = nn.Linear(hidden, VOCAB, bias=False)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        for norm, moe in zip(self.norms, self.moes):
+            h = h + moe(norm(h))
+        return self.head(h)
+
+
+def sigmoid_lm(score_bias=False):
+    torch.manual_seed(0)
+    return MoELM(lambda: SigmoidMoE(64, 32, 4, 2, score_bias)).eval()
+
+
+def unfused_lm():
+    torch.manual_seed(0)
+    return MoELM(lambda: UnfusedMoE(64, 32, 4, 2)).eval()
+
+
+def ids(seed=0, batch=2, length=12):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, length), generator=g)

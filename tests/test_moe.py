@@ -1,0 +1,264 @@
+"""Routed experts: whole-expert removal and per-expert neuron removal equal masking (fp32, 1e-5), where
+masking an expert zeroes its parameters and gives it a router logit of -inf; top-k is respected."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import depgraph
+from depgraph import PlanError
+from moe_archs import MOE_CONFIGS, VOCAB, build_moe, ids, sigmoid_lm, unfused_lm
+
+IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
+
+
+@pytest.fixture(scope="module", params=sorted(MOE_CONFIGS))
+def traced(request):
+    model = build_moe(request.param)
+    return request.param, model, depgraph.trace(model)
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        out = model(x)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def _expert_neurons(graph, layer):
+    """The fused per-expert MLP neuron group of a layer: the space along the experts' down_proj input."""
+    (g,) = [g for g in graph.groups() if g.layer == layer and g.kind != "experts"
+            and any("experts.down_proj" in m.param for m in g.members)]
+    return g
+
+
+def _check(model, plan, x, implementations=IMPLEMENTATIONS):
+    masked = _logits(depgraph.mask(copy.deepcopy(model), plan), x)
+    shrunk = depgraph.shrink(copy.deepcopy(model), plan)
+    assert not torch.allclose(masked, _logits(model, x), atol=1e-4), "the plan changed nothing"
+    for impl in implementations:  # the shrunk model runs with every experts implementation
+        shrunk.set_experts_implementation(impl)
+        torch.testing.assert_close(_logits(shrunk, x), masked, rtol=0, atol=1e-5, msg=f"experts={impl}")
+    removed = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in shrunk.parameters())
+    assert removed == plan.params_removed()
+    return shrunk
+
+
+def test_experts_group_per_layer(traced):
+    name, model, graph = traced
+    groups = graph.groups("experts")
+    assert [g.layer for g in groups] == list(range(model.config.num_hidden_layers))
+    n_experts = MOE_CONFIGS[name][2]
+    for g in groups:
+        assert g.exact and g.num_units == n_experts and g.min_units == 2
+        members = {(m.param.rsplit(".", 1)[-1], m.dim) for m in g.members}
+        assert {("gate_up_proj", 0), ("down_proj", 0)} <= members
+        assert ("weight", 0) in members  # the router row
+        assert g.routing["router"][0] in {m.param for m in g.members}
+        if name == "gpt_oss":  # router bias and per-expert biases go with their expert
+            assert {("bias", 0), ("gate_up_proj_bias", 0), ("down_proj_bias", 0)} <= members
+
+
+# main's stale-attribute check (graph.stale_attributes) blocks the fused experts' inner and hidden dims:
+# no fixer rewrites the experts module's intermediate_dim / hidden_dim yet. Strict: these fail loudly once fixed.
+STALE = pytest.mark.xfail(strict=True, reason="fused experts' intermediate_dim/hidden_dim not rewritten by a fixer")
+
+
+@STALE
+def test_fused_expert_neuron_group_per_layer(traced):
+    name, model, graph = traced
+    for g in graph.groups("experts"):
+        neurons = _expert_neurons(graph, g.layer)
+        assert neurons.exact and neurons.num_units == 32
+    # the residual stream is found through the experts ("channels" while eager attention is not traced)
+    assert [g for g in graph.groups(("hidden", "channels")) if g.layer is None and g.num_units == 64]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_expert_removal_equals_masking(traced, seed):
+    name, model, graph = traced
+    plan = depgraph.Plan.random(graph, 0.5, seed=seed, kinds=("experts",))
+    shrunk = _check(model, plan, ids(seed))
+    for e in plan.entries:  # expert counts rewritten on the router and experts modules
+        for path in e.experts["modules"]:
+            mod = shrunk.get_submodule(path)
+            if hasattr(mod, "num_experts"):
+                assert mod.num_experts == e.units_after
+
+
+@STALE
+@pytest.mark.parametrize("seed", [0, 1])
+def test_expert_neuron_removal_equals_masking(traced, seed):
+    name, model, graph = traced
+    rng = np.random.default_rng(seed)
+    groups = [_expert_neurons(graph, layer) for layer in range(model.config.num_hidden_layers)]
+    plan = depgraph.Plan.from_units(graph, {g.id: rng.choice(g.num_units, 8, replace=False) for g in groups})
+    _check(model, plan, ids(seed))
+
+
+@STALE
+def test_fused_expert_widths_stay_grouped_mm_aligned(traced):
+    name, model, graph = traced
+    g = _expert_neurons(graph, 0)
+    assert g.align == 8
+    with pytest.raises(PlanError, match="multiple of 8"):
+        depgraph.Plan.from_units(graph, {g.id: list(range(13))})
+    plan = depgraph.Plan.random(graph, 0.4, kinds=(g.kind,))
+    assert all(e.units_after % 8 == 0 for e in plan.entries if e.group == g.id)
+
+
+@STALE
+def test_experts_and_neurons_together(traced):
+    name, model, graph = traced
+    removals = {g.id: [1, 2] for g in graph.groups("experts")}
+    removals.update({_expert_neurons(graph, g.layer).id: list(range(0, 32, 4)) for g in graph.groups("experts")})
+    _check(model, depgraph.Plan.from_units(graph, removals), ids(2))
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
+def test_zeroing_the_router_row_alone_is_not_removal(name):
+    """Why masking sets the logit to -inf: a zeroed router row still takes softmax mass and can be selected."""
+    model = build_moe(name)
+    graph = depgraph.trace(model)
+    plan = depgraph.Plan.from_units(graph, {g.id: [0, 1] for g in graph.groups("experts")})
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, dims in plan.removed_by_param().items():
+            for d, idx in dims.items():
+                zeroed.get_parameter(p).index_fill_(d, torch.tensor(idx), 0)
+    shrunk = depgraph.shrink(copy.deepcopy(model), plan)
+    x = ids(3)
+    assert (_logits(zeroed, x) - _logits(shrunk, x)).abs().max() > 1e-3
+    torch.testing.assert_close(_logits(depgraph.mask(copy.deepcopy(model), plan), x), _logits(shrunk, x),
+                               rtol=0, atol=1e-5)
+
+
+def test_fewer_experts_than_top_k_is_refused(traced):
+    name, model, graph = traced
+    g = graph.groups("experts")[0]
+    with pytest.raises(PlanError, match=r"top_k=2") as err:
+        depgraph.Plan.from_units(graph, {g.id: list(range(g.num_units - 1))})
+    assert "\n" not in str(err.value)
+    depgraph.Plan.from_units(graph, {g.id: list(range(g.num_units - 2))})  # exactly top_k left: legal
+    plan = depgraph.Plan.random(graph, 0.99, kinds=("experts",))
+    assert all(e.units_after == 2 for e in plan.entries)
+
+
+def test_save_load_round_trip(traced, tmp_path):
+    name, model, graph = traced
+    groups = graph.groups("experts")
+    uniform = depgraph.Plan.from_units(graph, {g.id: [0] for g in groups})
+    shrunk = depgraph.shrink(copy.deepcopy(model), uniform)
+    assert shrunk.config.depgraph["uniform"] is True
+    assert shrunk.config.num_experts_per_tok == 2
+    depgraph.save_pruned(shrunk, tmp_path / "u")
+    x = ids(4)
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "u").eval()
+    torch.testing.assert_close(_logits(stock, x), _logits(shrunk, x), rtol=0, atol=0)
+    uneven = depgraph.Plan.from_units(graph, {groups[0].id: [1], groups[1].id: [0, 2]})
+    shrunk = depgraph.shrink(copy.deepcopy(model), uneven)
+    assert shrunk.config.depgraph["uniform"] is False
+    depgraph.save_pruned(shrunk, tmp_path / "n")
+    loaded = depgraph.load_pruned(tmp_path / "n")
+    assert torch.equal(_logits(loaded, x), _logits(shrunk, x))
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "n", trust_remote_code=True).eval()  # modeling file
+    torch.testing.assert_close(_logits(stock, x), _logits(shrunk, x), rtol=0, atol=0)
+
+
+def test_activation_scores_routed_mass_and_plan(traced):
+    name, model, graph = traced
+    calib = ids(5, batch=4, length=16)
+    scores = depgraph.score(model, graph, calib, method="activation", kinds=("experts",), progress=False)
+    for g in graph.groups("experts"):
+        s = scores[g.id]
+        assert s.shape == (g.num_units,) and (s >= 0).all()
+        assert 0 < s.sum() <= calib.numel() + 1e-6  # each token routes at most its whole probability mass
+    plan = depgraph.Plan.from_scores(graph, scores, target=0.1, kinds=("experts",))
+    for e in plan.entries:
+        order = scores[e.group].argsort(kind="stable")
+        assert sorted(e.units) == sorted(order[:len(e.units)].tolist())
+        assert e.units_after >= 2
+    shrunk = depgraph.shrink(copy.deepcopy(model), plan)
+    removed = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in shrunk.parameters())
+    assert removed == plan.params_removed() > 0
+
+
+def test_taylor_scores_come_from_routed_tokens(traced):
+    name, model, graph = traced
+    scores = depgraph.score(model, graph, ids(6, batch=2, length=16), method="taylor", kinds=("experts",),
+                            progress=False)
+    for g in graph.groups("experts"):
+        assert (scores[g.id] > 0).any() and (scores[g.id] >= 0).all()
+
+
+def test_prune_experts_end_to_end():
+    model = build_moe("mixtral")
+    dense = copy.deepcopy(model)
+    depgraph.prune(model, ids(7, batch=4, length=16), target=0.15, kinds=("experts", "mlp"), layers=None,
+                   progress=False)
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in dense.parameters())
+    assert torch.isfinite(_logits(model, ids(8))).all()
+
+
+def test_unfused_experts_block_router_rows_but_prune_expert_neurons():
+    """Experts as separate modules: the router rows are blocked with the op that reads the expert indices
+    (never a group on their own); every expert's own MLP neurons are an exact group."""
+    model = unfused_lm()
+    x = ids(9)
+    graph = depgraph.trace(model, (x,))
+    assert not graph.groups("experts")
+    router = [b for b in graph.blocked if any(p.startswith("moes.0.gate.weight[0]") for p in b["params"])]
+    assert router and "expert indices read by aten.eq" in router[0]["reasons"][0]
+    assert not any(m.param == "moes.0.gate.weight" and m.dim == 0 for g in graph.groups() for m in g.members)
+    per_expert = [g for g in graph.groups() if g.layer is not None
+                  and any(m.param.endswith("down_proj.weight") and m.dim == 1 for m in g.members)]
+    assert len(per_expert) == 2 * 4 and all(g.exact and g.num_units == 32 for g in per_expert)
+    plan = depgraph.Plan.from_units(graph, {g.id: list(range(0, 32, 2)) for g in per_expert})
+    a = _logits(depgraph.mask(copy.deepcopy(model), plan), x)
+    b = _logits(depgraph.shrink(copy.deepcopy(model), plan), x)
+    assert not torch.allclose(a, _logits(model, x), atol=1e-4)
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+def test_sigmoid_routing_over_gathered_expert_weights():
+    """Hand-written fused experts (W[ids] and bmm), sigmoid scores: a masked expert scores 0, never chosen."""
+    model = sigmoid_lm()
+    x = ids(10)
+    graph = depgraph.trace(model, (x,))
+    groups = graph.groups("experts")
+    assert [g.layer for g in groups] == [0, 1] and all(g.exact for g in groups)
+    assert {(m.param, m.dim) for m in groups[0].members} == {("moes.0.gate.weight", 0), ("moes.0.up", 0),
+                                                            ("moes.0.down", 0)}
+    for units in ([0, 3], [2]):
+        plan = depgraph.Plan.from_units(graph, {g.id: units for g in groups})
+        a = _logits(depgraph.mask(copy.deepcopy(model), plan), x)
+        shrunk = depgraph.shrink(copy.deepcopy(model), plan)
+        assert shrunk.moes[0].num_experts == 4 - len(units)
+        assert not torch.allclose(a, _logits(model, x), atol=1e-4)
+        torch.testing.assert_close(_logits(shrunk, x), a, rtol=0, atol=1e-5)
+
+
+def test_score_bias_after_sigmoid_blocks_the_experts():
+    """DeepSeek-V3-style correction bias added after the sigmoid: a masked expert would score its bias and
+    could still be chosen, so the expert dim is blocked (with the op), never graded exact."""
+    model = sigmoid_lm(score_bias=True)
+    graph = depgraph.trace(model, (ids(),))
+    assert not graph.groups("experts")
+    router = [b for b in graph.blocked if "moes.0.gate.weight[0]" in b["params"]]
+    assert router and "aten.add on router probabilities" in router[0]["reasons"][0]
+
+
+@STALE
+def test_hidden_pruning_runs_through_the_experts(traced):
+    """The residual stream is inexact, but its shrunk model must run: routers reshape by their hidden_dim."""
+    name, model, graph = traced
+    hidden = [g for g in graph.groups(("hidden", "channels")) if g.layer is None and g.num_units == 64]
+    plan = depgraph.Plan.from_units(graph, {hidden[0].id: list(range(0, 64, 2))})
+    shrunk = depgraph.shrink(copy.deepcopy(model), plan)
+    if name != "gpt_oss":  # eager attention (no attention site yet) keeps literal head sizes
+        out = _logits(shrunk, ids(11))
+        assert out.shape[-1] == VOCAB and torch.isfinite(out).all()
+    for e in graph.groups("experts"):
+        router = shrunk.get_submodule(e.routing["router_module"])
+        assert getattr(router, "hidden_dim", 32) == 32
