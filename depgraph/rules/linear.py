@@ -163,7 +163,7 @@ def einsum(ctx):
             continue
         operands = {id(t): t for t, _ in uses}
         if len(operands) > 1:
-            if not any(_from_parameter(ctx, t) for t in operands.values()):
+            if not any(from_parameter(ctx, t) for t in operands.values()):
                 ctx.block(uses[0][1], "contracted between two activations by aten.einsum")
         else:
             ctx.inexact(uses[0][1], "summed over by aten.einsum")
