@@ -191,9 +191,14 @@ class Plan:
                            "entries": [e.__dict__ for e in self.entries]}, indent=indent)
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
+    def from_json(cls, text: str, graph=None) -> "Plan":
+        """Read a plan written by :meth:`to_json`, checked by :func:`check_plan` (against ``graph`` when given)."""
         try:
             data = json.loads(text)
+            if isinstance(data, list):
+                raise PlanError(f"this JSON holds {len(data)} plans (one per step of an iterative prune), not one")
+            if not isinstance(data, dict):
+                raise PlanError(f"not a depgraph plan: a JSON {type(data).__name__}")
             if data.get("format") != FORMAT:
                 raise PlanError(f"plan format {data.get('format')!r} is not {FORMAT}")
             entries = []
@@ -201,11 +206,12 @@ class Plan:
                 e = dict(e)
                 e["removed"] = {p: {int(d): idx for d, idx in dims.items()} for p, dims in e["removed"].items()}
                 entries.append(PlanEntry(**e))
-            return cls(entries, {p: list(s) for p, s in data["shapes"].items()})
-        except (KeyError, TypeError, ValueError) as err:
+            plan = cls(entries, {p: list(s) for p, s in data["shapes"].items()})
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
             if isinstance(err, PlanError):
                 raise
             raise PlanError(f"not a depgraph plan: {type(err).__name__}: {err}") from err
+        return check_plan(plan, graph)
 
 
 # -- plan.json: one plan (a JSON object) or the steps of an iterative run (a JSON list of them) ----------------------
@@ -327,3 +333,122 @@ def _select(group, s, frac: float, round_to: int, gqa: str) -> list:
 def check_ratio(ratio) -> None:
     if not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise PlanError(f"ratio must be in [0, 1), got {ratio!r}")
+
+
+# -- validation: one function, used by every entry point (from_json, mask, shrink, viz) ---------------------------
+
+
+def check_plan(plan: "Plan", graph=None) -> "Plan":
+    """Raise :class:`PlanError` naming the group unless ``plan`` is legal; returns ``plan``.
+
+    Always: one entry per group; units unique integers in range, never all of a group (no emptied layer); the GQA
+    rule; ``heads_after``/``kv_after`` agreeing with the units; every removed index an integer, unique and inside the
+    recorded shape of its parameter. With ``graph``: the plan was made for this graph (group ids, kinds, sizes,
+    shapes) and its removed indices are exactly the ones the group's units map to.
+    """
+    if not isinstance(plan.entries, list) or not isinstance(plan.shapes, dict):
+        raise PlanError("not a depgraph plan: entries must be a list and shapes a mapping")
+    seen = set()
+    for e in plan.entries:
+        if e.group in seen:
+            raise PlanError(f"plan group {e.group}: listed twice")
+        seen.add(e.group)
+        group = _entry_group(e)
+        units = _check_units(e, group)
+        _check_removed(e, plan.shapes)
+        if e.attention is not None:
+            _check_attention(e, group, units)
+        if graph is not None:
+            _check_against_graph(e, graph, units)
+    if graph is not None:
+        for p, shape in plan.shapes.items():
+            if p not in graph.shapes:
+                raise PlanError(f"the plan removes channels of {p}, which this model does not have: a plan of "
+                                f"another model?")
+            if list(graph.shapes[p]) != list(shape):
+                raise PlanError(f"the plan was made for {p} of shape {list(shape)}, this model's is "
+                                f"{list(graph.shapes[p])}: a plan of another model (or of an earlier prune step)?")
+    return plan
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _entry_group(e: PlanEntry):
+    """A member-less :class:`Group` with the entry's sizes, so the unit rules (range, emptied, GQA) are the
+    groups' own."""
+    from .groups import Group
+
+    if not _is_int(e.num_units) or e.num_units < 1:
+        raise PlanError(f"plan group {e.group}: num_units must be a positive integer, got {e.num_units!r}")
+    gqa = None
+    a = e.attention
+    if a is not None:
+        if not isinstance(a, dict) or not all(_is_int(a.get(k)) for k in ("heads_before", "heads_after",
+                                                                              "kv_before", "kv_after")):
+            raise PlanError(f"plan group {e.group}: attention record needs integer heads_before/after and "
+                            f"kv_before/after")
+        kv, heads = a["kv_before"], a["heads_before"]
+        if heads != e.num_units or kv < 1 or heads % kv:
+            raise PlanError(f"plan group {e.group}: heads_before {heads} / kv_before {kv} do not fit "
+                            f"num_units {e.num_units}")
+        gqa = (kv, heads // kv) if kv < heads else None
+    return Group(e.group, e.kind, e.layer, e.num_units, 0, [], e.exact, gqa=gqa)
+
+
+def _check_units(e: PlanEntry, group) -> list:
+    units = e.units
+    if not isinstance(units, list) or not all(_is_int(u) for u in units):
+        raise PlanError(f"plan group {e.group}: units must be a list of integers")
+    if len(set(units)) != len(units):
+        dup = sorted({u for u in units if units.count(u) > 1})
+        raise PlanError(f"plan group {e.group}: units listed more than once: {dup}")
+    if not units:
+        raise PlanError(f"plan group {e.group}: removes no units")
+    return group.validate(units)
+
+
+def _check_removed(e: PlanEntry, shapes: dict) -> None:
+    if not isinstance(e.removed, dict) or not e.removed:
+        raise PlanError(f"plan group {e.group}: no removed parameter indices")
+    for p, dims in e.removed.items():
+        if p not in shapes:
+            raise PlanError(f"plan group {e.group}: removes channels of {p}, which the plan's shapes do not list")
+        shape = shapes[p]
+        for d, idx in dims.items():
+            if not _is_int(d) or not 0 <= d < len(shape):
+                raise PlanError(f"plan group {e.group}: {p} has no dim {d} (shape {list(shape)})")
+            if not isinstance(idx, list) or not all(_is_int(i) for i in idx):
+                raise PlanError(f"plan group {e.group}: indices of {p} dim {d} must be a list of integers")
+            bad = [i for i in idx if not 0 <= i < shape[d]]
+            if bad:
+                raise PlanError(f"plan group {e.group}: indices of {p} dim {d} out of range 0..{shape[d] - 1}: "
+                                f"{bad[:5]}")
+            if len(set(idx)) != len(idx):
+                raise PlanError(f"plan group {e.group}: indices of {p} dim {d} listed more than once")
+            if len(idx) >= shape[d]:
+                raise PlanError(f"plan group {e.group}: removes every index of {p} dim {d}")
+
+
+def _check_attention(e: PlanEntry, group, units: list) -> None:
+    a = e.attention
+    kv_after = a["kv_before"] - len(group.removed_kv(units)) if group.gqa else a["kv_before"] - len(units)
+    if a["heads_after"] != e.num_units - len(units) or a["kv_after"] != kv_after:
+        raise PlanError(f"plan group {e.group}: heads_after {a['heads_after']} / kv_after {a['kv_after']} contradict "
+                        f"the {len(units)} removed units (expected {e.num_units - len(units)} / {kv_after})")
+
+
+def _check_against_graph(e: PlanEntry, graph, units: list) -> None:
+    g = graph.group(e.group)
+    if (g.kind, g.layer, g.num_units) != (e.kind, e.layer, e.num_units) or \
+            (e.attention is not None and _entry_group(e).gqa != g.gqa):
+        raise PlanError(f"plan group {e.group}: made for a {e.kind} group of {e.num_units} units in layer {e.layer}, "
+                        f"this model's is a {g.kind} group of {g.num_units} in layer {g.layer} (gqa {g.gqa})")
+    want = {}
+    for (param, dim), idx in g.removed_indices(units).items():
+        want.setdefault(param, {})[dim] = [int(i) for i in idx]
+    got = {p: {d: sorted(idx) for d, idx in dims.items()} for p, dims in e.removed.items()}
+    if got != want:
+        raise PlanError(f"plan group {e.group}: its removed parameter indices are not the ones its units "
+                        f"{units[:8]}{'...' if len(units) > 8 else ''} map to in this model")

@@ -3,13 +3,15 @@ the config (surgery on weights and config together, like nanoGPT's ``crop_block_
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
 from . import record as records
 from .dispatch import materialized
 from .errors import PlanError
-from .plan import Plan
+from .plan import Plan, check_plan
 from .routing import mask_experts
 
 # -- module attributes that follow a parameter's shape: one small fixer per layer type -----------
@@ -131,21 +133,76 @@ def check_model(model, plan: Plan) -> dict:
     return {name: aliases[by_name[name]] for name in plan.shapes}
 
 
+class _Undo:
+    """What ``mask``/``shrink`` changed, put back if they fail half-way, so both are all-or-nothing."""
+
+    _MISSING = object()
+
+    def __init__(self, model):
+        config = getattr(model, "config", None)
+        self.holder = config if config is not None else model
+        self.config = copy.deepcopy(vars(config)) if config is not None else None  # the record is in there
+        record = self.holder.__dict__.get(records.KEY, self._MISSING)
+        self.record = record if record is self._MISSING else copy.deepcopy(record)
+        self.steps = []  # callables, undone last-first
+
+    def slot(self, table: dict, key) -> None:
+        """Before ``table[key]`` (a module's _parameters/_buffers entry) is replaced."""
+        old = table[key]
+        self.steps.append(lambda: table.__setitem__(key, old))
+
+    def attr(self, obj, name) -> None:
+        """Before ``setattr(obj, name, ...)``."""
+        old = obj.__dict__.get(name, self._MISSING)
+        self.steps.append(lambda: obj.__dict__.pop(name, None) if old is self._MISSING else setattr(obj, name, old))
+
+    def values(self, t: torch.Tensor, d: int, idx: torch.Tensor) -> None:
+        """Before ``t``'s entries ``idx`` along ``d`` are overwritten in place."""
+        old = t.index_select(d, idx).clone()
+        self.steps.append(lambda: t.index_copy_(d, idx, old))
+
+    def undo(self) -> None:
+        for step in reversed(self.steps):
+            step()
+        if self.config is not None:
+            vars(self.holder).clear()
+            vars(self.holder).update(self.config)
+        if self.record is self._MISSING:
+            self.holder.__dict__.pop(records.KEY, None)
+        else:
+            self.holder.__dict__[records.KEY] = self.record
+
+
+@contextmanager
+def _all_or_nothing(model):
+    undo = _Undo(model)
+    try:
+        yield undo
+    except BaseException:
+        undo.undo()
+        raise
+
+
 @torch.no_grad()
 def mask(model: nn.Module, plan: Plan) -> nn.Module:
     """Zero every planned unit in place (soft pruning), leaving shapes unchanged (offloaded weights included).
     Routed experts are also taken out of routing: their router logits become ``-inf`` (depgraph.routing), as
-    in the shrunk model."""
+    in the shrunk model. All or nothing: the plan is checked (:func:`depgraph.plan.check_plan`, then against the
+    model) before any tensor is touched, and a failure half-way puts every value back."""
+    check_plan(plan)
     aliases = check_model(model, plan)
-    with materialized(model, [a for names in aliases.values() for a in names]):
-        return _mask(model, plan)
+    with materialized(model, [a for names in aliases.values() for a in names]), _all_or_nothing(model) as undo:
+        _mask(model, plan, undo)
+    return model
 
 
-def _mask(model, plan):
+def _mask(model, plan: Plan, undo: "_Undo") -> None:
     for name, dims in plan.removed_by_param().items():
         t = _get_tensor(model, name)
         for d, idx in dims.items():
-            t.index_fill_(d, torch.as_tensor(idx, device=t.device), 0)
+            idx = torch.as_tensor(idx, device=t.device)
+            undo.values(t, d, idx)
+            t.index_fill_(d, idx, 0)
     for e in plan.entries:
         if e.experts:
             mask_experts(model, e.experts["router_module"], e.experts["router"][0], e.units)
@@ -157,42 +214,27 @@ def shrink(model: nn.Module, plan: Plan, verify: bool = False) -> nn.Module:
     """Remove every planned unit in place: slice member tensors, fix module attributes and config. Weights that
     accelerate keeps offloaded (a dispatched model) are sliced in its offload too.
 
+    All or nothing, with one undo log: the plan is checked (:func:`depgraph.plan.check_plan`, then against the
+    model) before anything changes, and any failure half-way puts every tensor, attribute and the config back.
     ``verify=True`` (the default of :func:`depgraph.prune` and the CLI) first records the masked model's
     outputs on a short probe, decoder block by decoder block, then checks the shrunk blocks against them;
-    on a mismatch the model is restored and :class:`ShrinkVerifyError` names the first block that
-    differs and its groups (dispatched models are not verified)."""
-    check_model(model, plan)
-    if not verify:
-        _apply(model, plan, [])
-        return model
-    from . import verify as verifier
+    a mismatch is such a failure: the model is restored and :class:`ShrinkVerifyError` names the first block
+    that differs and its groups (dispatched models are not verified)."""
+    check_plan(plan)
+    aliases = check_model(model, plan)
+    ref = None
+    if verify:
+        from . import verify as verifier
 
-    ref = verifier.masked_reference(model, plan, _get_tensor)
-    undo: list = []
-    config = getattr(model, "config", None)
-    saved_config = copy.deepcopy(config.__dict__) if config is not None else None
-    try:
-        _apply(model, plan, undo)
+        ref = verifier.masked_reference(model, plan, _get_tensor)
+    with materialized(model, [a for names in aliases.values() for a in names]), _all_or_nothing(model) as undo:
+        _shrink(model, plan, aliases, undo)
         if ref is not None:
             verifier.compare(model, plan, ref)
-    except Exception:
-        for restore in reversed(undo):
-            restore()
-        if saved_config is not None:
-            config.__dict__.clear()
-            config.__dict__.update(saved_config)
-        raise
     return model
 
 
-def _apply(model, plan: Plan, undo: list) -> None:
-    """The shrink itself; ``undo`` collects closures that put back every tensor and attribute changed."""
-    aliases = check_model(model, plan)
-    with materialized(model, [a for names in aliases.values() for a in names]):
-        _shrink(model, plan, aliases, undo)
-
-
-def _shrink(model, plan, aliases, undo):
+def _shrink(model, plan: Plan, aliases: dict, undo: "_Undo") -> None:
     record = records.get(model)
     changed_modules = {}
     for name, dims in plan.removed_by_param().items():
@@ -206,7 +248,7 @@ def _shrink(model, plan, aliases, undo):
         for alias in aliases[name]:
             mod, attr = _tensor_owner(model, alias)
             store = mod._parameters if attr in mod._parameters else mod._buffers
-            undo.append(lambda store=store, attr=attr, t=store[attr]: store.__setitem__(attr, t))
+            undo.slot(store, attr)
             if store is mod._parameters:
                 store[attr] = nn.Parameter(new, requires_grad=old.requires_grad) \
                     if not isinstance(new, nn.Parameter) else new
@@ -231,7 +273,7 @@ def _shrink(model, plan, aliases, undo):
     _update_config(model, plan, record)
 
 
-def _set_counts(model, paths, names, before: int, after: int, record: dict, undo: list | None = None) -> None:
+def _set_counts(model, paths, names, before: int, after: int, record: dict, undo: "_Undo | None" = None) -> None:
     """Set the int attributes ``names`` of the modules at ``paths`` that equal ``before`` to ``after``."""
     for path in paths:
         mod = model.get_submodule(path)
@@ -239,10 +281,10 @@ def _set_counts(model, paths, names, before: int, after: int, record: dict, undo
         _set_attrs(mod, values, record, path, undo)
 
 
-def _set_attrs(mod, values: dict, record: dict, path: str, undo: list | None = None) -> None:
+def _set_attrs(mod, values: dict, record: dict, path: str, undo: "_Undo | None" = None) -> None:
     for k, v in values.items():
         if undo is not None:
-            undo.append(lambda mod=mod, k=k, old=getattr(mod, k, None): setattr(mod, k, old))
+            undo.attr(mod, k)
         setattr(mod, k, v)
     records.set_module_attrs(record, path, values)
 

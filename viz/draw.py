@@ -54,12 +54,14 @@ _INSTALL_HINT = ("Graphviz's `dot` binary is not installed; wrote the DOT source
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _load_plan(plan):
+def _load_plan(plan, graph):
+    """A Plan from a Plan, its JSON text or a path, checked against ``graph`` (depgraph.plan.check_plan)."""
+    from depgraph.plan import check_plan, compose, load_plans
+
     if plan is None:
         return None
-    from depgraph.plan import compose, load_plans
-
-    return compose(load_plans(plan))  # an iterative run's steps become one plan on the original shapes
+    # an iterative run's steps become one plan on the original shapes, checked against the graph drawn
+    return check_plan(compose(load_plans(plan)), graph)
 
 
 def _layer_of(name: str):
@@ -430,7 +432,7 @@ def draw(graph, plan=None, path=None, *, layer: int | None = None, group: str | 
     ``wrap``: overview only, layers per row (default 6 for models deeper than 8 layers; 0: one column).
     ``path``: also write the drawing there (format from the suffix: .svg .png .pdf, or .dot/.gv for the source).
     """
-    plan = _load_plan(plan)
+    plan = _load_plan(plan, graph)
     if layer is not None and group is not None:
         raise ValueError("give layer or group, not both")
     if layer is not None or group is not None:
