@@ -37,7 +37,7 @@ def write_pruned(model, folder, tokenizer=None, extra_files: dict | None = None)
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "save_pretrained"):
         raise LoadError(f"save_pruned needs a transformers model, got {type(model).__name__}")
-    config.depgraph = records.for_save(model)
+    config.depgraph = records.for_save(model, _config_shapes(type(model), config))
     with _dense_quantizer_detached(model):
         # the state-dict names as they are (no conversion back to a legacy layout such as per-expert
         # checkpoints), so load_pruned and the modeling file find every tensor where the shrunk model keeps it
@@ -89,10 +89,59 @@ def atomic_folder(path, overwrite: bool = False, sources=()):
         yield tmp
 
 
+def _config_shapes(cls, config) -> dict | None:
+    """{tensor: shape} of ``cls(config)`` built on the meta device (None when it does not build)."""
+    try:
+        with torch.device("meta"):
+            twin = cls(config)
+    except Exception:  # noqa: BLE001 - a model that cannot be rebuilt from its config alone
+        return None
+    return {n: list(t.shape) for n, t in twin.state_dict().items()}
+
+
+def read_config(path) -> dict:
+    """The JSON object in ``path/config.json``; raises :class:`LoadError` naming the file and what is wrong."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise LoadError(f"{path}: no config.json; not a model folder")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise LoadError(f"{file}: not a text file ({e.reason})") from e
+    except ValueError as e:
+        raise LoadError(f"{file}: not valid JSON ({e})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        raise LoadError(f"{file}: not a Hugging Face model config (no model_type)")
+    return data
+
+
+def check_weights(path) -> list:
+    """The weight files of the model folder ``path``, each safetensors header checked (a truncated file is named);
+    raises :class:`LoadError` when there are none."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files and not list(path.glob("pytorch_model*.bin")):
+        raise LoadError(f"{path}: no weights (*.safetensors or pytorch_model*.bin) beside config.json")
+    for f in files:
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
+            raise LoadError(f"{f}: cannot read safetensors weights ({_first_line(e)}); truncated or corrupt?") from e
+    return files
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _read_state(path: Path) -> dict:
     from safetensors.torch import load_file
 
-    files = sorted(path.glob("*.safetensors"))
+    files = check_weights(path)
     if not files:
         raise LoadError(f"{path}: no *.safetensors weights in the folder")
     state = {}
@@ -100,23 +149,71 @@ def _read_state(path: Path) -> dict:
         try:
             state.update(load_file(str(f)))
         except Exception as e:  # noqa: BLE001 - a truncated or corrupt file
-            raise LoadError(f"{f}: cannot read safetensors weights ({e})") from e
+            raise LoadError(f"{f}: cannot read safetensors weights ({_first_line(e)})") from e
     return state
 
 
+def _check_config_shapes(path: Path, built: dict, info: dict) -> None:
+    """The config builds the shapes it built when saved (an edited head_dim or width does not)."""
+    if "config_shapes" not in info:  # saved before this record existed
+        return
+    want = {**info.get("shapes", {}), **info["config_shapes"]}
+    for name, shape in built.items():
+        if name in want and list(want[name]) != shape:
+            raise LoadError(f"{path}/config.json: builds {name} with shape {shape}, the saved config built "
+                            f"{list(want[name])}; was config.json edited after saving?")
+
+
+def _check_modules(path: Path, model, info: dict) -> None:
+    """Every module attribute that follows a tensor's shape (in/out features, ...) agrees with the tensor, recorded
+    or not: a record of another plan, or weights of another plan, are refused."""
+    from .shrink import MODULE_FIXERS
+
+    recorded = info.get("modules", {})
+    for mod_path, mod in model.named_modules():
+        fix = next((f for pred, f in MODULE_FIXERS if pred(mod)), None)
+        if fix is None or getattr(mod, "weight", None) is None:
+            continue
+        for k, v in fix(mod).items():
+            have = getattr(mod, k, None)
+            if _plain(have) != _plain(v):
+                where = "recorded in config.json" if k in recorded.get(mod_path, {}) else "from config.json"
+                raise LoadError(f"{path}: {mod_path}.{k} is {_plain(have)} ({where}) but its weight has shape "
+                                f"{list(mod.weight.shape)} (implies {_plain(v)})")
+
+
+def _plain(v):
+    return list(v) if isinstance(v, (tuple, list)) else v
+
+
+def _probe(path: Path, model) -> None:
+    """A one-token forward: a rebuilt model that cannot run is refused here, not at the user's first call."""
+    if getattr(model, "main_input_name", "input_ids") != "input_ids":
+        return
+    device = next(iter(model.parameters())).device
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
+    except Exception as e:  # noqa: BLE001 - any failure means the folder does not describe a working model
+        raise LoadError(f"{path}: the rebuilt model fails a one-token forward ({type(e).__name__}: "
+                        f"{_first_line(e)})") from e
+
+
 def load_pruned(path, dtype=None, device="cpu"):
-    """Rebuild a model saved by :func:`save_pruned` with its exact per-layer shapes."""
+    """Rebuild a model saved by :func:`save_pruned` with its exact per-layer shapes.
+
+    Everything the folder records is checked against the tensors before returning: the saved shapes, the shapes the
+    config builds (an edited ``head_dim`` is refused), every module attribute that follows a weight's shape, and a
+    one-token forward. Each failure is one :class:`LoadError` line naming the file or tensor."""
     import transformers
     from accelerate import init_empty_weights
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise LoadError(f"{path}: no config.json; not a saved model folder")
+    raw = read_config(path)
     try:
-        raw = json.loads((path / "config.json").read_text())
         config = transformers.AutoConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001
-        raise LoadError(f"{path}/config.json: cannot be read ({e})") from e
+        raise LoadError(f"{path}/config.json: cannot be read ({_first_line(e)})") from e
     info = records.read(raw, f"{path}/config.json")
     arch = (raw.get("architectures") or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
@@ -129,6 +226,12 @@ def load_pruned(path, dtype=None, device="cpu"):
             raise LoadError(f"{path}: tensor {name} has shape {list(state[name].shape)}, config records {shape}")
     with init_empty_weights(include_buffers=False):
         model = cls(config)
+    _check_config_shapes(path, {n: list(t.shape) for n, t in model.state_dict().items()}, info)
+    for mod_path in list(info["added_biases"]) + list(info["modules"]):
+        try:
+            model.get_submodule(mod_path)
+        except AttributeError as e:
+            raise LoadError(f"{path}/config.json: records module {mod_path}, which {arch} does not have") from e
     for mod_path in info["added_biases"]:  # biases added by compensation
         mod = model.get_submodule(mod_path)
         if getattr(mod, "bias", None) is None:
@@ -157,6 +260,9 @@ def load_pruned(path, dtype=None, device="cpu"):
     if still_meta:
         raise LoadError(f"{path}: weights missing for {', '.join(still_meta[:5])}"
                         f"{' ...' if len(still_meta) > 5 else ''}")
+    _check_modules(path, model, info)
     if dtype is not None:
         model.to(dtype)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    _probe(path, model)
+    return model

@@ -176,6 +176,10 @@ def _load_depgraph_folder(path: Path, dtype):
 def _load_hf_folder(path: Path, dtype):
     from transformers import AutoModelForCausalLM
 
+    from depgraph.io import check_weights, read_config
+
+    read_config(path)  # one line naming config.json or the weight file when either is broken
+    check_weights(path)
     model = AutoModelForCausalLM.from_pretrained(path, **_dtype_kwargs(dtype))
     _ensure_tied(model)
     return model, _folder_tokenizer(path)

@@ -118,10 +118,10 @@ class Plan:
             raise PlanError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         if not 0 < min_width <= 1:
             raise PlanError(f"min_width must be in (0, 1], got {min_width!r}")
-        layers = None if layers is None else set(layers)
-        groups = [g for g in graph.groups(kinds) if g.id in scores and (layers is None or g.layer in layers)]
+        check_round_to(round_to)
+        groups = [g for g in select_groups(graph, kinds, layers) if g.id in scores]
         if not groups:
-            raise PlanError(f"no scored groups of kinds {kinds} in layers {sorted(layers) if layers else 'all'}")
+            raise PlanError(f"no scored groups of kinds {kinds} in {_layers_text(layers)}")
         total = graph.num_params
         if ratios is not None:
             return cls.from_units(graph, {g.id: _select(g, np.asarray(scores[g.id], dtype=np.float64),
@@ -144,6 +144,7 @@ class Plan:
         else:
             every = np.concatenate([np.asarray(scores[g.id], dtype=np.float64) for g in groups])
             lo, hi = float(every.min()), float(every.max()) + 1e-12
+        _check_reachable(plan_for(hi), total, target, kinds, layers)
         best = plan_for(lo)
         for _ in range(30):
             mid = (lo + hi) / 2
@@ -452,3 +453,61 @@ def _check_against_graph(e: PlanEntry, graph, units: list) -> None:
     if got != want:
         raise PlanError(f"plan group {e.group}: its removed parameter indices are not the ones its units "
                         f"{units[:8]}{'...' if len(units) > 8 else ''} map to in this model")
+
+
+# -- what a target can ask for: checked right after the trace, before any scoring ----------------------------------
+
+
+def check_round_to(round_to) -> None:
+    if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
+        raise PlanError(f"round_to must be a positive integer (1: no rounding), got {round_to!r}")
+
+
+def _layers_text(layers) -> str:
+    if layers is None:
+        return "all layers"
+    layers = sorted(layers)
+    if layers and layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 2:
+        return f"layers {layers[0]}..{layers[-1]}"
+    return f"layers {layers}"
+
+
+def select_groups(graph, kinds, layers=None) -> list:
+    """The groups of ``kinds`` in ``layers`` (None: all); raises :class:`PlanError` for an empty selection, layers
+    the model does not have, or nothing to prune there."""
+    present = sorted({g.layer for g in graph.groups() if g.layer is not None})
+    if layers is not None:
+        layers = sorted(set(layers))
+        if not layers:
+            raise PlanError("no layers selected (an empty layer range)")
+        missing = [x for x in layers if x not in present]
+        if missing:
+            have = f"{present[0]}..{present[-1]}" if present else "none"
+            raise PlanError(f"layers {missing[:8]}{' ...' if len(missing) > 8 else ''} are not in the model "
+                            f"(its layers: {have})")
+    chosen = [g for g in graph.groups(kinds) if layers is None or g.layer in layers]
+    if not chosen:
+        raise PlanError(f"nothing to prune: no prunable groups of kinds {tuple(kinds or ())} in "
+                        f"{_layers_text(layers)}")
+    return chosen
+
+
+def most_removable(graph, kinds, layers=None, round_to: int = 8, gqa: str = "heads") -> "Plan":
+    """The plan that leaves every selected group at its minimum legal width: the most any target can remove."""
+    check_round_to(round_to)
+    groups = select_groups(graph, kinds, layers)
+    return Plan.from_units(graph, {g.id: _select(g, np.zeros(g.num_units), 1.0, round_to, gqa) for g in groups})
+
+
+def check_target(graph, target: float, kinds, layers=None, round_to: int = 8, gqa: str = "heads") -> None:
+    """Raise :class:`PlanError` with the largest reachable fraction when ``target`` cannot be met."""
+    check_ratio(target)
+    _check_reachable(most_removable(graph, kinds, layers, round_to, gqa), graph.num_params, target, kinds, layers)
+
+
+def _check_reachable(most: "Plan", total: int, target: float, kinds, layers) -> None:
+    reachable = most.params_removed() / total
+    if reachable < target:
+        raise PlanError(f"target {target:g} cannot be met: at most {reachable:.4f} ({100 * reachable:.1f}%) of the "
+                        f"parameters can be removed with kinds {tuple(kinds)} in {_layers_text(layers)}, every group "
+                        f"at its minimum width; lower the target or prune more kinds/layers")

@@ -10,7 +10,7 @@ from .compensate import apply_bias, bias_deltas
 from .errors import PlanError
 from .graph import trace
 from .importance import methods, score
-from .plan import Plan, check_ratio
+from .plan import Plan, check_ratio, check_round_to, check_target, select_groups
 from .reconstruct import ReconstructConfig, reconstruct as refit_consumers
 from .shrink import shrink
 
@@ -54,11 +54,21 @@ def record_groups(groups: dict, plan, scores: dict) -> None:
         first["params_removed"] = first.get("params_removed", 0) + Plan([e], plan.shapes).params_removed()
 
 
-def check_args(target, method, steps, compensate, calibration, ratios, reconstruct=False) -> None:
-    """The argument checks shared by the in-memory and the streamed prune (raised before any work)."""
-    if ratios is not None and steps != 1:
-        raise PlanError("per-kind ratios are applied in one step; use a parameter target with steps > 1")
-    check_ratio(target)
+DEFAULT_TARGET = 0.2
+
+
+def check_args(target, method, steps, compensate, calibration, ratios, reconstruct=False, round_to=8):
+    """The argument checks shared by the in-memory and the streamed prune (raised before any work); returns the
+    target to prune to (``None`` -> :data:`DEFAULT_TARGET`; stays None with ``ratios``)."""
+    if ratios is not None:
+        if target is not None:
+            raise PlanError("give either a parameter target or per-kind ratios, not both")
+        if steps != 1:
+            raise PlanError("per-kind ratios are applied in one step; use a parameter target with steps > 1")
+    else:
+        target = DEFAULT_TARGET if target is None else target
+        check_ratio(target)
+    check_round_to(round_to)
     if method not in methods():
         raise PlanError(f"unknown method {method!r}; choose one of {', '.join(methods())}")
     if not isinstance(steps, int) or steps < 1:
@@ -67,6 +77,15 @@ def check_args(target, method, steps, compensate, calibration, ratios, reconstru
         raise PlanError("compensate=True needs calibration data (the removed units' mean activations)")
     if reconstruct and calibration is None:
         raise PlanError("reconstruct=True needs calibration data (the consumers' input Gram matrices)")
+    return target
+
+
+def check_graph(graph, target, kinds, layers, round_to: int = 8, gqa: str = "heads", ratios=None) -> None:
+    """The checks right after the trace, shared by the in-memory and the streamed prune: layers outside the model
+    or with nothing to prune, and (without ``ratios``) a target that cannot be met."""
+    select_groups(graph, kinds, layers)
+    if ratios is None:
+        check_target(graph, target, kinds, layers, round_to, gqa)
 
 
 def _has_blocks(model) -> bool:
@@ -101,13 +120,15 @@ def refit_summary(layers) -> list:
     return out
 
 
-def prune(model, calibration=None, target: float = 0.2, method: str = "activation", kinds=DEFAULT_KINDS,
+def prune(model, calibration=None, target: float | None = None, method: str = "activation", kinds=DEFAULT_KINDS,
           policy: str = "uniform", layers="auto", round_to: int = 8, gqa: str = "heads", aggregate: str = "sum",
           normalize=None, steps: int = 1, uniform: bool = False, compensate: bool = False,
           ratios: dict | None = None, progress: bool = True, reconstruct: bool = False, damp: float = 0.01,
           stream: bool = False, checkpoint=None, output=None,
           verify: bool = True):
-    """Shrink ``model`` in place by ``target`` (fraction of *all* parameters); returns (model, report, plans).
+    """Shrink ``model`` in place by ``target`` (fraction of *all* parameters, default 0.2); returns (model, report,
+    plans). A target that cannot be met (every group at its minimum) is refused with the largest reachable fraction,
+    right after the trace; so are layers outside the model.
 
     ``stream=True`` prunes a checkpoint larger than memory one decoder block at a time
     (:func:`depgraph.stream.prune_streamed`): ``model`` is then a model folder of safetensors shards (or a model
@@ -141,7 +162,7 @@ def prune(model, calibration=None, target: float = 0.2, method: str = "activatio
                                   steps=steps, uniform=uniform, compensate=compensate, ratios=ratios,
                                   progress=progress, reconstruct=reconstruct, damp=damp)
         return prune_streamed(model, calibration, output, settings, checkpoint=checkpoint)
-    check_args(target, method, steps, compensate, calibration, ratios, reconstruct)
+    target = check_args(target, method, steps, compensate, calibration, ratios, reconstruct, round_to)
     if ratios is not None:
         kinds = tuple(ratios)
     refit_config = ReconstructConfig(mode="lstsq" if reconstruct else "mean", intercept=compensate, damp=damp)
@@ -159,6 +180,8 @@ def prune(model, calibration=None, target: float = 0.2, method: str = "activatio
         times["trace_s"] += time.perf_counter() - t
         if layers == "auto":  # read off the first graph
             layers = auto_layers(graph)
+        if step == 1:  # refuse layers outside the model or an unreachable target now, not after the scoring
+            check_graph(graph, target, kinds, layers, round_to, gqa, ratios)
         t = time.perf_counter()
         scores = score(model, graph, calibration, method=method, aggregate=aggregate, normalize=normalize,
                        kinds=kinds, progress=progress)

@@ -9,7 +9,9 @@ it instead of building the dict themselves. Fields (format 1):
 * ``layers``: ``{layer or "all": {config field: width}}``: per-layer widths after pruning (documentation);
 * ``hidden_size``, ``uniform``: the pruned hidden width; whether the stock config rebuilds the same shapes;
 * ``added_biases``: module paths that gained a bias (compensation), created before loading;
-* ``shapes``: ``{tensor name: shape}`` of the saved state dict, checked on load.
+* ``shapes``: ``{tensor name: shape}`` of the saved state dict, checked on load;
+* ``config_shapes``: ``{tensor name: shape}`` that the saved config alone builds, where it differs from ``shapes``
+  (absent when the class cannot be built from the config): an edited config is caught on load.
 """
 from __future__ import annotations
 
@@ -53,10 +55,14 @@ def add_biases(record: dict, paths) -> None:
     record["added_biases"] = sorted(set(record.get("added_biases", [])) | set(paths))
 
 
-def for_save(model) -> dict:
-    """The record to write with ``model``: the current one (or a new one) plus the state dict's shapes."""
+def for_save(model, built: dict | None = None) -> dict:
+    """The record to write with ``model``: the current one (or a new one) plus the state dict's shapes, and
+    where ``built`` (``{tensor name: shape}`` the config alone builds) differs from them, ``config_shapes``."""
     info = dict(get(model, create=False) or new())
     info["shapes"] = {n: list(p.shape) for n, p in model.state_dict().items()}
+    info.pop("config_shapes", None)
+    if built is not None:
+        info["config_shapes"] = {n: s for n, s in built.items() if info["shapes"].get(n) != s}
     return info
 
 

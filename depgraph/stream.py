@@ -47,7 +47,8 @@ from .graph import trace
 from .importance import GRADIENT_METHODS, STATS_FROM_MOMENTS, moment_hooks, score
 from .io import atomic_folder
 from .plan import Plan, dump_plans
-from .prune import DEFAULT_KINDS, auto_layers, build_report, check_args, record_groups, refit_summary, step_target
+from .prune import (DEFAULT_KINDS, auto_layers, build_report, check_args, check_graph, record_groups, refit_summary,
+                    step_target)
 from .reconstruct import ReconstructConfig, consumers, reconstruct_block
 from .shrink import mask, shrink
 from .sparsify import batches_of, capture_layer_inputs, find_layers, run_layer
@@ -64,7 +65,7 @@ _NOT_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
 class StreamSettings:
     """What :func:`depgraph.prune` takes, for the streamed path (same meanings and defaults)."""
 
-    target: float = 0.2
+    target: float | None = None  # None: depgraph.prune's default (0.2); not with ratios
     method: str = "activation"
     kinds: tuple = DEFAULT_KINDS
     policy: str = "uniform"
@@ -190,9 +191,11 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def check_settings(settings: StreamSettings) -> None:
-    """One-line refusals of what streaming cannot do, before anything is read or written."""
-    check_args(settings.target, settings.method, settings.steps, False, None, settings.ratios)
+def check_settings(settings: StreamSettings) -> float | None:
+    """One-line refusals of what streaming cannot do, before anything is read or written (with the in-memory
+    prune's own argument checks, :func:`depgraph.prune.check_args`); returns the target to prune to."""
+    target = check_args(settings.target, settings.method, settings.steps, False, None, settings.ratios,
+                        round_to=settings.round_to)
     if settings.method in GRADIENT_METHODS:
         raise PlanError(f"method {settings.method!r} needs gradients, i.e. a backward pass through the whole model, "
                         f"which --stream never holds; stream with {', '.join(STREAM_METHODS)}, or load the model "
@@ -205,6 +208,7 @@ def check_settings(settings: StreamSettings) -> None:
         raise PlanError("--stream does not fold bias compensation yet; prune in memory for --compensate")
     if isinstance(settings.layers, str) and settings.layers != "auto":
         raise PlanError(f"layers must be 'auto', None or a list of layer indices, got {settings.layers!r}")
+    return target
 
 
 def _check_groups(graph, kinds, n_blocks: int) -> None:
@@ -228,7 +232,7 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
     """
     if output is None:
         raise PlanError("stream=True needs output=FOLDER: the pruned weights are written block by block")
-    check_settings(settings)
+    target = check_settings(settings)
     if settings.method in STATS_FROM_MOMENTS or settings.reconstruct:
         if calibration is None:
             raise PlanError(f"{'reconstruct=True' if settings.reconstruct else 'method ' + repr(settings.method)} "
@@ -256,6 +260,7 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
     times["trace_s"] = time.perf_counter() - t
     if layers == "auto":
         layers = auto_layers(graph)
+    check_graph(graph, target, kinds, layers, settings.round_to, settings.gqa, settings.ratios)
     layers_path, blocks = find_layers(model)
     _check_groups(graph, kinds, len(blocks))
     aliases = {c: names for c, names in graph.aliases.items()}
@@ -315,7 +320,7 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
 
     # 4. plan, on the whole graph: the same call as the in-memory prune
     t = time.perf_counter()
-    fraction = None if settings.ratios is not None else step_target(original, original, settings.target, 1, 1)
+    fraction = None if settings.ratios is not None else step_target(original, original, target, 1, 1)
     plan = Plan.from_scores(graph, scores, fraction, kinds=kinds, policy=policy, layers=layers,
                             round_to=settings.round_to, gqa=settings.gqa, ratios=settings.ratios)
     times["plan_s"] = time.perf_counter() - t
@@ -379,7 +384,7 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
         groups: dict = {}
         record_groups(groups, plan, scores)
         report = build_report(model, original, {
-            "method": settings.method, "target": settings.target, "policy": policy, "steps": 1,
+            "method": settings.method, "target": target, "policy": policy, "steps": 1,
             "uniform": settings.uniform, "compensate": False, "reconstruct": settings.reconstruct,
             "damp": settings.damp if settings.reconstruct else None,
             "reconstruction": refit_summary(refits) if refits else None,

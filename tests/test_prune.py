@@ -129,3 +129,45 @@ def test_report_counts_parameters_per_group_and_without_embeddings():
     assert sum(g["params_removed"] for g in report["groups"]) == removed
     emb = model.model.embed_tokens.weight.numel()
     assert report["non_embedding_removed_fraction"] == pytest.approx(removed / (report["params_before"] - emb))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"target": 0.9}, r"target 0.9 cannot be met: at most 0\.\d+ \(\d+\.\d%\) of the parameters can be removed "
+                      r"with kinds \('mlp',\)"),
+    ({"target": 0.9, "steps": 3}, "target 0.9 cannot be met"),
+    ({"target": 0.1, "ratios": {"mlp": 0.2}}, "either a parameter target or per-kind ratios, not both"),
+    ({"round_to": 0}, "round_to must be a positive integer"),
+    ({"round_to": -8}, "round_to must be a positive integer"),
+    ({"layers": [5, 6]}, r"layers \[5, 6\] are not in the model \(its layers: 0..1\)"),
+    ({"layers": []}, "empty layer range"),
+    ({"kinds": ("hidden",), "layers": [0]}, "nothing to prune: no prunable groups of kinds \\('hidden',\\) in layers"),
+])
+def test_unmeetable_targets_and_bad_options_fail_before_scoring(monkeypatch, kwargs, message):
+    """Refused right after the trace: the scoring never runs, the model is untouched."""
+    import importlib
+
+    prune_mod = importlib.import_module("depgraph.prune")
+
+    def no_scoring(*args, **kw):
+        raise AssertionError("scored before refusing")
+
+    monkeypatch.setattr(prune_mod, "score", no_scoring)
+    model = ARCHS["llama-gqa"]()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(depgraph.PlanError, match=message):
+        depgraph.prune(model, None, **{"method": "l2", "progress": False, "layers": None, **kwargs})
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_reachable_target_is_met_and_just_beyond_is_refused():
+    """The largest reachable fraction itself is met; a little more is refused with that figure."""
+    from depgraph.plan import most_removable
+
+    model = ARCHS["llama-gqa"]()
+    graph = depgraph.trace(model)
+    reach = most_removable(graph, ("mlp",), None, round_to=8).params_removed() / graph.num_params
+    scores = {g.id: torch.rand(g.num_units).tolist() for g in graph.groups("mlp")}
+    plan = depgraph.Plan.from_scores(graph, scores, reach, kinds=("mlp",))
+    assert plan.params_removed() / graph.num_params == pytest.approx(reach)
+    with pytest.raises(depgraph.PlanError, match=f"at most {reach:.4f}"):
+        depgraph.Plan.from_scores(graph, scores, reach + 0.01, kinds=("mlp",))

@@ -63,7 +63,7 @@ def test_corrupted_folders_raise_load_error(tmp_path):
     no_weights = tmp_path / "no_weights"
     shutil.copytree(good, no_weights)
     (no_weights / "model.safetensors").unlink()
-    with pytest.raises(LoadError, match="no \\*.safetensors"):
+    with pytest.raises(LoadError, match="no_weights: no weights"):
         depgraph.load_pruned(no_weights)
 
     truncated = tmp_path / "truncated"
@@ -154,3 +154,85 @@ def test_stock_gguf_loaded_model_saves(tmp_path):
     x = torch.tensor([[1, 5, 9, 2, 7]])
     assert torch.equal(_logits(loaded, x), _logits(model, x))
     assert loaded.model.layers[0].mlp.up_proj.out_features == 61
+
+
+@pytest.fixture()
+def pruned_pair(tmp_path):
+    """Two folders of the same model pruned by two different (non-uniform) plans."""
+    model = ARCHS["llama-gqa"]()
+    graph = depgraph.trace(model)
+    folders = []
+    for name, units in (("a", [1, 5, 9]), ("b", [0, 2, 4, 6, 8])):
+        shrunk = depgraph.shrink(copy.deepcopy(model), depgraph.Plan.from_units(graph, {"mlp.0": units}))
+        folders.append(depgraph.save_pruned(shrunk, tmp_path / name))
+    return folders
+
+
+def _edit_config(folder, edit):
+    cfg = json.loads((folder / "config.json").read_text())
+    edit(cfg)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def test_edited_head_dim_is_refused(pruned_pair):
+    a, _ = pruned_pair
+    _edit_config(a, lambda c: c.update(head_dim=c["head_dim"] // 2))
+    with pytest.raises(LoadError, match=r"a/config.json: builds model.layers.\d.self_attn.q_proj.weight with shape "
+                                        r".* edited after saving"):
+        depgraph.load_pruned(a)
+
+
+def test_recorded_attribute_contradicting_its_weight_is_refused(pruned_pair):
+    a, _ = pruned_pair
+    _edit_config(a, lambda c: c["depgraph"]["modules"]["model.layers.0.mlp.up_proj"].update(out_features=62))
+    with pytest.raises(LoadError, match=r"model.layers.0.mlp.up_proj.out_features is 62 \(recorded in config.json\) "
+                                        r"but its weight has shape \[61, 48\]"):
+        depgraph.load_pruned(a)
+
+
+def test_weights_of_another_plan_without_shapes_are_refused(pruned_pair):
+    a, b = pruned_pair
+    (a / "model.safetensors").write_bytes((b / "model.safetensors").read_bytes())
+    _edit_config(a, lambda c: c["depgraph"].pop("shapes"))
+    with pytest.raises(LoadError, match=r"model.layers.0.mlp.\w+_proj.\w+_features is 61 .* weight has shape"):
+        depgraph.load_pruned(a)
+
+
+def test_a_model_that_cannot_run_is_refused_by_the_probe(pruned_pair, monkeypatch):
+    a, _ = pruned_pair
+    from transformers.models.llama import modeling_llama
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", broken)
+    with pytest.raises(LoadError, match="a: the rebuilt model fails a one-token forward .*mat1 and mat2"):
+        depgraph.load_pruned(a)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("only_config", "no weights"),
+    ("garbage_config", r"config.json: not valid JSON"),
+    ("binary_config", r"config.json: not a text file"),
+    ("not_a_config", r"config.json: not a Hugging Face model config"),
+    ("truncated", r"model.safetensors: cannot read safetensors weights .*truncated"),
+])
+def test_broken_hf_folders_are_one_line(tmp_path, case, message):
+    from depgraph.models import load_model
+
+    folder = tmp_path / "m"
+    ARCHS["llama-mha"]().save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    if case == "only_config":
+        weights.unlink()
+    elif case == "garbage_config":
+        (folder / "config.json").write_text("{'model_type': llama,")
+    elif case == "binary_config":
+        (folder / "config.json").write_bytes(b"\xff\xfe\x00garbage")
+    elif case == "not_a_config":
+        (folder / "config.json").write_text("[1, 2, 3]")
+    else:
+        weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(LoadError, match=message) as info:
+        load_model(folder)
+    assert "\n" not in str(info.value)

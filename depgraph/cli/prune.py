@@ -46,7 +46,8 @@ def add(subparsers) -> None:
                               description="Prune MODEL to a parameter target and write the pruned model folder "
                                           "with plan.json and report.json.")
     add_model_argument(p)
-    p.add_argument("--target", type=fraction, default=0.2, help="fraction of all parameters to remove")
+    p.add_argument("--target", type=fraction, default=None, help="fraction of all parameters to remove (default 0.2; "
+                                                                 "not with --ratios)")
     p.add_argument("--ratios", type=_ratios, default=None,
                    help="per-kind fractions of units instead of --target, e.g. attention=0.25,mlp=0.3")
     p.add_argument("--method", choices=methods(), default="activation",
