@@ -151,6 +151,13 @@ def save_model_atomic(model, tokenizer, dest: str | os.PathLike) -> Path:
 
 
 def _load_folder(path: Path, dtype):
+    from depgraph.outdir import model_subfolder
+
+    sub = model_subfolder(path)
+    if sub is not None and not (path / "config.json").is_file():  # a run folder (depgraph recover's OUT)
+        if not sub.is_dir():
+            raise ValueError(f"{str(path)!r} is a depgraph run folder whose model ({sub.name}/) is not written yet")
+        return _load_folder(sub, dtype)
     if is_depgraph_folder(path):
         return _load_depgraph_folder(path, dtype)
     if (path / "config.json").is_file():

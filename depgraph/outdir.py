@@ -41,6 +41,22 @@ def is_output_folder(path) -> bool:
     return isinstance(data, dict) and records.KEY in data
 
 
+def mark(folder, kind: str, **fields) -> None:
+    """Write the marker that makes ``folder`` a depgraph output folder; ``model="model"`` says that a run folder's
+    model lives in that subfolder (so every MODEL argument accepts the run folder)."""
+    (Path(folder) / MARKER).write_text(json.dumps({"kind": kind, "format": 1, **fields}) + "\n")
+
+
+def model_subfolder(path) -> Path | None:
+    """The model folder a marked run folder names (``recover``'s OUT/model), or None."""
+    try:
+        data = json.loads((Path(path) / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    sub = data.get("model") if isinstance(data, dict) else None
+    return Path(path) / sub if isinstance(sub, str) and sub else None
+
+
 def _inside(a: Path, b: Path) -> bool:
     """``a`` is ``b`` or lies below it (both resolved)."""
     return a == b or b in a.parents
@@ -132,7 +148,7 @@ def output_folder(path, overwrite: bool = False, sources=(), kind: str = "model"
     tmp.mkdir()
     try:
         yield tmp
-        (tmp / MARKER).write_text(json.dumps({"kind": kind, "format": 1}) + "\n")
+        mark(tmp, kind)
         usual_permissions(tmp)
         _replace(tmp, out, out.parent / f".{out.name}.depgraph-old-{tag}", overwrite)
     except BaseException:

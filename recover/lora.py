@@ -7,7 +7,8 @@ of ours.  LoRA adapters are per-module, so pruned models with non-uniform per-la
 After training the adapters are merged (``merge_and_unload``) and the model is written with
 :func:`depgraph.save_pruned` to ``output_dir/model`` (loads with :func:`depgraph.load_pruned`).  The adapter alone
 is kept in ``output_dir/adapter``, Trainer checkpoints in ``output_dir/checkpoints`` and the run summary in
-``output_dir/summary.json``.
+``output_dir/summary.json``.  ``output_dir`` is marked as a depgraph run folder whose model is ``model/``, so every
+MODEL argument (``load_model``, the CLI) accepts ``output_dir`` itself.
 """
 
 from __future__ import annotations
@@ -258,6 +259,7 @@ def recover(
     progress: bool | Any = True,
     training_args: dict | None = None,
     callbacks: list | None = None,
+    overwrite: bool = False,
 ):
     """LoRA-fine-tune ``model`` (a pruned causal LM, modified in place) on ``data``, merge and save it.
 
@@ -286,6 +288,7 @@ def recover(
     from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
 
     from depgraph.io import save_pruned
+    from depgraph.outdir import check_output, mark
 
     if tokenizer is None:
         raise ValueError("recover needs the model's tokenizer")
@@ -307,6 +310,10 @@ def recover(
     print_fn = progress if callable(progress) else (print if progress else (lambda *a, **k: None))
 
     output_dir = Path(output_dir)
+    if save:  # refused before any work: a file, a foreign non-empty folder (unless overwrite), an unwritable parent
+        check_output(output_dir, overwrite=overwrite or resume_from_checkpoint is not None)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        mark(output_dir, "recover", model="model")  # any MODEL argument accepts OUT (it loads OUT/model)
     ckpt_dir = output_dir / "checkpoints"
     set_seed(seed)
     targets = resolve_target_modules(model, target_modules)

@@ -336,6 +336,16 @@ def test_cli_recover(tok, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 2
     assert _widths(depgraph.load_pruned(out / "model")) == _widths(depgraph.load_pruned(src))
+    from depgraph.models import load_model
+
+    run_model, run_tok = load_model(out)  # OUT itself is a MODEL argument: the run folder names its model
+    assert _widths(run_model) == _widths(depgraph.load_pruned(src)) and run_tok is not None
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    assert main(["recover", str(src), "--data", str(data), "--max-steps", "1", "-o", str(foreign)]) == 1
+    assert "non-empty folder that depgraph did not write" in capsys.readouterr().err
+    assert sorted(p.name for p in foreign.iterdir()) == ["keep.txt"]
     # bad target module and missing data: one-line errors, exit status 1
     assert main(["recover", str(src), "--data", str(data), "--target-modules", "nope", "-o", str(out)]) == 1
     assert "'nope' matches no module" in capsys.readouterr().err
