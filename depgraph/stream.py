@@ -46,6 +46,7 @@ from .errors import LoadError, PlanError
 from .graph import trace
 from .importance import GRADIENT_METHODS, STATS_FROM_MOMENTS, moment_hooks, score
 from .io import atomic_folder
+from .outdir import check_output
 from .plan import Plan, dump_plans
 from .prune import (DEFAULT_KINDS, auto_layers, build_report, check_args, check_graph, record_groups, refit_summary,
                     step_target)
@@ -81,6 +82,7 @@ class StreamSettings:
     damp: float = 0.01
     ratios: dict | None = None
     progress: bool = True
+    overwrite: bool = False  # replace a non-empty output folder depgraph did not write (never the checkpoint)
     log: str | None = None  # a file that gets one JSON line per finished block (partial results of long runs)
     dtype: torch.dtype | None = None  # None: the checkpoint's dtype (that of the output weights)
     compute_dtype: torch.dtype | None = None  # the block math's dtype; None: ``dtype``. float32 on CPUs without
@@ -244,6 +246,7 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
         folder = Path(checkpoint)
     else:
         folder, model = Path(model), None
+    check_output(output, settings.overwrite, [folder])  # OUT refused before any work, not after the blocks
     ckpt = Checkpoint(folder)
     t_start = time.perf_counter()
     times = {"trace_s": 0.0, "capture_s": 0.0, "score_s": 0.0, "plan_s": 0.0, "shrink_s": 0.0}
@@ -337,7 +340,7 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
         sequential = _capture(model, ckpt, embed, aliases, blocks, batches_of(calibration, config.batch_size),
                               compute)
         times["capture_s"] += time.perf_counter() - t
-    with atomic_folder(output) as tmp:
+    with atomic_folder(output, overwrite=settings.overwrite, sources=[folder]) as tmp:
         bar.set_description("stream: shrink, verify, write blocks")
         try:
             for i, block in enumerate(blocks):

@@ -51,6 +51,26 @@ def add_calibration(parser: argparse.ArgumentParser, source: str, n_samples: int
     add_data_dir(parser)
 
 
+def add_overwrite(parser: argparse.ArgumentParser) -> None:
+    """``--overwrite``: replace a non-empty OUT that depgraph did not write (read by :func:`check_output_args`)."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT even if it is a non-empty folder depgraph did not write (never the input "
+                             "model)")
+
+
+def check_output_args(args, source=None) -> list:
+    """Refuse ``-o OUT`` before loading anything (:func:`depgraph.outdir.check_output`): a file, the input model
+    ``source`` (default ``args.model``; the bundled model when omitted) or a folder inside it, a foreign non-empty
+    folder unless ``--overwrite``, an unwritable parent. Returns the sources OUT must spare."""
+    from depgraph.models import smollm2_cache_dir
+    from depgraph.outdir import check_output
+
+    source = args.model if source is None else source
+    sources = [source if source else smollm2_cache_dir()]
+    check_output(args.output, overwrite=args.overwrite, sources=sources)
+    return sources
+
+
 def model_name(args) -> str:
     """The MODEL argument as a report names it."""
     return args.model or BUNDLED

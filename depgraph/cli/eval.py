@@ -34,12 +34,18 @@ def run(args) -> int:
         raise DepgraphError(f"--ppl: unknown data set(s) {unknown}; choose wikitext2, ptb")
     if args.window < 2:
         raise DepgraphError("--window must be at least 2 tokens")
+    if args.limit is not None and args.limit < 1:
+        raise DepgraphError(f"--limit must be a positive integer, got {args.limit}")
     from recover.evaluate import perplexity, zero_shot
 
 
     model, tok = load(args)
     if tok is None:
         raise DepgraphError(f"{args.model}: no tokenizer in the model folder")
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if ppl_sets and isinstance(context, int) and args.window > context:
+        raise DepgraphError(f"--window {args.window} is longer than the model's context ({context} tokens); "
+                            f"give --window {context} or less")
     result = {"model": model_name(args), "window": args.window, "limit": args.limit,
               "protocol": args.protocol, "ppl": {}, "ppl_source": {}}
     for name in ppl_sets:

@@ -11,8 +11,8 @@ from depgraph.errors import DepgraphError
 from depgraph.importance import methods, needs_calibration
 from depgraph.plan import POLICIES, dump_plans
 
-from .common import (DTYPES, add_calibration, add_model_argument, add_protocol_argument, calibration_from_args,
-                     fraction, load, model_name, torch_dtype)
+from .common import (DTYPES, add_calibration, add_model_argument, add_overwrite, add_protocol_argument,
+                     calibration_from_args, check_output_args, fraction, load, model_name, torch_dtype)
 
 KINDS = ("attention", "mlp", "hidden", "experts")
 
@@ -24,6 +24,8 @@ def _layers(text: str):
     try:
         if ":" in text:
             lo, hi = text.split(":")
+            if int(hi) <= int(lo):
+                raise argparse.ArgumentTypeError(f"empty layer range {text}")
             return range(int(lo), int(hi))
         return [int(x) for x in text.split(",")]
     except ValueError:
@@ -83,6 +85,7 @@ def add(subparsers) -> None:
                         "~10x faster than bf16 on CPUs without bf16 matmuls); the written weights keep their dtype")
     p.add_argument("--no-report", action="store_true", help="do not write report.html into the output folder")
     p.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
+    add_overwrite(p)
     p.set_defaults(func=run)
 
 
@@ -93,6 +96,10 @@ def _check_prune_args(args) -> list:
         raise DepgraphError(f"--kinds: unknown kind(s) {bad or kinds}; choose from {', '.join(KINDS)}")
     if args.steps < 1 or args.n_samples < 1 or args.seq_len < 2:
         raise DepgraphError("--steps, --n-samples must be >= 1 and --seq-len >= 2")
+    if args.round_to < 1:
+        raise DepgraphError(f"--round-to must be a positive integer (1: no rounding), got {args.round_to}")
+    if args.ratios is not None and args.target is not None:
+        raise DepgraphError("--ratios and --target: give one (per-kind unit fractions, or a parameter fraction)")
     calib = Path(args.calib).expanduser()
     needs_calib = needs_calibration(args.method) or args.compensate or args.reconstruct
     if needs_calib and (calib.suffix or "/" in args.calib):
@@ -105,9 +112,12 @@ def _check_prune_args(args) -> list:
 
 def run(args) -> int:
     kinds = _check_prune_args(args)
+    sources = check_output_args(args)
     if args.stream:
         return run_streamed(args, kinds)
     import depgraph
+    from depgraph.io import write_pruned
+    from depgraph.outdir import output_folder
 
     t0 = time.perf_counter()
     model, tok = load(args)
@@ -127,11 +137,13 @@ def run(args) -> int:
                                                         "protocol": args.protocol}
     plan_json = dump_plans(plans)
     t = time.perf_counter()
-    out = depgraph.save_pruned(model, args.output, tokenizer=tok,
-                               extra_files={"plan.json": plan_json, "report.json": json.dumps(report, indent=1)})
-    report["times"]["save_s"] = time.perf_counter() - t
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    _html_report(out, args)
+    with output_folder(args.output, overwrite=args.overwrite, sources=sources) as tmp:  # OUT appears complete
+        write_pruned(model, tmp, tokenizer=tok,
+                     extra_files={"plan.json": plan_json, "report.json": json.dumps(report, indent=1)})
+        report["times"]["save_s"] = time.perf_counter() - t
+        (tmp / "report.json").write_text(json.dumps(report, indent=1))
+        _html_report(tmp, args)
+    out = Path(args.output)
     print(f"pruned {report['params_before']:,} -> {report['params_after']:,} parameters "
           f"({100 * report['removed_fraction']:.1f}% removed, method {args.method}); wrote {out}")
     return 0
@@ -159,7 +171,7 @@ def run_streamed(args, kinds) -> int:
     settings = StreamSettings(target=args.target, method=args.method, kinds=tuple(kinds), policy=args.policy,
                               layers=args.layers, round_to=args.round_to, gqa=args.gqa, steps=args.steps,
                               uniform=args.uniform, compensate=args.compensate, ratios=args.ratios,
-                              reconstruct=args.reconstruct, dtype=torch_dtype(args.dtype),
+                              reconstruct=args.reconstruct, overwrite=args.overwrite, dtype=torch_dtype(args.dtype),
                               compute_dtype=torch_dtype(args.compute_dtype))
     check_settings(settings)
     needs_calib = needs_calibration(args.method) or args.reconstruct

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .common import add_data_dir, add_dtype, load
+from .common import add_data_dir, add_dtype, add_overwrite, check_output_args, load
 
 
 def add(subparsers) -> None:
@@ -67,6 +67,7 @@ def add(subparsers) -> None:
     add_data_dir(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument("--json", action="store_true", help="print the final summary as one JSON line")
+    add_overwrite(parser)
     parser.set_defaults(func=run)
 
 
@@ -77,6 +78,8 @@ def run(args) -> int:
         raise ValueError("--teacher is used only with --distill")
     from recover.lora import recover
 
+    if args.resume is None:  # resuming continues in OUT
+        check_output_args(args, source=args.pruned)
     log = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, file=sys.stderr, **k))
     log(f"loading {args.pruned}")
     model, tokenizer = load(args, args.pruned)
@@ -97,7 +100,7 @@ def run(args) -> int:
         bf16={"auto": None, "on": True, "off": False}[args.bf16], gradient_checkpointing=args.gradient_checkpointing,
         resume_from_checkpoint=args.resume, distill=args.distill, teacher=teacher, distill_alpha=args.distill_alpha,
         temperature=args.temperature, seed=args.seed, limit=args.limit, data_dir=args.data_dir,
-        max_minutes=args.max_minutes, progress=log if not args.quiet else False,
+        max_minutes=args.max_minutes, progress=log if not args.quiet else False, overwrite=args.overwrite,
     )
     if args.json:
         print(json.dumps(summary, default=str))

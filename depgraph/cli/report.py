@@ -13,7 +13,13 @@ def add(subparsers) -> None:
 
 
 def run(args) -> int:
+    from pathlib import Path
+
     from viz import report
 
+    from depgraph.errors import DepgraphError
+
+    if Path(args.run_dir).is_file():
+        raise DepgraphError(f"{args.run_dir} is a file, not a run folder; give the folder `depgraph prune -o` wrote")
     print(report(args.run_dir, args.output))
     return 0

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from depgraph.sparsify import SPARSIFIERS, SparsifyError, check_sparsity, parse_nm, sparsify
 
-from .common import add_calibration, add_model_argument, calibration_from_args, load, model_name
+from .common import (add_calibration, add_model_argument, add_overwrite, calibration_from_args, check_output_args, load,
+                     model_name)
 
 def _sparsity_arg(text: str) -> float:
     try:
@@ -45,6 +46,7 @@ def add(subparsers) -> None:
     p.add_argument("--device", default=None, help="process each layer on this device (e.g. cuda)")
     p.add_argument("--quiet", action="store_true", help="no per-layer progress")
     p.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
+    add_overwrite(p)
     p.set_defaults(func=run)
 
 
@@ -53,6 +55,7 @@ def run(args) -> int:
 
     if args.n_samples < 1 or args.seq_len < 2:
         raise SparsifyError("--n-samples must be >= 1 and --seq-len >= 2")
+    sources = check_output_args(args)
     nm = args.nm
     sparsity = None if nm else (0.5 if args.sparsity is None else args.sparsity)
     model, tok = load(args)
@@ -70,7 +73,7 @@ def run(args) -> int:
     src = Path(args.model) if args.model else None
     if src is not None and src.is_dir() and (src / "plan.json").is_file():  # keep the structured plan with it
         extra["plan.json"] = (src / "plan.json").read_text()
-    out = save_pruned(model, args.output, tokenizer=tok, extra_files=extra)
+    out = save_pruned(model, args.output, tokenizer=tok, extra_files=extra, overwrite=args.overwrite, sources=sources)
     print(f"sparsified {report['numel']:,} linear weights to {100 * report['sparsity']:.2f}% zeros "
           f"({args.method}, {report['pattern']}); wrote {out}")
     return 0
