@@ -74,8 +74,12 @@ def test_adaptive_widths_follow_sensitivity_with_a_floor(graph):
     n = {g.id: g.num_units for g in graph.groups(("mlp",))}
     assert after.get("mlp.1", n["mlp.1"]) > after["mlp.0"]
     assert all(v % 8 == 0 for v in after.values())
-    floor = depgraph.Plan.from_scores(graph, {g: s * 0 + (5 if g == "mlp.1" else 0) + s * 0.01 for g, s in scores.items()},
-                                      0.3, kinds=("mlp",), policy="adaptive", round_to=1, min_width=0.5)
+    skewed = {g: s * 0 + (5 if g == "mlp.1" else 0) + s * 0.01 for g, s in scores.items()}
+    floor = depgraph.Plan.from_scores(graph, skewed, 0.2, kinds=("mlp",), policy="adaptive", round_to=1,
+                                      min_width=0.5)
     assert all(e.units_after >= 0.5 * e.num_units for e in floor.entries)
+    assert min(e.units_after / e.num_units for e in floor.entries) == 0.5  # the floor binds
+    with pytest.raises(depgraph.PlanError, match="target 0.3 cannot be met"):  # every group at its floor: < 30%
+        depgraph.Plan.from_scores(graph, skewed, 0.3, kinds=("mlp",), policy="adaptive", round_to=1, min_width=0.5)
     with pytest.raises(depgraph.PlanError, match="min_width"):
         depgraph.Plan.from_scores(graph, scores, 0.1, policy="adaptive", min_width=0)
