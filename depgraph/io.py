@@ -37,7 +37,7 @@ def write_pruned(model, folder, tokenizer=None, extra_files: dict | None = None)
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "save_pretrained"):
         raise LoadError(f"save_pruned needs a transformers model, got {type(model).__name__}")
-    config.depgraph = records.for_save(model, _config_shapes(type(model), config))
+    config.depgraph = records.for_save(model, config_shapes(type(model), config))
     with _dense_quantizer_detached(model):
         # the state-dict names as they are (no conversion back to a legacy layout such as per-expert
         # checkpoints), so load_pruned and the modeling file find every tensor where the shrunk model keeps it
@@ -89,7 +89,7 @@ def atomic_folder(path, overwrite: bool = False, sources=()):
         yield tmp
 
 
-def _config_shapes(cls, config) -> dict | None:
+def config_shapes(cls, config) -> dict | None:
     """{tensor: shape} of ``cls(config)`` built on the meta device (None when it does not build)."""
     try:
         with torch.device("meta"):

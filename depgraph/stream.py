@@ -45,7 +45,7 @@ from . import record as records
 from .errors import LoadError, PlanError
 from .graph import trace
 from .importance import GRADIENT_METHODS, STATS_FROM_MOMENTS, moment_hooks, score
-from .io import atomic_folder
+from .io import atomic_folder, config_shapes
 from .outdir import check_output
 from .plan import Plan, dump_plans
 from .prune import (DEFAULT_KINDS, auto_layers, build_report, check_args, check_graph, record_groups, refit_summary,
@@ -263,9 +263,9 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
     times["trace_s"] = time.perf_counter() - t
     if layers == "auto":
         layers = auto_layers(graph)
-    check_graph(graph, target, kinds, layers, settings.round_to, settings.gqa, settings.ratios)
     layers_path, blocks = find_layers(model)
     _check_groups(graph, kinds, len(blocks))
+    check_graph(graph, target, kinds, layers, settings.round_to, settings.gqa, settings.ratios)
     aliases = {c: names for c, names in graph.aliases.items()}
     canon_of = {a: c for c, names in aliases.items() for a in names}
     every = list(dict.fromkeys(canon_of.get(n, n) for n in model.state_dict(keep_vars=True)))
@@ -378,7 +378,7 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
             total_size += _save(ckpt.read(names), tmp / shard(len(blocks) + k + 1, n_shards), weight_map)
         (tmp / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-        model.config.depgraph = records.for_save(model)
+        model.config.depgraph = records.for_save(model, config_shapes(type(model), model.config))
         model.config.save_pretrained(tmp)
         wrote_code = remote_code.write(tmp, model)  # non-uniform: modeling file + auto_map, as save_pruned does
         for f in sorted(folder.iterdir()):

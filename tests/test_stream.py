@@ -180,8 +180,12 @@ def test_cli_stream(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "needs gradients" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+    # 3 layers, 'auto' prunes layer 1 only: at most 14.9% is reachable, so the default 0.2 is refused (issue 12)
     assert main(["prune", str(sharded), "--stream", "--calib", str(text), "--n-samples", "2", "--seq-len", "8",
-                 "--no-report", "-o", str(tmp_path / "out")]) == 0
+                 "--no-report", "-o", str(tmp_path / "out")]) == 1
+    assert "target 0.2 cannot be met" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert main(["prune", str(sharded), "--stream", "--calib", str(text), "--n-samples", "2", "--seq-len", "8",
+                 "--target", "0.1", "--no-report", "-o", str(tmp_path / "out")]) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["removed_fraction"] > 0 and report["stream"]["calibration_rows"] == 2
     assert (tmp_path / "out" / "tokenizer.json").is_file()
