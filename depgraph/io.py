@@ -15,6 +15,7 @@ import torch
 
 from . import card, remote_code
 from . import record as records
+from .depth import skip_modules
 from .errors import LoadError
 from .outdir import output_folder
 
@@ -129,6 +130,7 @@ def load_pruned(path, dtype=None, device="cpu"):
             raise LoadError(f"{path}: tensor {name} has shape {list(state[name].shape)}, config records {shape}")
     with init_empty_weights(include_buffers=False):
         model = cls(config)
+    skip_modules(model, info.get("skipped") or {})  # removed sub-blocks (depgraph.depth)
     for mod_path in info["added_biases"]:  # biases added by compensation
         mod = model.get_submodule(mod_path)
         if getattr(mod, "bias", None) is None:

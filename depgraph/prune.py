@@ -5,6 +5,7 @@ import time
 
 import torch
 
+from .block_scores import score_blocks
 from . import record as records
 from .compensate import apply_bias, bias_deltas
 from .errors import PlanError
@@ -106,7 +107,7 @@ def prune(model, calibration=None, target: float = 0.2, method: str = "activatio
           normalize=None, steps: int = 1, uniform: bool = False, compensate: bool = False,
           ratios: dict | None = None, progress: bool = True, reconstruct: bool = False, damp: float = 0.01,
           stream: bool = False, checkpoint=None, output=None,
-          verify: bool = True):
+          verify: bool = True, block_method: str = "influence", depth_share: float | None = None):
     """Shrink ``model`` in place by ``target`` (fraction of *all* parameters); returns (model, report, plans).
 
     ``stream=True`` prunes a checkpoint larger than memory one decoder block at a time
@@ -132,6 +133,9 @@ def prune(model, calibration=None, target: float = 0.2, method: str = "activatio
     dampening); with ``compensate=True`` too, the bias joins the fit. Both are done before each shrink.
     ``verify`` (default on): each shrink is checked against its mask on a short probe, block by block
     (:func:`depgraph.shrink`); a mismatch restores the model and raises ``ShrinkVerifyError``.
+    ``"block"`` in ``kinds`` adds depth pruning (whole layers and attention/MLP sub-blocks, depgraph.blocks), scored
+    by ``block_method`` (``influence``: ShortGPT's Block Influence, or ``loss``: the calibration-loss increase,
+    depgraph.block_scores); ``depth_share`` is the part of the target depth takes (see ``Plan.from_scores``).
     """
     if stream:
         from .stream import StreamSettings, prune_streamed
@@ -160,13 +164,16 @@ def prune(model, calibration=None, target: float = 0.2, method: str = "activatio
         if layers == "auto":  # read off the first graph
             layers = auto_layers(graph)
         t = time.perf_counter()
+        width = tuple(k for k in kinds if k != "block")
         scores = score(model, graph, calibration, method=method, aggregate=aggregate, normalize=normalize,
-                       kinds=kinds, progress=progress)
+                       kinds=width, progress=progress) if width else {}
+        if "block" in kinds:
+            scores.update(score_blocks(model, graph, calibration, method=block_method, layers=layers))
         times["score_s"] += time.perf_counter() - t
         fraction = None if ratios is not None else step_target(original, _params(model), target, step, steps)
         t = time.perf_counter()
         plan = Plan.from_scores(graph, scores, fraction, kinds=kinds, policy=policy, layers=layers,
-                                round_to=round_to, gqa=gqa, ratios=ratios)
+                                round_to=round_to, gqa=gqa, ratios=ratios, depth_share=depth_share)
         times["plan_s"] += time.perf_counter() - t
         t = time.perf_counter()
         deltas = {}
@@ -186,7 +193,9 @@ def prune(model, calibration=None, target: float = 0.2, method: str = "activatio
     settings = {"method": method, "target": target, "policy": policy, "steps": steps, "uniform": uniform,
                 "compensate": compensate, "reconstruct": reconstruct, "damp": damp if reconstruct else None,
                 "reconstruction": refit_summary(refits[-1]) if refits else None,
-                "layers": layers, "round_to": round_to, "gqa": gqa, "ratios": ratios}
+                "layers": layers, "round_to": round_to, "gqa": gqa, "ratios": ratios,
+                "block_method": block_method if "block" in kinds else None, "depth_share": depth_share,
+                "removed_blocks": [e.group for p in plans for e in p.entries if e.block]}
     return model, build_report(model, original, settings, times, groups), plans
 
 

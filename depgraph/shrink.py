@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from . import record as records
+from .depth import apply_blocks
 from .dispatch import materialized
 from .errors import PlanError
 from .plan import Plan
@@ -195,7 +196,7 @@ def _apply(model, plan: Plan, undo: list) -> None:
 def _shrink(model, plan, aliases, undo):
     record = records.get(model)
     changed_modules = {}
-    for name, dims in plan.removed_by_param().items():
+    for name, dims in plan.removed_by_param(blocks=False).items():
         old = _get_tensor(model, name)
         new = old
         for d, idx in dims.items():
@@ -229,6 +230,9 @@ def _shrink(model, plan, aliases, undo):
         if e.width_modules:
             _set_counts(model, e.width_modules, WIDTH_ATTRIBUTES, e.num_units, e.units_after, record, undo)
     _update_config(model, plan, record)
+    if apply_blocks(model, plan, record, undo):  # depth: skipped sub-blocks, dropped layers (depgraph.depth)
+        config = getattr(model, "config", None)
+        record["uniform"] = not record.get("skipped") and config is not None and _builds_same_shapes(model, config)
 
 
 def _set_counts(model, paths, names, before: int, after: int, record: dict, undo: list | None = None) -> None:
