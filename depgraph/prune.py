@@ -146,6 +146,8 @@ def prune(model, calibration=None, target: float = 0.2, method: str = "activatio
                                   progress=progress, reconstruct=reconstruct, damp=damp)
         return prune_streamed(model, calibration, output, settings, checkpoint=checkpoint)
     check_args(target, method, steps, compensate, calibration, ratios, reconstruct)
+    if "block" in kinds and steps != 1:
+        raise PlanError("depth pruning (kinds with 'block') runs in one step: layers are renumbered by each shrink")
     if ratios is not None:
         kinds = tuple(ratios)
     refit_config = ReconstructConfig(mode="lstsq" if reconstruct else "mean", intercept=compensate, damp=damp)
