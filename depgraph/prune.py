@@ -137,6 +137,8 @@ def prune(model, calibration=None, target: float = 0.2, method: str = "activatio
     by ``block_method`` (``influence``: ShortGPT's Block Influence, or ``loss``: the calibration-loss increase,
     depgraph.block_scores); ``depth_share`` is the part of the target depth takes (see ``Plan.from_scores``).
     """
+    if stream and "block" in kinds:
+        raise PlanError("depth pruning (kinds with 'block') does not run with stream=True")
     if stream:
         from .stream import StreamSettings, prune_streamed
 
