@@ -254,3 +254,16 @@ def test_unprovable_blocks_are_refused_with_the_reason(kind, reason):
     assert not graph.groups("block")
     assert graph.blocked_blocks and all(any(reason in r for r in b["reasons"]) for b in graph.blocked_blocks)
     assert all(b["module"].startswith("layers.") for b in graph.blocked_blocks)
+
+
+def test_dropped_layers_alone_stay_stock_loadable(tmp_path):
+    """Only whole layers removed: the config's layer count says it all, no modeling file is needed."""
+    model = BUILD["gemma2"]()
+    shrunk = depgraph.shrink(copy.deepcopy(model), depgraph.Plan.from_units(depgraph.trace(model), {"block.1": [0]}))
+    assert shrunk.config.depgraph["uniform"]
+    depgraph.save_pruned(shrunk, tmp_path / "out")
+    assert not (tmp_path / "out" / "modeling_depgraph.py").exists()
+    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert loaded.config.num_hidden_layers == 2 and len(loaded.config.layer_types) == 2
+    x = ids(6)
+    torch.testing.assert_close(_logits(loaded, x), _logits(shrunk, x), rtol=0, atol=1e-6)
