@@ -131,6 +131,10 @@ STUDY = (
     ("+reconstruct, adaptive, self calib", {"reconstruct": True, "policy": "adaptive"}, ("self", 10, 64)),
     ("+reconstruct, self 32x128", {"reconstruct": True}, ("self", 32, 128)),
     ("+reconstruct, obs", {"reconstruct": True, "method": "obs"}, ("alpaca", 16, 128)),
+    # depth (issue 13 item 3): whole layers and attention/MLP sub-blocks by Block Influence (depgraph.blocks);
+    # depth + width: half the target as blocks, the rest MLP neurons
+    ("depth", {"kinds": ("block",)}, ("alpaca", 16, 128)),
+    ("depth + width, +reconstruct", {"kinds": ("block", "mlp"), "reconstruct": True}, ("alpaca", 16, 128)),
     ("+reconstruct, obs, adaptive", {"reconstruct": True, "method": "obs", "policy": "adaptive"},
      ("alpaca", 16, 128)),
 )
@@ -198,7 +202,8 @@ def part_study(res: Results, windows: int | None, targets, sets, variants=None, 
                  "params": report["params_after"], "prune_s": round(prune_s, 1), "load_avg": load,
                  "peak_rss_mb": _peak_rss_mb(),
                  "times": {k: round(v, 1) for k, v in report["times"].items()},
-                 "mlp_widths": [w.get("mlp") for w in report["widths"].values()], "calib_s": round(calib_s, 1)}
+                 "mlp_widths": [w.get("mlp") for w in report["widths"].values()], "calib_s": round(calib_s, 1),
+                 "blocks": report.get("removed_blocks") or None}
             t = time.perf_counter()
             r.update(perplexities(model, tok, windows, sets=sets))
             r.update(eval_s=round(time.perf_counter() - t, 1), eval_load_avg=_load())
