@@ -125,10 +125,24 @@ def part_cost(res: Results) -> None:
 STUDY = (
     ("default", {}, ("self", 10, 64)),
     ("+reconstruct", {"reconstruct": True}, ("alpaca", 16, 128)),
+    ("+adaptive", {"policy": "adaptive"}, ("self", 10, 64)),
+    ("+reconstruct, adaptive", {"reconstruct": True, "policy": "adaptive"}, ("alpaca", 16, 128)),
+    ("+reconstruct, self calib", {"reconstruct": True}, ("self", 10, 64)),
+    ("+reconstruct, adaptive, self calib", {"reconstruct": True, "policy": "adaptive"}, ("self", 10, 64)),
+    ("+reconstruct, self 32x128", {"reconstruct": True}, ("self", 32, 128)),
     ("+reconstruct, obs", {"reconstruct": True, "method": "obs"}, ("alpaca", 16, 128)),
+    # depth (issue 13 item 3): whole layers and attention/MLP sub-blocks by Block Influence (depgraph.blocks);
+    # depth + width: half the target as blocks, the rest MLP neurons
+    ("depth", {"kinds": ("block",)}, ("alpaca", 16, 128)),
+    ("depth + width, +reconstruct", {"kinds": ("block", "mlp"), "reconstruct": True}, ("alpaca", 16, 128)),
     ("+reconstruct, obs, adaptive", {"reconstruct": True, "method": "obs", "policy": "adaptive"},
      ("alpaca", 16, 128)),
 )
+
+
+def _load() -> list:
+    """The 1, 5 and 15-minute load averages (the machine is shared: every wall-clock figure carries them)."""
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def _peak_rss_reset() -> None:
@@ -149,20 +163,24 @@ def _peak_rss_mb() -> float | None:
     return None
 
 
-def part_study(res: Results, windows: int, targets, sets, variants=None) -> None:
-    """Rows of the reconstruction / adaptive-width study: prune time, peak RSS, perplexity per target."""
+def part_study(res: Results, windows: int | None, targets, sets, variants=None, key: str = "study") -> None:
+    """Rows of the reconstruction / adaptive-width study: prune time, peak RSS, perplexity per target.
+    ``windows=None``: the full test sets (the headline rows, kept under ``key="headline"``)."""
     import depgraph
 
     dense, tok = load_smollm2()
-    st = res.data.setdefault("study", {"windows": windows, "window": 128, "protocol": "bos", "rows": []})
+    st = res.data.setdefault(key, {"windows": windows, "window": 128, "protocol": "bos", "rows": []})
     if st.get("windows") != windows:
         st.update(windows=windows, rows=[])
     done = {(r["variant"], r["target"]) for r in st["rows"]}
     if ("dense", 0.0) not in done:
-        st["rows"].append({"variant": "dense", "target": 0.0, "removed": 0.0,
-                           "params": sum(p.numel() for p in dense.parameters()),
-                           **perplexities(dense, tok, windows, sets=sets)})
+        t = time.perf_counter()
+        row = {"variant": "dense", "target": 0.0, "removed": 0.0,
+               "params": sum(p.numel() for p in dense.parameters()), **perplexities(dense, tok, windows, sets=sets)}
+        row.update(eval_s=round(time.perf_counter() - t, 1), eval_load_avg=_load())
+        st["rows"].append(row)
         res.save()
+        print(row, flush=True)
     calib_cache = {}
     for target in targets:
         for variant, kw, (source, n, length) in STUDY:
@@ -170,18 +188,25 @@ def part_study(res: Results, windows: int, targets, sets, variants=None) -> None
                 continue
             model = copy.deepcopy(dense)
             _peak_rss_reset()
-            t = time.perf_counter()
             key = (source, n, length)
             if key not in calib_cache:  # calibration is part of the prune time (self-generation is not free)
-                calib_cache[key] = _calib(tok, model, source, n, length)
-            _, report, _ = depgraph.prune(model, calib_cache[key], target=target, progress=False, **kw)
-            prune_s = time.perf_counter() - t
+                t = time.perf_counter()
+                calib_cache[key] = (_calib(tok, model, source, n, length), time.perf_counter() - t)
+            calib, calib_s = calib_cache[key]
+            t = time.perf_counter()
+            _, report, _ = depgraph.prune(model, calib, target=target, progress=False, **kw)
+            prune_s = time.perf_counter() - t + calib_s
+            load = _load()
             r = {"variant": variant, "target": target, "method": report["method"], "policy": report["policy"],
                  "calibration": f"{source} {n}x{length}", "removed": round(report["removed_fraction"], 4),
-                 "params": report["params_after"], "prune_s": round(prune_s, 1), "peak_rss_mb": _peak_rss_mb(),
+                 "params": report["params_after"], "prune_s": round(prune_s, 1), "load_avg": load,
+                 "peak_rss_mb": _peak_rss_mb(),
                  "times": {k: round(v, 1) for k, v in report["times"].items()},
-                 "mlp_widths": [w.get("mlp") for w in report["widths"].values()],
-                 **perplexities(model, tok, windows, sets=sets)}
+                 "mlp_widths": [w.get("mlp") for w in report["widths"].values()], "calib_s": round(calib_s, 1),
+                 "blocks": report.get("removed_blocks") or None}
+            t = time.perf_counter()
+            r.update(perplexities(model, tok, windows, sets=sets))
+            r.update(eval_s=round(time.perf_counter() - t, 1), eval_load_avg=_load())
             st["rows"].append(r)
             res.save()
             print(r, flush=True)
@@ -287,43 +312,79 @@ def write_markdown(res: Results) -> None:
                   f"{s['decode_speedup']} | {s['decode_share_of_ideal']} |",
                   f"| 1x512 forward (s) | {s['latency_512_dense_s']} | {s['latency_512_pruned_s']} | "
                   f"{s['latency_speedup']} | {s['latency_share_of_ideal']} |", ""]
-    st = d.get("study")
-    if st:
-        rows = st["rows"]
-        dense = next((r for r in rows if r["variant"] == "dense"), None)
-        sets = [k for k in ("wikitext2", "ptb", "ptb-test") if dense and k in dense]
-        lines += [f"## Reconstruction and per-layer widths (window {st['window']}, first {st['windows']} windows of "
-                  f"{' and '.join(sets)}, protocol {st.get('protocol', 'bos')}; no recovery)", "",
-                  "default: `depgraph prune --target T` (activation scores, MLP neurons of layers 1-28, uniform "
-                  "widths, self-generated 10 x 64 calibration); +reconstruct: kept columns of every down_proj "
-                  "re-fitted by least squares, block by block (Alpaca 16 x 128 calibration); obs: OBS scores; "
-                  "adaptive: per-layer widths. Prune time includes building the calibration set; peak RSS of the "
-                  "process during the prune (the dense copy included).", "",
-                  "| variant | target | removed | params | " + " | ".join(f"{k} | x dense" for k in sets)
-                  + " | prune (s) | peak RSS (MB) |",
-                  "|---|---|---|---|" + "---|---|" * len(sets) + "---|---|"]
-        for r in rows:
-            cells = [r["variant"], f"{r['target']:.2g}", f"{100 * r['removed']:.1f}%", f"{r['params'] / 1e6:.1f}M"]
-            for k in sets:
-                cells += [f"{r[k]:.1f}", f"{r[k] / dense[k]:.2f}"]
-            cells += [str(r.get("prune_s", "")), str(r.get("peak_rss_mb", ""))]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
-    (RESULTS / "prune.md").write_text("\n".join(lines))
+    for key in ["headline"] + sorted((k for k in d if k.startswith("study")), key=lambda k: -d[k]["windows"]):
+        lines += _study_table(d.get(key), key)
+    res.path.with_suffix(".md").write_text("\n".join(lines))
+
+
+def _study_table(st, key: str) -> list:
+    """Markdown lines of the study (first N windows) or headline (full test sets) rows."""
+    if not st:
+        return []
+    rows = st["rows"]
+    dense = next((r for r in rows if r["variant"] == "dense"), None)
+    sets = [k for k in ("wikitext2", "ptb", "ptb-test") if dense and k in dense]
+    span = "the full test sets" if st["windows"] is None else f"first {st['windows']} windows"
+    title = "Headline rows" if key == "headline" else "Reconstruction and per-layer widths"
+    lines = [f"## {title} (window {st['window']}, {span} of {' and '.join(sets)}, protocol "
+             f"{st.get('protocol', 'bos')}; no recovery)", ""]
+    if dense and "eval_s" in dense:
+        lines += [f"Dense evaluation of these windows: {dense['eval_s']} s (batch 8; load average "
+                  f"{'/'.join(map(str, dense['eval_load_avg']))} at its end, 1/5/15 min).", ""]
+    if key == "headline":
+        lines += ["Targets (full WikiText-2 test, no recovery): 20% <= 1.35x dense, 30% <= 1.8x, 50% <= 5x.", ""]
+    lines += ["default: `depgraph prune --target T` (activation scores, MLP neurons of layers 1-28, uniform widths); "
+              "+reconstruct: kept columns of every down_proj re-fitted by least squares, block by block; obs: OBS "
+              "scores; adaptive: per-layer widths. Prune time includes building the calibration set; peak RSS of "
+              "the process during the prune (the dense copy included); load: the machine's 1/5/15-minute load "
+              "average at the end of the prune (2 cores shared with other jobs, run under nice); eval: time of "
+              "the perplexity evaluation of the row.", "",
+              "| variant | target | calibration | removed | params | "
+              + " | ".join(f"{k} | x dense" for k in sets) + " | prune (s) | load | peak RSS (MB) | eval (s) |",
+              "|---|---|---|---|---|" + "---|---|" * len(sets) + "---|---|---|---|"]
+    for r in rows:
+        cells = [r["variant"], f"{r['target']:.2g}", r.get("calibration", ""), f"{100 * r['removed']:.1f}%",
+                 f"{r['params'] / 1e6:.1f}M"]
+        for k in sets:
+            cells += [f"{r[k]:.1f}", f"{r[k] / dense[k]:.2f}"]
+        cells += [str(r.get("prune_s", "")), "/".join(map(str, r.get("load_avg", []))),
+                  str(r.get("peak_rss_mb", "")), str(r.get("eval_s", ""))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _merge(res: Results, other: dict) -> None:
+    """Add ``other``'s study/headline rows that ``res`` lacks (same windows), then save."""
+    for key, st in other.items():
+        if not (key.startswith("study") or key == "headline"):
+            continue
+        mine = res.data.setdefault(key, {**st, "rows": []})
+        if mine["windows"] != st["windows"]:
+            raise SystemExit(f"--merge: {key} has {st['windows']} windows here, {mine['windows']} in the results")
+        have = {(r["variant"], r["target"]) for r in mine["rows"]}
+        mine["rows"] += [r for r in st["rows"] if (r["variant"], r["target"]) not in have]
+    res.save()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("quality", "cost", "speed", "study", "all", "markdown"), default="all")
+    ap.add_argument("--part", choices=("quality", "cost", "speed", "study", "headline", "all", "markdown"),
+                    default="all")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--targets", default="0.2,0.3,0.5", help="study: comma list of parameter targets")
     ap.add_argument("--sets", default="wikitext2,ptb-test", help="study: perplexity sets")
-    ap.add_argument("--variants", default="", help="study: only these variants (comma list)")
+    ap.add_argument("--variants", default="", help="study/headline: only these variants (';' list)")
+    ap.add_argument("--results", default=str(RESULTS / "prune.json"),
+                    help="JSON file to write (runs side by side each write their own)")
+    ap.add_argument("--merge", default="", help="';' list of JSON files whose study/headline rows join --results")
     args = ap.parse_args()
-    res = Results(RESULTS / "prune.json")
-    if args.part == "study":
-        part_study(res, args.windows, [float(t) for t in args.targets.split(",")], tuple(args.sets.split(",")),
-                   [v for v in args.variants.split(",") if v])
+    res = Results(Path(args.results))
+    for other in filter(None, args.merge.split(";")):
+        _merge(res, Results(Path(other)).data)
+    if args.part in ("study", "headline"):  # headline: the full test sets
+        part_study(res, args.windows if args.part == "study" else None, [float(t) for t in args.targets.split(",")],
+                   tuple(args.sets.split(",")), [v for v in args.variants.split(";") if v],
+                   key="headline" if args.part == "headline" else f"study-{args.windows}")
     if args.part in ("cost", "all"):
         part_cost(res)
     if args.part in ("speed", "all"):

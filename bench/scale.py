@@ -54,6 +54,11 @@ def _peak_gb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
 
 
+def _load() -> list:
+    """The machine's 1/5/15-minute load averages (shared CPU: every wall-clock figure carries them)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def _config(key: str):
     from transformers import LlamaConfig
 
@@ -73,7 +78,8 @@ def job_generate(key: str) -> dict:
 
     dest = _cache() / key
     if (dest / "model.safetensors.index.json").is_file():
-        return {"generated": False, "folder": str(dest)}
+        total = json.loads((dest / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+        return {"generated": False, "folder": str(dest), "bytes": total}
     t0 = time.perf_counter()
     config = _config(key)
     with init_empty_weights():
@@ -134,7 +140,7 @@ def job_stream(key: str, out: str, log: str = "") -> dict:
                                                                      progress=False, log=log or None))
     s = report["stream"]
     blocks = s["blocks"]
-    return {"wall_s": round(time.perf_counter() - t0, 1), "peak_rss_gb": _peak_gb(),
+    return {"wall_s": round(time.perf_counter() - t0, 1), "peak_rss_gb": _peak_gb(), "load_avg_at_end": _load(),
             "trace_s": round(report["times"]["trace_s"], 2), "capture_s": round(report["times"]["capture_s"], 2),
             "score_pass_s": round(report["times"]["score_s"], 1), "write_pass_s": round(report["times"]["shrink_s"], 1),
             "block_score_s": round(sum(b["score_s"] for b in blocks) / len(blocks), 2),
@@ -155,7 +161,7 @@ def job_memory(out: str) -> dict:
     model, _ = load_model()
     _, report, plans = depgraph.prune(model, calib, target=TARGET, progress=False)
     depgraph.save_pruned(model, out, extra_files={"plan.json": plans[0].to_json(indent=1)})
-    return {"wall_s": round(time.perf_counter() - t0, 1), "peak_rss_gb": _peak_gb(),
+    return {"wall_s": round(time.perf_counter() - t0, 1), "peak_rss_gb": _peak_gb(), "load_avg_at_end": _load(),
             "removed_fraction": round(report["removed_fraction"], 4), "params_after": report["params_after"]}
 
 
@@ -168,8 +174,24 @@ def job_compare(a: str, b: str) -> dict:
     sx, sy = x.state_dict(), y.state_dict()
     same = sx.keys() == sy.keys() and all(torch.equal(sx[k], sy[k]) for k in sx)
     diff = max(float((sx[k].float() - sy[k].float()).abs().max()) for k in sx) if sx.keys() == sy.keys() else None
-    plan_same = (Path(a) / "plan.json").read_text() == (Path(b) / "plan.json").read_text()
-    return {"bit_identical": same, "max_abs_diff": diff, "same_plan": plan_same}
+    pa, pb = (json.loads((Path(f) / "plan.json").read_text()) for f in (a, b))
+    out = {"bit_identical": same, "max_abs_diff": diff, "same_plan": pa == pb}
+    if pa != pb:  # say where they differ
+        out["plan_diff"] = _first_diff(pa, pb)
+    return out
+
+
+def _first_diff(x, y, path="") -> str:
+    """The first path at which two JSON values differ, with both values (cut short)."""
+    if isinstance(x, dict) and isinstance(y, dict):
+        for k in sorted(set(x) | set(y), key=str):
+            if x.get(k) != y.get(k):
+                return _first_diff(x.get(k), y.get(k), f"{path}.{k}")
+    if isinstance(x, list) and isinstance(y, list) and len(x) == len(y):
+        for i, (u, v) in enumerate(zip(x, y)):
+            if u != v:
+                return _first_diff(u, v, f"{path}[{i}]")
+    return f"{path}: {str(x)[:120]} != {str(y)[:120]}"
 
 
 def job_check(key: str, out: str) -> dict:
@@ -304,6 +326,12 @@ def _per_block(key_cfg: dict) -> int:
     return 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
 
 
+def _wall(run: dict) -> str:
+    """A wall-clock cell with the load average at the end of the run, when it was recorded."""
+    load = run.get("load_avg_at_end")
+    return f"{run.get('wall_s')}" + (f" (load {'/'.join(map(str, load))})" if load else " (load not recorded)")
+
+
 def table(results: Results) -> str:
     d = results.data
     lines = ["# Streamed pruning: models larger than memory (bench/scale.py)", "",
@@ -315,9 +343,9 @@ def table(results: Results) -> str:
     sm = d.get("smollm2")
     if sm:
         m, s, c = sm["memory"], sm["stream"], sm["compare"]
-        lines.append(f"| SmolLM2-135M | in memory | fp32 | {m.get('wall_s')} | {m.get('peak_rss_gb')} | - | "
+        lines.append(f"| SmolLM2-135M | in memory | fp32 | {_wall(m)} | {m.get('peak_rss_gb')} | - | "
                      f"{m.get('removed_fraction')} | - |")
-        lines.append(f"| SmolLM2-135M | streamed | fp32 / fp32 | {s.get('wall_s')} | {s.get('peak_rss_gb')} | "
+        lines.append(f"| SmolLM2-135M | streamed | fp32 / fp32 | {_wall(s)} | {s.get('peak_rss_gb')} | "
                      f"{s.get('block_score_s')} / {s.get('block_write_s')} | {s.get('removed_fraction')} | "
                      f"same plan: {c.get('same_plan')}, bit-identical weights: {c.get('bit_identical')}; "
                      f"streamed/in-memory time {sm.get('time_ratio')}x, RSS {sm.get('rss_ratio')}x |")
@@ -338,9 +366,11 @@ def table(results: Results) -> str:
                          f" | | |")
             continue
         checks = ", ".join(f"{k} {v}" for k, v in ck.items() if k != "peak_rss_gb")
-        lines.append(f"| {CONFIGS[key]['name']} (random, {g.get('bytes', 0) / 1e9:.1f} GB bf16) | streamed | "
+        index = _cache() / key / "model.safetensors.index.json"
+        size = g.get("bytes") or (json.loads(index.read_text())["metadata"]["total_size"] if index.is_file() else 0)
+        lines.append(f"| {CONFIGS[key]['name']} (random, {size / 1e9:.1f} GB bf16) | streamed | "
                      f"{s['dtype'].replace('torch.', '')} / {s['compute_dtype'].replace('torch.', '')} | "
-                     f"{s['wall_s']} | {s['peak_rss_gb']} | {s['block_score_s']} / {s['block_write_s']} | "
+                     f"{_wall(s)} | {s['peak_rss_gb']} | {s['block_score_s']} / {s['block_write_s']} | "
                      f"{s['removed_fraction']} | {checks} |")
         lines.append(f"| {CONFIGS[key]['name']} | `--device cuda` | - | not measured: no GPU this session | | | | |")
     lines += ["", "Targets (Llama-2-7B): peak RSS <= 4 GB, whole run <= 30 min."]

@@ -74,6 +74,7 @@ class DimFlow:
     routing: list = field(default_factory=list)  # rules.moe.RoutingSite (mixture-of-experts top-k routing)
     aligned: list = field(default_factory=list)  # layouts grouped_mm needs in multiples of rules.moe.GROUPED_MM_ALIGN
     moe_modules: set = field(default_factory=set)  # module paths of top-k routing and the ops reading expert indices
+    env: dict = field(default_factory=dict)  # fx node -> its dims' layouts (read by depgraph.blocks)
 
 
 class _NoRule(Exception):
@@ -277,7 +278,7 @@ class _Runner:
                 self.env[node] = None
         return DimFlow(self.store, self.param_layouts, set(self.cap.buffers.values()), self.attention,
                        self.unsupported, self.notes, self.literals,
-                       routing=self.routing, aligned=self.aligned, moe_modules=self.moe_modules)
+                       routing=self.routing, aligned=self.aligned, moe_modules=self.moe_modules, env=self.env)
 
     def _placeholder(self, node):
         val = node.meta.get("val")

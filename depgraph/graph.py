@@ -95,6 +95,7 @@ class DependencyGraph:
         self.notes = list(flow.notes)
         self._flow = flow
         self._module = cap.module
+        self._cap = cap
         self._pos_cache: dict = {}
         self._groups, self.blocked = self._build()
 
@@ -282,15 +283,28 @@ class DependencyGraph:
         return Group("", kind, layer, leaf.size, 1, ms, not leaf.inexact, list(leaf.inexact))
 
     # -- public view ------------------------------------------------------------------------
+    @cached_property
+    def _blocks(self):
+        from .blocks import find_blocks
+
+        return find_blocks(self._cap, self._flow, self.shapes)
+
+    @property
+    def blocked_blocks(self) -> list:
+        """Residual branches and layers that cannot be removed exactly: ``{block, module, reasons}``."""
+        return self._blocks[1]
+
     def groups(self, kinds=None) -> list:
-        """Prunable groups, optionally only those of the given kinds."""
+        """Prunable groups, optionally only those of the given kinds. ``block`` groups (residual branches and
+        whole layers, depgraph.blocks) are found on first request and listed only when asked for by kind."""
         if kinds is None:
             return list(self._groups)
         kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
-        return [g for g in self._groups if g.kind in kinds]
+        out = [g for g in self._groups if g.kind in kinds]
+        return out + (list(self._blocks[0]) if "block" in kinds else [])
 
     def group(self, gid: str) -> Group:
-        for g in self._groups:
+        for g in self._groups + (self._blocks[0] if gid.startswith("block") else []):
             if g.id == gid:
                 return g
         from .errors import PlanError

@@ -61,6 +61,7 @@ class Group:
     routing: dict | None = None
     align: int = 1  # widths a plan may leave are multiples of it (fused experts run through grouped_mm)
     width_modules: list = field(default_factory=list)  # modules whose width attributes follow this group (MoE)
+    block: dict | None = None  # kind "block": a residual branch or a whole layer (depgraph.blocks)
 
     @property
     def min_units(self) -> int:
@@ -70,6 +71,8 @@ class Group:
     @property
     def params_per_unit(self) -> float:
         """Parameters removed per unit (GQA: a q head's share of its kv group's key/value rows)."""
+        if self.block is not None:
+            return float(self.block["numel"])
         total = 0.0
         for m in self.members:
             n = len(m.unit_of_index)
@@ -81,6 +84,10 @@ class Group:
     def validate(self, units) -> list:
         """Sorted unique units after checks; raises PlanError naming the problem."""
         units = sorted({int(u) for u in units})
+        if self.block is not None:
+            if units not in ([], [0]):
+                raise PlanError(f"group {self.id}: a block has the one unit 0 (remove it or not), got {units}")
+            return units
         if units and (units[0] < 0 or units[-1] >= self.num_units):
             raise PlanError(f"group {self.id}: unit index out of range 0..{self.num_units - 1}: "
                             f"{[u for u in units if not 0 <= u < self.num_units]}")
@@ -106,7 +113,7 @@ class Group:
 
     @property
     def unit_name(self) -> str:
-        return {"attention": "heads", "mlp": "neurons", "experts": "experts"}.get(self.kind, "channels")
+        return {"attention": "heads", "mlp": "neurons", "experts": "experts", "block": "block"}.get(self.kind, "channels")
 
     def legal_count(self, n: int) -> int:
         """The number of units to remove closest to ``n`` that keeps ``min_units`` and the alignment."""
@@ -141,6 +148,8 @@ class Group:
             if self.gqa:
                 size += f" ({self.gqa[0]} kv x {self.gqa[1]} q/kv)"
             return size + f" x {self.head_dim}"
+        if self.block is not None:
+            return f"{self.block['part']} ({self.block['numel']:,} parameters)"
         if self.routing:
             return f"{self.num_units} experts (top-{self.min_units})"
         return f"{self.num_units} {self.unit_name}"

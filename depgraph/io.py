@@ -15,6 +15,7 @@ import torch
 
 from . import card, remote_code
 from . import record as records
+from .depth import skip_modules
 from .errors import LoadError
 from .outdir import output_folder
 
@@ -227,6 +228,7 @@ def load_pruned(path, dtype=None, device="cpu"):
     with init_empty_weights(include_buffers=False):
         model = cls(config)
     _check_config_shapes(path, {n: list(t.shape) for n, t in model.state_dict().items()}, info)
+    skip_modules(model, info.get("skipped") or {})  # removed sub-blocks (depgraph.depth)
     for mod_path in list(info["added_biases"]) + list(info["modules"]):
         try:
             model.get_submodule(mod_path)

@@ -26,6 +26,7 @@ class PlanEntry:
     attention: dict | None = None  # module, heads_before/after, kv_before/after, head_dim
     experts: dict | None = None  # routed experts: top_k, router, router_module, modules, experts_before/after
     width_modules: list | None = None  # modules whose width attributes (hidden_dim, ...) follow the group
+    block: dict | None = None  # kind "block": part, list/index, modules, params, writes (depgraph.blocks)
 
     @property
     def units_after(self) -> int:
@@ -61,8 +62,9 @@ class Plan:
             if g.routing:
                 experts = dict(g.routing, experts_before=g.num_units, experts_after=g.num_units - len(units))
             entries.append(PlanEntry(g.id, g.kind, g.layer, g.num_units, units, removed, g.exact, att, experts,
-                                     list(g.width_modules) or None))
-        touched = {p for e in entries for p in e.removed}
+                                     list(g.width_modules) or None, dict(g.block) if g.block else None))
+        check_blocks(entries)
+        touched = {p for e in entries for p in e.removed} | {p for e in entries if e.block for p in e.block["params"]}
         return cls(entries, {p: list(graph.shapes[p]) for p in touched})
 
     @classmethod
@@ -93,7 +95,7 @@ class Plan:
     @classmethod
     def from_scores(cls, graph, scores: dict, target: float | None = None, kinds=("attention", "mlp"),
                     policy: str = "uniform", layers=None, round_to: int = 8, gqa: str = "heads",
-                    ratios: dict | None = None, min_width: float = 0.25) -> "Plan":
+                    ratios: dict | None = None, min_width: float = 0.25, depth_share: float | None = None) -> "Plan":
         """Remove the lowest-scored units until ``target`` (fraction of *all* parameters, embeddings
         included, counted exactly) is reached, or, with ``ratios={"attention": 0.25, "mlp": 0.3}``, that
         fraction of the units of every group of each kind.
@@ -105,6 +107,11 @@ class Plan:
         of its units (MLP widths still multiples of ``round_to``). ``layers``: only groups of
         these layers (e.g. ``range(3, 27)``). ``round_to``: MLP widths kept a multiple of it. ``gqa``:
         ``"heads"`` removes the same number of query heads per kv group, ``"kv"`` whole kv groups.
+
+        ``block`` in ``kinds`` (depth pruning, depgraph.blocks): whole layers and attention/MLP sub-blocks are removed
+        first, cheapest first by score per parameter, never two that overlap and never every layer, until
+        ``depth_share`` of the target (default: all of it when no width kind is asked for, else half) is reached
+        (the closest count); the width groups outside the removed blocks then make up the rest of the target.
         """
         if (target is None) == (ratios is None):
             raise PlanError("give either a parameter target or per-kind ratios")
@@ -123,6 +130,20 @@ class Plan:
         if not groups:
             raise PlanError(f"no scored groups of kinds {kinds} in {_layers_text(layers)}")
         total = graph.num_params
+        blocks = [g for g in groups if g.kind == "block"]
+        chosen: dict = {}
+        if blocks:
+            if ratios is not None:
+                raise PlanError("block groups are planned under a parameter target, not per-kind ratios")
+            groups = [g for g in groups if g.kind != "block"]
+            share = depth_share if depth_share is not None else (0.5 if groups else 1.0)
+            if not 0 <= share <= 1:
+                raise PlanError(f"depth_share must be in [0, 1], got {share!r}")
+            chosen = _choose_blocks(blocks, scores, share * target * total)
+            gone = {p for g in blocks if g.id in chosen for p in g.block["params"]}
+            groups = [g for g in groups if not any(m.param in gone for m in g.members)]
+            if not groups:
+                return cls.from_units(graph, chosen)
         if ratios is not None:
             return cls.from_units(graph, {g.id: _select(g, np.asarray(scores[g.id], dtype=np.float64),
                                                         ratios[g.kind], round_to, gqa) for g in groups})
@@ -132,7 +153,7 @@ class Plan:
         max_frac = 1.0 if policy != "adaptive" else 1.0 - min_width
 
         def plan_for(x):
-            removals = {}
+            removals = dict(chosen)
             for g in groups:
                 s = np.asarray(scores[g.id], dtype=np.float64)
                 frac = x if policy == "uniform" else min(float((s < x).mean()), max_frac)
@@ -160,19 +181,25 @@ class Plan:
         return best
 
     # -- views ------------------------------------------------------------------------------
-    def removed_by_param(self) -> dict:
-        """{param: {dim: sorted indices}} merged over every entry."""
+    def removed_by_param(self, blocks: bool = True) -> dict:
+        """{param: {dim: sorted indices}} merged over every entry (``blocks=False``: width entries only; a block
+        entry lists its write parameters whole, which is what masking it zeroes)."""
         out: dict = {}
         for e in self.entries:
+            if e.block and not blocks:
+                continue
             for p, dims in e.removed.items():
                 for d, idx in dims.items():
                     out.setdefault(p, {}).setdefault(int(d), set()).update(idx)
         return {p: {d: sorted(s) for d, s in dims.items()} for p, dims in out.items()}
 
     def params_removed(self) -> int:
-        """Exact number of parameter elements deleted."""
-        total = 0
+        """Exact number of parameter elements deleted (a block's parameters count whole)."""
+        whole = {p for e in self.entries if e.block for p in e.block["params"]}
+        total = sum(int(np.prod(self.shapes[p])) for p in whole)
         for p, dims in self.removed_by_param().items():
+            if p in whole:
+                continue
             shape = list(self.shapes[p])
             kept = [n - len(dims.get(d, ())) for d, n in enumerate(shape)]
             total += int(np.prod(shape)) - int(np.prod(kept))
@@ -301,6 +328,67 @@ def compose(plans) -> Plan:
 POLICIES = ("uniform", "global", "adaptive")
 
 
+def check_blocks(entries) -> None:
+    """Raise PlanError for block entries that overlap each other or a width entry, or that remove every layer."""
+    blocks = [e for e in entries if e.block]
+    if not blocks:
+        return
+    owner = {}
+    for e in blocks:
+        for p in e.block["params"]:
+            if p in owner:
+                raise PlanError(f"blocks {owner[p]} and {e.group} overlap (both remove {p}): remove the layer or "
+                                f"its sub-blocks, not both")
+            owner[p] = e.group
+    for e in entries:
+        if not e.block:
+            inside = [p for p in e.removed if p in owner]
+            if inside:
+                raise PlanError(f"group {e.group} lies inside removed block {owner[inside[0]]} ({inside[0]})")
+    gone: dict = {}
+    for e in blocks:
+        b = e.block
+        if b.get("list") is None:
+            continue
+        if b["part"] == "layer":
+            gone.setdefault(b["list"], set()).add(b["index"])
+    parts: dict = {}
+    for e in blocks:  # a layer whose every sub-block is removed is gone too
+        if e.block["part"] != "layer" and e.block.get("list") is not None:
+            parts.setdefault((e.block["list"], e.block["index"]), []).append(e.block.get("parts") or 0)
+    for (lst, i), found in parts.items():
+        if len(found) >= max(found):
+            gone.setdefault(lst, set()).add(i)
+    for lst, idx in gone.items():
+        size = max(e.block.get("list_size") or 0 for e in blocks if e.block.get("list") == lst)
+        if size and len(idx) >= size:
+            raise PlanError(f"the plan removes all {size} layers of {lst}; at least one must stay")
+
+
+def _choose_blocks(blocks, scores: dict, budget: float) -> dict:
+    """{block id: [0]}: the blocks with the lowest score per parameter, skipping any that overlaps one already
+    chosen or would leave no layer, while the parameters removed get closer to ``budget``."""
+    order = sorted(blocks, key=lambda g: (float(np.asarray(scores[g.id]).ravel()[0]) / max(g.block["numel"], 1),
+                                          g.id))
+    chosen, used, removed = {}, set(), 0
+    for g in order:
+        n = g.block["numel"]
+        if removed + n / 2 > budget:
+            continue
+        if used & set(g.block["params"]):
+            continue
+        trial = [PlanEntry(b.id, "block", b.layer, 1, [0], {}, True, block=dict(b.block))
+                 for b in blocks if b.id in chosen or b is g]
+        try:
+            check_blocks(trial)
+        except PlanError:
+            continue
+        chosen[g.id] = [0]
+        used |= set(g.block["params"])
+        removed += n
+    return chosen
+
+
 def _standardised(groups, scores: dict) -> dict:
     """{group id: z-scores}: each kind's scores standardised over all of that kind's groups (FLAP's AL-AM)."""
     out = {}
@@ -395,7 +483,7 @@ def _entry_group(e: PlanEntry):
             raise PlanError(f"plan group {e.group}: heads_before {heads} / kv_before {kv} do not fit "
                             f"num_units {e.num_units}")
         gqa = (kv, heads // kv) if kv < heads else None
-    return Group(e.group, e.kind, e.layer, e.num_units, 0, [], e.exact, gqa=gqa)
+    return Group(e.group, e.kind, e.layer, e.num_units, 0, [], e.exact, gqa=gqa, block=e.block)
 
 
 def _check_units(e: PlanEntry, group) -> list:
@@ -411,7 +499,7 @@ def _check_units(e: PlanEntry, group) -> list:
 
 
 def _check_removed(e: PlanEntry, shapes: dict) -> None:
-    if not isinstance(e.removed, dict) or not e.removed:
+    if not isinstance(e.removed, dict) or (not e.removed and e.block is None):
         raise PlanError(f"plan group {e.group}: no removed parameter indices")
     for p, dims in e.removed.items():
         if p not in shapes:
@@ -428,7 +516,7 @@ def _check_removed(e: PlanEntry, shapes: dict) -> None:
                                 f"{bad[:5]}")
             if len(set(idx)) != len(idx):
                 raise PlanError(f"plan group {e.group}: indices of {p} dim {d} listed more than once")
-            if len(idx) >= shape[d]:
+            if len(idx) >= shape[d] and e.block is None:  # a removed block zeroes whole tensors it writes
                 raise PlanError(f"plan group {e.group}: removes every index of {p} dim {d}")
 
 
@@ -446,6 +534,8 @@ def _check_against_graph(e: PlanEntry, graph, units: list) -> None:
             (e.attention is not None and _entry_group(e).gqa != g.gqa):
         raise PlanError(f"plan group {e.group}: made for a {e.kind} group of {e.num_units} units in layer {e.layer}, "
                         f"this model's is a {g.kind} group of {g.num_units} in layer {g.layer} (gqa {g.gqa})")
+    if e.block is not None:
+        return  # a block's one unit removes it whole (depgraph.depth checks the block itself)
     want = {}
     for (param, dim), idx in g.removed_indices(units).items():
         want.setdefault(param, {})[dim] = [int(i) for i in idx]

@@ -5,6 +5,7 @@ import time
 
 import torch
 
+from .block_scores import score_blocks
 from . import record as records
 from .compensate import apply_bias, bias_deltas
 from .errors import PlanError
@@ -84,7 +85,7 @@ def check_graph(graph, target, kinds, layers, round_to: int = 8, gqa: str = "hea
     """The checks right after the trace, shared by the in-memory and the streamed prune: layers outside the model
     or with nothing to prune, and (without ``ratios``) a target that cannot be met."""
     select_groups(graph, kinds, layers)
-    if ratios is None:
+    if ratios is None and "block" not in kinds:  # depth plans: Plan.from_scores checks what blocks can go
         check_target(graph, target, kinds, layers, round_to, gqa)
 
 
@@ -125,7 +126,7 @@ def prune(model, calibration=None, target: float | None = None, method: str = "a
           normalize=None, steps: int = 1, uniform: bool = False, compensate: bool = False,
           ratios: dict | None = None, progress: bool = True, reconstruct: bool = False, damp: float = 0.01,
           stream: bool = False, checkpoint=None, output=None,
-          verify: bool = True):
+          verify: bool = True, block_method: str = "influence", depth_share: float | None = None):
     """Shrink ``model`` in place by ``target`` (fraction of *all* parameters, default 0.2); returns (model, report,
     plans). A target that cannot be met (every group at its minimum) is refused with the largest reachable fraction,
     right after the trace; so are layers outside the model.
@@ -153,7 +154,12 @@ def prune(model, calibration=None, target: float | None = None, method: str = "a
     dampening); with ``compensate=True`` too, the bias joins the fit. Both are done before each shrink.
     ``verify`` (default on): each shrink is checked against its mask on a short probe, block by block
     (:func:`depgraph.shrink`); a mismatch restores the model and raises ``ShrinkVerifyError``.
+    ``"block"`` in ``kinds`` adds depth pruning (whole layers and attention/MLP sub-blocks, depgraph.blocks), scored
+    by ``block_method`` (``influence``: ShortGPT's Block Influence, or ``loss``: the calibration-loss increase,
+    depgraph.block_scores); ``depth_share`` is the part of the target depth takes (see ``Plan.from_scores``).
     """
+    if stream and "block" in kinds:
+        raise PlanError("depth pruning (kinds with 'block') does not run with stream=True")
     if stream:
         from .stream import StreamSettings, prune_streamed
 
@@ -163,6 +169,8 @@ def prune(model, calibration=None, target: float | None = None, method: str = "a
                                   progress=progress, reconstruct=reconstruct, damp=damp)
         return prune_streamed(model, calibration, output, settings, checkpoint=checkpoint)
     target = check_args(target, method, steps, compensate, calibration, ratios, reconstruct, round_to)
+    if "block" in kinds and steps != 1:
+        raise PlanError("depth pruning (kinds with 'block') runs in one step: layers are renumbered by each shrink")
     if ratios is not None:
         kinds = tuple(ratios)
     refit_config = ReconstructConfig(mode="lstsq" if reconstruct else "mean", intercept=compensate, damp=damp)
@@ -183,13 +191,16 @@ def prune(model, calibration=None, target: float | None = None, method: str = "a
         if step == 1:  # refuse layers outside the model or an unreachable target now, not after the scoring
             check_graph(graph, target, kinds, layers, round_to, gqa, ratios)
         t = time.perf_counter()
+        width = tuple(k for k in kinds if k != "block")
         scores = score(model, graph, calibration, method=method, aggregate=aggregate, normalize=normalize,
-                       kinds=kinds, progress=progress)
+                       kinds=width, progress=progress) if width else {}
+        if "block" in kinds:
+            scores.update(score_blocks(model, graph, calibration, method=block_method, layers=layers))
         times["score_s"] += time.perf_counter() - t
         fraction = None if ratios is not None else step_target(original, _params(model), target, step, steps)
         t = time.perf_counter()
         plan = Plan.from_scores(graph, scores, fraction, kinds=kinds, policy=policy, layers=layers,
-                                round_to=round_to, gqa=gqa, ratios=ratios)
+                                round_to=round_to, gqa=gqa, ratios=ratios, depth_share=depth_share)
         times["plan_s"] += time.perf_counter() - t
         t = time.perf_counter()
         deltas = {}
@@ -209,7 +220,9 @@ def prune(model, calibration=None, target: float | None = None, method: str = "a
     settings = {"method": method, "target": target, "policy": policy, "steps": steps, "uniform": uniform,
                 "compensate": compensate, "reconstruct": reconstruct, "damp": damp if reconstruct else None,
                 "reconstruction": refit_summary(refits[-1]) if refits else None,
-                "layers": layers, "round_to": round_to, "gqa": gqa, "ratios": ratios}
+                "layers": layers, "round_to": round_to, "gqa": gqa, "ratios": ratios,
+                "block_method": block_method if "block" in kinds else None, "depth_share": depth_share,
+                "removed_blocks": [e.group for p in plans for e in p.entries if e.block]}
     return model, build_report(model, original, settings, times, groups), plans
 
 

@@ -9,6 +9,9 @@ it instead of building the dict themselves. Fields (format 1):
 * ``layers``: ``{layer or "all": {config field: width}}``: per-layer widths after pruning (documentation);
 * ``hidden_size``, ``uniform``: the pruned hidden width; whether the stock config rebuilds the same shapes;
 * ``added_biases``: module paths that gained a bias (compensation), created before loading;
+* ``skipped``: ``{module path: no-op spec}``: modules of removed residual sub-blocks (depth pruning), replaced by
+  ``depgraph.depth.Skipped`` before loading (dropped layers need no entry: the config's layer count and the
+  records are renumbered, :func:`renumber_layers`);
 * ``shapes``: ``{tensor name: shape}`` of the saved state dict, checked on load;
 * ``config_shapes``: ``{tensor name: shape}`` that the saved config alone builds, where it differs from ``shapes``
   (absent when the class cannot be built from the config): an edited config is caught on load.
@@ -75,4 +78,25 @@ def read(raw_config: dict, where: str = "config.json") -> dict:
     if not isinstance(fmt, int) or fmt > FORMAT:
         raise LoadError(f"{where}: {KEY} record format {fmt!r} is newer than this depgraph reads ({FORMAT}); "
                         f"upgrade depgraph")
-    return {"format": fmt, "modules": {}, "layers": {}, "added_biases": [], "shapes": {}, **info}
+    return {"format": fmt, "modules": {}, "layers": {}, "added_biases": [], "shapes": {}, "skipped": {}, **info}
+
+
+def add_skipped(record: dict, specs: dict) -> None:
+    """Remember the no-op specs of skipped sub-block modules ({module path: spec})."""
+    record.setdefault("skipped", {}).update(specs)
+
+
+def renumber_layers(record: dict, rename, gone) -> None:
+    """The record after layers ``gone`` (indices) were removed: ``modules``/``skipped`` paths through ``rename``
+    (None drops a path inside a removed layer), ``layers`` keys shifted down."""
+    for key in ("modules", "skipped"):
+        old = record.get(key) or {}
+        record[key] = {rename(p): v for p, v in old.items() if rename(p) is not None}
+    gone = set(gone)
+    out = {}
+    for k, v in (record.get("layers") or {}).items():
+        if not k.isdigit():
+            out[k] = v
+        elif int(k) not in gone:
+            out[str(int(k) - sum(g < int(k) for g in gone))] = v
+    record["layers"] = out

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from . import record as records
+from .depth import apply_blocks
 from .dispatch import materialized
 from .errors import PlanError
 from .plan import Plan, check_plan
@@ -146,6 +147,10 @@ class _Undo:
         self.record = record if record is self._MISSING else copy.deepcopy(record)
         self.steps = []  # callables, undone last-first
 
+    def append(self, step) -> None:
+        """A callable that puts back one change (the form depgraph.depth records its module swaps in)."""
+        self.steps.append(step)
+
     def slot(self, table: dict, key) -> None:
         """Before ``table[key]`` (a module's _parameters/_buffers entry) is replaced."""
         old = table[key]
@@ -237,7 +242,7 @@ def shrink(model: nn.Module, plan: Plan, verify: bool = False) -> nn.Module:
 def _shrink(model, plan: Plan, aliases: dict, undo: "_Undo") -> None:
     record = records.get(model)
     changed_modules = {}
-    for name, dims in plan.removed_by_param().items():
+    for name, dims in plan.removed_by_param(blocks=False).items():
         old = _get_tensor(model, name)
         new = old
         for d, idx in dims.items():
@@ -271,6 +276,9 @@ def _shrink(model, plan: Plan, aliases: dict, undo: "_Undo") -> None:
         if e.width_modules:
             _set_counts(model, e.width_modules, WIDTH_ATTRIBUTES, e.num_units, e.units_after, record, undo)
     _update_config(model, plan, record)
+    if apply_blocks(model, plan, record, undo):  # depth: skipped sub-blocks, dropped layers (depgraph.depth)
+        config = getattr(model, "config", None)
+        record["uniform"] = not record.get("skipped") and config is not None and _builds_same_shapes(model, config)
 
 
 def _set_counts(model, paths, names, before: int, after: int, record: dict, undo: "_Undo | None" = None) -> None:

@@ -26,8 +26,14 @@ VARIANTS = {
     "dense": lambda m: m,
     "uniform": lambda m: depgraph.prune(m, None, target=0.2, method="l2", uniform=True, progress=False)[0],
     "default": lambda m: depgraph.prune(m, None, target=0.2, method="l2", progress=False)[0],  # layers 1..28
+    "depth": lambda m: _depth(m),  # a layer dropped, an attention sub-block skipped (0 heads in deci)
 }
-ARCH = {"dense": "llama", "uniform": "llama", "default": "deci"}
+ARCH = {"dense": "llama", "uniform": "llama", "default": "deci", "depth": "deci"}
+
+
+def _depth(model):
+    graph = depgraph.trace(model)
+    return depgraph.shrink(model, depgraph.Plan.from_units(graph, {"block.20": [0], "block.10.attention": [0]}))
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -78,7 +78,22 @@ def _dropped_first_layer():
     return model
 
 
+def _depth_pruned():
+    """A 3-layer llama with layer 1 dropped, the new layer 1's attention sub-block skipped and layer 0 narrowed."""
+    import transformers as tf
+    from archs import COMMON
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(**{**COMMON, "num_hidden_layers": 3}, num_attention_heads=6, num_key_value_heads=2)
+    cfg.use_cache = False
+    model = tf.LlamaForCausalLM(cfg).eval()
+    plan = depgraph.Plan.from_units(depgraph.trace(model), {"block.1": [0], "block.2.attention": [0],
+                                                            "mlp.0": [1, 5, 9]})
+    return depgraph.shrink(model, plan)
+
+
 CASES = {arch: (lambda a=arch: _shrunk(a)) for arch in ARCHS}
+CASES["llama-depth"] = _depth_pruned
 CASES["llama-gqa+hidden"] = lambda: _shrunk("llama-gqa", ("attention", "mlp", "hidden"))
 CASES["llama-gqa-dropped-layer"] = _dropped_first_layer
 

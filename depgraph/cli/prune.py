@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from depgraph.block_scores import BLOCK_METHODS
 from depgraph.errors import DepgraphError
 from depgraph.importance import methods, needs_calibration
 from depgraph.plan import POLICIES, dump_plans
@@ -14,7 +15,7 @@ from depgraph.plan import POLICIES, dump_plans
 from .common import (DTYPES, add_calibration, add_model_argument, add_overwrite, add_protocol_argument,
                      calibration_from_args, check_output_args, fraction, load, model_name, torch_dtype)
 
-KINDS = ("attention", "mlp", "hidden", "experts")
+KINDS = ("attention", "mlp", "hidden", "experts", "block")
 
 
 def _layers(text: str):
@@ -60,8 +61,14 @@ def add(subparsers) -> None:
                     "bench/results/prune.md), alpaca, ptb, wikitext2, a text/JSON/JSONL file, or an HF "
                     "dataset name (default: self)")
     p.add_argument("--kinds", default="mlp", help="comma list of group kinds to prune: attention, mlp, hidden, "
-                                                  "experts (default: mlp, the best on SmolLM2; see "
-                                                  "bench/results/prune.md)")
+                                                  "experts, block (depth: whole layers and attention/MLP sub-blocks) "
+                                                  "(default: mlp, the best on SmolLM2; see bench/results/prune.md)")
+    p.add_argument("--block-method", choices=tuple(BLOCK_METHODS), default="influence",
+                   help="with --kinds block: influence (ShortGPT's 1 - cos(x_in, x_out)) or loss (calibration-loss "
+                        "increase when the block is removed)")
+    p.add_argument("--depth-share", type=float, default=None,
+                   help="with block and width kinds: the part of --target removed as blocks (default 0.5; 1 with "
+                        "block alone)")
     p.add_argument("--layers", type=_layers, default="auto",
                    help="only these layers, e.g. 3:27 or 0,5,7; 'all'; default 'auto': all but the first and last")
     p.add_argument("--policy", choices=POLICIES, default="uniform",
@@ -101,7 +108,9 @@ def _check_prune_args(args) -> list:
     if args.ratios is not None and args.target is not None:
         raise DepgraphError("--ratios and --target: give one (per-kind unit fractions, or a parameter fraction)")
     calib = Path(args.calib).expanduser()
-    needs_calib = needs_calibration(args.method) or args.compensate or args.reconstruct
+    needs_calib = needs_calibration(args.method) or args.compensate or args.reconstruct or "block" in kinds
+    if "block" in kinds and args.stream:
+        raise DepgraphError("--kinds block: depth pruning does not run with --stream")
     if needs_calib and (calib.suffix or "/" in args.calib):
         if not calib.is_file():
             raise DepgraphError(f"--calib: file {calib} does not exist")
@@ -123,13 +132,14 @@ def run(args) -> int:
     model, tok = load(args)
     load_s = time.perf_counter() - t0
     calib = None
-    if needs_calibration(args.method) or args.compensate or args.reconstruct:
+    if needs_calibration(args.method) or args.compensate or args.reconstruct or "block" in kinds:
         calib = calibration_from_args(args, model, tok)
     model, report, plans = depgraph.prune(model, calib, target=args.target, method=args.method, kinds=kinds,
                                           policy=args.policy, layers=args.layers, round_to=args.round_to,
                                           gqa=args.gqa, steps=args.steps, uniform=args.uniform,
                                           compensate=args.compensate, ratios=args.ratios,
-                                          reconstruct=args.reconstruct)
+                                          reconstruct=args.reconstruct, block_method=args.block_method,
+                                          depth_share=args.depth_share)
     report["times"]["load_s"] = load_s
     report["model"] = model_name(args)
     report["calibration"] = None if calib is None else {"source": args.calib, "n_samples": args.n_samples,
