@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from recover.config import RecoverConfig
 from recover.data import IGNORE_INDEX, DataCollator, TokenizedDataset, build_datasets
 
 __all__ = ["DistillTrainer", "default_target_modules", "distill_kl", "recover", "resolve_target_modules"]
@@ -223,45 +224,18 @@ def recover(
     tokenizer,
     data,
     output_dir: str | os.PathLike,
+    config: RecoverConfig | None = None,
     *,
-    rank: int = 8,
-    alpha: int = 16,
-    dropout: float = 0.05,
-    target_modules: str | Sequence[str] | None = None,
-    max_steps: int | None = None,
-    epochs: float = 2.0,
-    lr: float = 1e-4,
-    batch_size: int = 64,
-    micro_batch_size: int = 4,
-    cutoff_len: int = 256,
-    val_size: int | float = 0,
-    eval_steps: int | None = None,
-    early_stopping_patience: int | None = None,
-    save_steps: int = 200,
-    save_total_limit: int | None = 3,
-    warmup_steps: int = 100,
-    lr_scheduler_type: str = "linear",
-    weight_decay: float = 0.0,
-    bf16: bool | None = None,
-    gradient_checkpointing: bool = False,
-    resume_from_checkpoint: bool | str | None = None,
-    distill: bool = False,
     teacher=None,
-    distill_alpha: float = 0.5,
-    temperature: float = 1.0,
-    seed: int = 42,
-    limit: int | None = None,
-    data_dir: str | os.PathLike | None = None,
-    train_on_inputs: bool = False,
-    logging_steps: int = 10,
-    max_minutes: float | None = None,
-    save: bool = True,
     progress: bool | Any = True,
     training_args: dict | None = None,
     callbacks: list | None = None,
-    overwrite: bool = False,
+    **options,
 ):
     """LoRA-fine-tune ``model`` (a pruned causal LM, modified in place) on ``data``, merge and save it.
+
+    Settings: ``config`` (a :class:`recover.config.RecoverConfig`, default its defaults) with ``options`` (any of
+    its fields by name, e.g. ``rank=16``) replacing fields; the paragraphs below name the fields.
 
     ``data``: a source for :func:`recover.data.load_examples` (a JSON/JSONL path, ``"alpaca"``, a plain-text file,
     ``"self"`` -- ``limit`` texts sampled from the teacher when distilling, else from ``model`` --, a hub dataset
@@ -290,91 +264,79 @@ def recover(
     from depgraph.io import save_pruned
     from depgraph.outdir import check_output, mark
 
+    c = (config or RecoverConfig()).updated(**options)
     if tokenizer is None:
         raise ValueError("recover needs the model's tokenizer")
-    for name, v in (("rank", rank), ("micro_batch_size", micro_batch_size), ("batch_size", batch_size)):
-        if int(v) < 1:
-            raise ValueError(f"{name} must be >= 1 (got {v})")
-    if batch_size % micro_batch_size:
-        raise ValueError(f"batch_size ({batch_size}) must be a multiple of micro_batch_size ({micro_batch_size})")
-    if max_steps is not None and max_steps < 1:
-        raise ValueError(f"max_steps must be >= 1 (got {max_steps})")
-    if max_steps is None and not epochs > 0:
-        raise ValueError(f"epochs must be > 0 (got {epochs})")
-    if not 0 <= distill_alpha <= 1:
-        raise ValueError(f"distill_alpha must be in [0, 1] (got {distill_alpha})")
-    if distill and teacher is None:
+    if c.distill and teacher is None:
         raise ValueError("distill=True needs a teacher: the dense model (or its path) the pruned model came from")
-    if early_stopping_patience is not None and not val_size:
-        raise ValueError("early stopping needs a validation split: set val_size > 0")
     print_fn = progress if callable(progress) else (print if progress else (lambda *a, **k: None))
 
     output_dir = Path(output_dir)
-    if save:  # refused before any work: a file, a foreign non-empty folder (unless overwrite), an unwritable parent
-        check_output(output_dir, overwrite=overwrite or resume_from_checkpoint is not None)
+    if c.save:  # refused before any work: a file, a foreign non-empty folder (unless overwrite), an unwritable parent
+        check_output(output_dir, overwrite=c.overwrite or c.resume_from_checkpoint is not None)
         output_dir.mkdir(parents=True, exist_ok=True)
         mark(output_dir, "recover", model="model")  # any MODEL argument accepts OUT (it loads OUT/model)
     ckpt_dir = output_dir / "checkpoints"
-    set_seed(seed)
-    targets = resolve_target_modules(model, target_modules)
-    teacher_model = _load_teacher(teacher) if distill else None
+    set_seed(c.seed)
+    targets = resolve_target_modules(model, c.target_modules)
+    teacher_model = _load_teacher(teacher) if c.distill else None
     # data "self": text sampled from the teacher when distilling (its own distribution), else from the model
-    train_ds, val_ds = _as_datasets(data, tokenizer, cutoff_len, val_size, seed, limit, data_dir, train_on_inputs,
-                                    generator=teacher_model if teacher_model is not None else model)
+    train_ds, val_ds = _as_datasets(data, tokenizer, c.cutoff_len, c.val_size, c.seed, c.limit, c.data_dir,
+                                    c.train_on_inputs, generator=teacher_model if teacher_model is not None else model)
     if len(train_ds) == 0:
         raise ValueError("the training set is empty")
 
     # ---- steps and schedule
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    grad_accum = max(1, batch_size // (micro_batch_size * world))
-    steps_per_epoch = max(1, math.ceil(len(train_ds) / (micro_batch_size * world)) // grad_accum)
-    total_steps = max_steps if max_steps is not None else math.ceil(steps_per_epoch * epochs)
-    warmup = min(int(warmup_steps), total_steps // 10)
-    use_bf16 = _bf16_supported() if bf16 is None else bool(bf16)
+    grad_accum = max(1, c.batch_size // (c.micro_batch_size * world))
+    steps_per_epoch = max(1, math.ceil(len(train_ds) / (c.micro_batch_size * world)) // grad_accum)
+    total_steps = c.max_steps if c.max_steps is not None else math.ceil(steps_per_epoch * c.epochs)
+    warmup = min(int(c.warmup_steps), total_steps // 10)
+    use_bf16 = _bf16_supported() if c.bf16 is None else bool(c.bf16)
     do_eval = val_ds is not None and len(val_ds) > 0
-    eval_every = int(eval_steps or save_steps)
-    if early_stopping_patience is not None and save_steps % eval_every:
-        raise ValueError(f"with early stopping, save_steps ({save_steps}) must be a multiple of eval_steps "
+    eval_every = int(c.eval_steps or c.save_steps)
+    if c.early_stopping_patience is not None and c.save_steps % eval_every:
+        raise ValueError(f"with early stopping, save_steps ({c.save_steps}) must be a multiple of eval_steps "
                          f"({eval_every})")
 
     # ---- model
     model.config.use_cache = False
-    if gradient_checkpointing:
+    if c.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
-    lora_config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
-                             task_type="CAUSAL_LM")
+    lora_config = LoraConfig(r=c.rank, lora_alpha=c.alpha, lora_dropout=c.dropout, target_modules=targets,
+                             bias="none", task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, lora_config)
     n_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in peft_model.parameters())
 
     args = dict(
         output_dir=str(ckpt_dir),
-        per_device_train_batch_size=micro_batch_size,
-        per_device_eval_batch_size=micro_batch_size,
+        per_device_train_batch_size=c.micro_batch_size,
+        per_device_eval_batch_size=c.micro_batch_size,
         gradient_accumulation_steps=grad_accum,
-        num_train_epochs=float(epochs),
-        max_steps=int(max_steps) if max_steps is not None else -1,
-        learning_rate=lr,
-        weight_decay=weight_decay,
+        num_train_epochs=float(c.epochs),
+        max_steps=int(c.max_steps) if c.max_steps is not None else -1,
+        learning_rate=c.lr,
+        weight_decay=c.weight_decay,
         warmup_steps=warmup,
-        lr_scheduler_type=lr_scheduler_type,
+        lr_scheduler_type=c.lr_scheduler_type,
         optim="adamw_torch",
         bf16=use_bf16,
         fp16=False,
-        logging_steps=logging_steps,
+        logging_steps=c.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
-        save_steps=save_steps,
-        save_total_limit=save_total_limit,
+        save_steps=c.save_steps,
+        save_total_limit=c.save_total_limit,
         eval_strategy="steps" if do_eval else "no",
         eval_steps=eval_every if do_eval else None,
-        load_best_model_at_end=early_stopping_patience is not None,
-        metric_for_best_model="eval_loss" if early_stopping_patience is not None else None,
-        greater_is_better=False if early_stopping_patience is not None else None,
-        seed=seed,
-        data_seed=seed,
+        load_best_model_at_end=c.early_stopping_patience is not None,
+        metric_for_best_model="eval_loss" if c.early_stopping_patience is not None else None,
+        greater_is_better=False if c.early_stopping_patience is not None else None,
+        seed=c.seed,
+        data_seed=c.seed,
         report_to="none",
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
@@ -385,9 +347,9 @@ def recover(
     )
     args.update(training_args or {})
     cbs = list(callbacks or [])
-    if early_stopping_patience is not None:
-        cbs.append(EarlyStoppingCallback(early_stopping_patience=early_stopping_patience))
-    budget = _time_budget_callback(max_minutes) if max_minutes else None
+    if c.early_stopping_patience is not None:
+        cbs.append(EarlyStoppingCallback(early_stopping_patience=c.early_stopping_patience))
+    budget = _time_budget_callback(c.max_minutes) if c.max_minutes else None
     if budget is not None:
         cbs.append(budget)
     if progress:
@@ -402,20 +364,21 @@ def recover(
         processing_class=tokenizer,
         callbacks=cbs,
         teacher=teacher_model,
-        distill_alpha=distill_alpha,
-        temperature=temperature,
+        distill_alpha=c.distill_alpha,
+        temperature=c.temperature,
     )
     if not progress:  # Trainer prints every log dict when tqdm is off; progress=False means quiet
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
-    resume = resume_from_checkpoint
+    resume = c.resume_from_checkpoint
     if resume is True and not any(ckpt_dir.glob("checkpoint-*")):
         print_fn(f"no checkpoint in {ckpt_dir}; starting from scratch")
         resume = None
-    print_fn(f"LoRA r={rank} alpha={alpha} dropout={dropout} on {', '.join(targets)}: {n_trainable:,} trainable of "
+    print_fn(f"LoRA r={c.rank} alpha={c.alpha} dropout={c.dropout} on {', '.join(targets)}: {n_trainable:,} "
+             f"trainable of "
              f"{n_total:,} parameters; {len(train_ds)} train / {len(val_ds) if do_eval else 0} val examples, "
-             f"{total_steps} steps of {micro_batch_size}x{grad_accum}x{world}, bf16={use_bf16}"
+             f"{total_steps} steps of {c.micro_batch_size}x{grad_accum}x{world}, bf16={use_bf16}"
              f"{', distilling' if teacher_model is not None else ''}")
     result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(result.metrics)
@@ -427,7 +390,7 @@ def recover(
     final_eval = None
     if do_eval:  # reuse the evaluation of the final (or, with early stopping, the loaded best) weights if there is one
         last = [h for h in trainer.state.log_history if "eval_loss" in h]
-        if early_stopping_patience is not None and trainer.state.best_metric is not None:
+        if c.early_stopping_patience is not None and trainer.state.best_metric is not None:
             final_eval = float(trainer.state.best_metric)
         elif last and last[-1].get("step") == trainer.state.global_step:
             final_eval = float(last[-1]["eval_loss"])
@@ -435,14 +398,14 @@ def recover(
             final_eval = float(trainer.evaluate()["eval_loss"])
 
     summary: dict[str, Any] = {
-        "rank": rank, "alpha": alpha, "dropout": dropout, "target_modules": targets,
+        "rank": c.rank, "alpha": c.alpha, "dropout": c.dropout, "target_modules": targets,
         "trainable_params": n_trainable, "total_params": n_total,
         "train_examples": len(train_ds), "val_examples": len(val_ds) if do_eval else 0,
         "steps": int(trainer.state.global_step), "planned_steps": int(trainer.state.max_steps),
         "epochs": float(trainer.state.epoch or 0.0),
-        "micro_batch_size": micro_batch_size, "grad_accum": grad_accum, "world_size": world,
-        "lr": lr, "bf16": use_bf16, "gradient_checkpointing": gradient_checkpointing,
-        "distill": teacher_model is not None, "distill_alpha": distill_alpha if teacher_model is not None else None,
+        "micro_batch_size": c.micro_batch_size, "grad_accum": grad_accum, "world_size": world,
+        "lr": c.lr, "bf16": use_bf16, "gradient_checkpointing": c.gradient_checkpointing,
+        "distill": teacher_model is not None, "distill_alpha": c.distill_alpha if teacher_model is not None else None,
         "first_loss": train_losses[0] if train_losses else None,
         "final_loss": train_losses[-1] if train_losses else None,
         "train_loss": metrics.get("train_loss"),
@@ -459,14 +422,14 @@ def recover(
     # ---- adapter, merge, save
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     is_main = trainer.is_world_process_zero()
-    if save and is_main:
+    if c.save and is_main:
         unwrapped.save_pretrained(str(output_dir / "adapter"))
     merged = unwrapped.merge_and_unload()
     merged.config.use_cache = True
-    if gradient_checkpointing and hasattr(merged, "gradient_checkpointing_disable"):
+    if c.gradient_checkpointing and hasattr(merged, "gradient_checkpointing_disable"):
         merged.gradient_checkpointing_disable()
     merged.eval()
-    if save and is_main:
+    if c.save and is_main:
         save_pruned(merged, output_dir / "model", tokenizer=tokenizer)
         summary["model_dir"] = str(output_dir / "model")
         summary["adapter_dir"] = str(output_dir / "adapter")

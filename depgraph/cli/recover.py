@@ -1,6 +1,7 @@
 """``depgraph recover``: LoRA fine-tuning (optionally distilling the dense model) of a pruned model."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -35,13 +36,14 @@ def add(subparsers) -> None:
     parser.add_argument("--micro-batch-size", type=int, default=4, help="examples per forward pass per device "
                                                                          "(default: %(default)s)")
     parser.add_argument("--cutoff-len", type=int, default=256, help="tokens per example (default: %(default)s)")
-    parser.add_argument("--val-size", type=float, default=0, metavar="N",
+    parser.add_argument("--val-size", type=_count_or_fraction, default=0, metavar="N",
                         help="held-out validation examples (an integer, or a fraction < 1; default: none)")
     parser.add_argument("--eval-steps", type=int, default=None, help="evaluate every N steps (default: "
                                                                       "--save-steps)")
     parser.add_argument("--save-steps", type=int, default=200, help="checkpoint every N steps (default: "
                                                                      "%(default)s)")
     parser.add_argument("--early-stopping", type=int, default=None, metavar="PATIENCE",
+                        dest="early_stopping_patience",
                         help="stop after PATIENCE evaluations without a better validation loss; keep the best")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N examples of the data")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (default: %(default)s)")
@@ -51,10 +53,11 @@ def add(subparsers) -> None:
                         help="comma-separated module names for LoRA (default: every linear layer but lm_head)")
     parser.add_argument("--warmup-steps", type=int, default=100, help="warm-up steps, at most a tenth of the run "
                                                                        "(default: %(default)s)")
-    parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
+    parser.add_argument("--bf16", type=_auto_on_off, default="auto", metavar="{auto,on,off}",
                         help="bf16 mixed precision (default: auto = when the GPU supports it)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                        dest="resume_from_checkpoint",
                         help="resume from the last checkpoint in OUT/checkpoints (or from CHECKPOINT)")
     parser.add_argument("--distill", action="store_true",
                         help="mix the LM loss with KL to the dense teacher's logits (needs --teacher)")
@@ -71,14 +74,30 @@ def add(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def _count_or_fraction(text: str):
+    """``--val-size``: an integer count (``3`` or ``3.0``) or a fraction below 1."""
+    v = float(text)
+    return int(v) if v >= 1 else v
+
+
+def _auto_on_off(text: str):
+    """``--bf16``: auto -> None (when the GPU supports it), on -> True, off -> False."""
+    values = {"auto": None, "on": True, "off": False}
+    if text not in values:
+        raise argparse.ArgumentTypeError(f"--bf16 takes auto, on or off, got {text!r}")
+    return values[text]
+
+
 def run(args) -> int:
     if args.distill and not args.teacher:
         raise ValueError("--distill needs --teacher DENSE: the dense model the pruned one came from")
     if args.teacher and not args.distill:
         raise ValueError("--teacher is used only with --distill")
+    from recover.config import RecoverConfig
     from recover.lora import recover
 
-    if args.resume is None:  # resuming continues in OUT
+    config = RecoverConfig.from_options(args)  # every option named like a field; invalid values refused now
+    if args.resume_from_checkpoint is None:  # resuming continues in OUT
         check_output_args(args, source=args.pruned)
     log = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, file=sys.stderr, **k))
     log(f"loading {args.pruned}")
@@ -90,18 +109,8 @@ def run(args) -> int:
     if args.distill:
         log(f"loading teacher {args.teacher}")
         teacher, _ = load(args, args.teacher)
-    val = int(args.val_size) if args.val_size >= 1 else args.val_size
-    _, summary = recover(
-        model, tokenizer, args.data, args.output, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
-        target_modules=args.target_modules, max_steps=args.max_steps, epochs=args.epochs, lr=args.lr,
-        batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, cutoff_len=args.cutoff_len,
-        val_size=val, eval_steps=args.eval_steps, early_stopping_patience=args.early_stopping,
-        save_steps=args.save_steps, warmup_steps=args.warmup_steps,
-        bf16={"auto": None, "on": True, "off": False}[args.bf16], gradient_checkpointing=args.gradient_checkpointing,
-        resume_from_checkpoint=args.resume, distill=args.distill, teacher=teacher, distill_alpha=args.distill_alpha,
-        temperature=args.temperature, seed=args.seed, limit=args.limit, data_dir=args.data_dir,
-        max_minutes=args.max_minutes, progress=log if not args.quiet else False, overwrite=args.overwrite,
-    )
+    _, summary = recover(model, tokenizer, args.data, args.output, config, teacher=teacher,
+                         progress=log if not args.quiet else False)
     if args.json:
         print(json.dumps(summary, default=str))
     else:
