@@ -14,8 +14,9 @@ from .importance import score
 
 __all__ += ["score"]
 from .prune import prune
+from .prune_report import PruneReport
 
-__all__ += ["prune"]
+__all__ += ["prune", "PruneReport"]
 from .sparsify import SparsifyError, sparsify, to_semi_structured
 
 __all__ += ["sparsify", "SparsifyError", "to_semi_structured"]

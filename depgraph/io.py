@@ -32,7 +32,7 @@ def save_pruned(model, path, tokenizer=None, extra_files: dict | None = None, ov
     return Path(path)
 
 
-def write_pruned(model, folder, tokenizer=None, extra_files: dict | None = None) -> None:
+def write_pruned(model, folder, tokenizer=None, extra_files: dict | None = None, report=None) -> None:
     """Write the model files into the existing folder ``folder`` (no atomicity: see :func:`save_pruned`)."""
     folder = Path(folder)
     config = getattr(model, "config", None)
@@ -46,7 +46,9 @@ def write_pruned(model, folder, tokenizer=None, extra_files: dict | None = None)
     wrote_code = remote_code.write(folder, model)  # non-uniform: modeling file + auto_map for stock loading
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    (folder / "README.md").write_text(card.render(config, card.report_of(extra_files), wrote_code))  # extra wins
+    if report is None:  # the model card reads the run report: given, or the report.json among extra_files
+        report = card.report_of(extra_files)
+    (folder / "README.md").write_text(card.render(config, report, wrote_code))  # extra wins
     for name, text in (extra_files or {}).items():
         (folder / name).write_text(text)
 

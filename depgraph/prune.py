@@ -12,6 +12,7 @@ from .errors import PlanError
 from .graph import trace
 from .importance import methods, score
 from .plan import Plan, check_ratio, check_round_to, check_target, select_groups
+from .prune_report import PruneReport
 from .reconstruct import ReconstructConfig, reconstruct as refit_consumers
 from .shrink import shrink
 
@@ -226,16 +227,16 @@ def prune(model, calibration=None, target: float | None = None, method: str = "a
     return model, build_report(model, original, settings, times, groups), plans
 
 
-def build_report(model, original: int, settings: dict, times: dict, groups: dict) -> dict:
+def build_report(model, original: int, settings: dict, times: dict, groups: dict) -> PruneReport:
     """The prune report: ``settings`` (method, target, ...), parameter counts of ``model`` after pruning
     (a meta model counts too) against ``original``, ``times`` and the per-group records."""
     after = _params(model)
     emb = _embedding_params(model)
     layers = settings.get("layers")
-    return {
-        **settings, "layers": None if layers is None else sorted(layers),
-        "params_before": original, "params_after": after, "removed_fraction": (original - after) / original,
-        "non_embedding_removed_fraction": (original - after) / (original - emb),
-        "stock_loadable": bool((records.get(model, create=False) or {}).get("uniform")),
-        "times": times, "groups": list(groups.values()), "widths": _widths(groups.values()),
-    }
+    return PruneReport(
+        **{**settings, "layers": None if layers is None else sorted(layers)},
+        params_before=original, params_after=after, removed_fraction=(original - after) / original,
+        non_embedding_removed_fraction=(original - after) / (original - emb),
+        stock_loadable=bool((records.get(model, create=False) or {}).get("uniform")),
+        times=times, groups=list(groups.values()), widths=_widths(groups.values()),
+    )

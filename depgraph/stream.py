@@ -398,7 +398,7 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
                             "compute_dtype": str(compute),
                             "calibration_rows": int(rows.shape[0]) if needs_stats else 0}
         (tmp / "plan.json").write_text(dump_plans(plan))
-        (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
+        (tmp / "report.json").write_text(report.to_json())
         (tmp / "README.md").write_text(card.render(model.config, report, wrote_code))
     return model, report, [plan]
 

@@ -7,7 +7,6 @@ Run with ``make demo`` (which first installs what is missing and prepares the mo
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
@@ -68,7 +67,7 @@ def main() -> None:
     print(f"generation  {PROMPT!r}\n  dense:  {dense_text!r}\n  pruned: {generate(model, tokenizer, PROMPT)!r}")
 
     out = depgraph.save_pruned(model, args.out, tokenizer=tokenizer,
-                               extra_files={"plan.json": plans[0].to_json(), "report.json": json.dumps(report)})
+                               extra_files={"plan.json": plans[0].to_json(), "report.json": report.to_json()})
     stock = "trust_remote_code=True" if (out / "modeling_depgraph.py").exists() else ""
     print(f"\nsaved to {out}/ (safetensors, config, tokenizer, README.md model card, plan.json, report.json)")
     print("load it:")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -148,10 +147,9 @@ def run(args) -> int:
     plan_json = dump_plans(plans)
     t = time.perf_counter()
     with output_folder(args.output, overwrite=args.overwrite, sources=sources) as tmp:  # OUT appears complete
-        write_pruned(model, tmp, tokenizer=tok,
-                     extra_files={"plan.json": plan_json, "report.json": json.dumps(report, indent=1)})
+        write_pruned(model, tmp, tokenizer=tok, extra_files={"plan.json": plan_json}, report=report)
         report["times"]["save_s"] = time.perf_counter() - t
-        (tmp / "report.json").write_text(json.dumps(report, indent=1))
+        (tmp / "report.json").write_text(report.to_json())  # once, with the save time
         _html_report(tmp, args)
     out = Path(args.output)
     print(f"pruned {report['params_before']:,} -> {report['params_after']:,} parameters "
