@@ -15,7 +15,7 @@ import torch
 
 from .capture import Capture
 from .errors import UnsupportedOpError
-from .layout import SpaceStore, Unifiable
+from .layout import Reason, SpaceStore, Unifiable
 from .rules import RULES, RuleError, op_name
 from .rules.moe import routed
 
@@ -173,12 +173,13 @@ class Ctx:
         """Is ``node`` the placeholder of a model parameter (not a buffer, not an input)?"""
         return isinstance(node, torch.fx.Node) and node.op == "placeholder" and node.name in self.flow.cap.params
 
-    def reason(self, message: str) -> str:
-        return f"{message} ({self.op} at {self.where or '<root>'})"
+    def reason(self, message: str, kind: str = "blocked") -> Reason:
+        """``message`` about this op, as text ``"MESSAGE (OP at MODULE)"`` and as data (:class:`Reason`)."""
+        return Reason(str(message), self.op, self.where or "", kind)
 
     def fresh(self, shape, why: str | None = None, broadcast: bool = False) -> tuple:
         """New spaces for a tensor of ``shape``; blocked with ``why`` unless None."""
-        return tuple(self.store.new(n, self.reason("created"), blocked=why and self.reason(why),
+        return tuple(self.store.new(n, self.reason("created", "origin"), blocked=why and self.reason(why),
                                     broadcast=broadcast) for n in shape)
 
     def unify(self, a, b) -> None:
@@ -195,7 +196,7 @@ class Ctx:
 
     def inexact(self, layout, why: str) -> None:
         if layout is not None:
-            self.store.mark_inexact(layout, self.reason(why))
+            self.store.mark_inexact(layout, self.reason(why, "inexact"))
 
     def split(self, layout, sizes):
         try:
@@ -400,7 +401,7 @@ def _check_output(store, out, val) -> None:
 
 def _fresh_like(ctx: Ctx, val, why):
     if isinstance(val, torch.Tensor):
-        return tuple(ctx.store.new(n, ctx.reason("created"), blocked=ctx.reason(why)) if n is not None else None
+        return tuple(ctx.store.new(n, ctx.reason("created", "origin"), blocked=ctx.reason(why)) if n is not None else None
                      for n in (_safe_size(s) for s in val.shape))
     if isinstance(val, (list, tuple)):
         return [_fresh_like(ctx, v, why) for v in val]

@@ -15,6 +15,7 @@ derived from these layouts, so the mask and the shrink can never disagree.
 
 Flags on spaces: ``blocked`` (never prunable, with reasons), ``inexact`` (a normalisation reduces over
 it, so removal is not equal to zeroing), ``broadcast`` (created by ``expand``; no parameter behind it).
+A reason a rule gives is a :class:`Reason`: the text, and the same as data (op, module path, kind).
 """
 from __future__ import annotations
 
@@ -22,6 +23,18 @@ from dataclasses import dataclass, field
 from math import prod as _prod
 
 import numpy as np
+
+
+class Reason(str):
+    """Why a space is blocked or inexact: the text ``"MESSAGE (OP at MODULE)"`` (it is that string, so it prints,
+    compares and serialises as one) and the same as data: ``message``, ``op`` (the aten op), ``module`` (the module
+    path that ran it, "" for the root) and ``kind`` ("blocked", "inexact" or "origin")."""
+
+    def __new__(cls, message: str, op: str | None = None, module: str | None = None, kind: str = "blocked"):
+        text = message if op is None else f"{message} ({op} at {module or '<root>'})"
+        self = super().__new__(cls, text)
+        self.message, self.op, self.module, self.kind = message, op, module, kind
+        return self
 
 
 class Space:

@@ -43,7 +43,6 @@ REMOVED_FILL = "#f4c2c2"
 INEXACT_COLOR = "#c62828"
 _FORMATS = {".svg": "svg", ".png": "png", ".pdf": "pdf"}
 _SOURCE_SUFFIXES = {".dot", ".gv"}
-_REASON_AT = re.compile(r"\((\S+) at ([\w.\-]+)\)\s*$")
 _INSTALL_HINT = ("Graphviz's `dot` binary is not installed; wrote the DOT source to {path}. Install Graphviz to "
                  "render it (Debian/Ubuntu: `apt-get install graphviz`, macOS: `brew install graphviz`, conda: "
                  "`conda install graphviz`), then run `dot -T{fmt} {path} -o {target}`.")
@@ -130,12 +129,13 @@ def index_map(member, group) -> str:
 
 
 def _inexact_modules(group) -> dict:
-    """{module: reduction} named by the group's inexact reasons, e.g. {'model.layers.0.input_layernorm': 'mean'}."""
+    """{module: reduction} named by the group's inexact reasons, e.g. {'model.layers.0.input_layernorm': 'mean'}
+    (read from the reasons' data: :class:`depgraph.layout.Reason`)."""
     out = {}
     for r in group.inexact_reasons or ():
-        m = _REASON_AT.search(r)
-        if m:
-            out[m.group(2)] = m.group(1)
+        op, module = getattr(r, "op", None), getattr(r, "module", None)
+        if op and module:
+            out[module] = op
     return out
 
 
