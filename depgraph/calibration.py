@@ -62,6 +62,7 @@ __all__ = [
     "load_calibration_set",
     "render_alpaca",
     "shared_data_dir",
+    "looks_like_path",
     "PROTOCOLS",
     "bos_prefix",
     "bos_windows",
@@ -156,6 +157,16 @@ def bos_windows(ids, window: int, bos: int | None) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- data dir
+
+
+def looks_like_path(source) -> bool:
+    """Is the data source ``source`` meant as a local path (not a built-in name or a hub dataset)? It exists, has
+    a data-file suffix (:data:`TEXT_SUFFIXES`, :data:`JSON_SUFFIXES`), or is absolute / starts with ``.`` or ``~``;
+    a bare ``org/name`` is a hub dataset. Shared by calibration and recovery data (``recover.data``)."""
+    src = str(source)
+    path = Path(src).expanduser()
+    return (path.exists() or path.suffix.lower() in TEXT_SUFFIXES | JSON_SUFFIXES or Path(src).is_absolute()
+            or src.startswith((".", "~")))
 
 
 def shared_data_dir(data_dir: str | os.PathLike | None = None, *, must_exist: bool = True) -> Path:
@@ -474,21 +485,14 @@ def load_calibration_set(
         return CalibrationSet(ids, src, "self-generated", "self", seed)
 
     path = Path(src).expanduser()
-    # a path: exists, has a known data-file suffix, or is absolute / starts with . or ~;
-    # a bare "org/name" with no suffix is tried as an HF dataset instead
-    looks_like_path = (
-        path.exists()
-        or path.suffix.lower() in TEXT_SUFFIXES | JSON_SUFFIXES
-        or Path(src).is_absolute()
-        or src.startswith((".", "~"))
-    )
-    if not looks_like_path and src in BUILTIN_SOURCES:
+    is_path = looks_like_path(src)
+    if not is_path and src in BUILTIN_SOURCES:
         path = shared_data_dir(data_dir) / BUILTIN_SOURCES[src]
-        looks_like_path = True
+        is_path = True
         if not path.exists():
             raise CalibrationError(f"built-in calibration source {src!r}: file {path} does not exist")
 
-    if looks_like_path:
+    if is_path:
         pieces, kind = _file_texts(path)
         origin = str(path)
     else:

@@ -51,7 +51,7 @@ __all__ = [
 
 from depgraph.calibration import ALPACA_TEMPLATE as _CALIB_TEMPLATE  # noqa: E402
 from depgraph.calibration import ALPACA_TEMPLATE_NO_INPUT as _CALIB_TEMPLATE_NO_INPUT  # noqa: E402
-from depgraph.calibration import SELF_SOURCES, TEXT_SUFFIXES, records_from_json  # noqa: E402
+from depgraph.calibration import SELF_SOURCES, TEXT_SUFFIXES, looks_like_path, records_from_json  # noqa: E402
 
 IGNORE_INDEX = -100
 
@@ -67,10 +67,6 @@ _SHORTHANDS = {"alpaca", "alpaca-5000", "alpaca_5000"}
 
 
 # ============================================================================ loading
-
-
-def _looks_like_path(s: str) -> bool:
-    return s.startswith((".", "/", "~")) or s.lower().endswith((".json", ".jsonl", ".txt"))
 
 
 def validate_examples(rows: Sequence[Any], where: str = "data") -> list[dict]:
@@ -152,7 +148,7 @@ def load_examples(source, data_dir: str | os.PathLike | None = None, limit: int 
             if hasattr(ds, "keys"):
                 ds = ds["train"]
             rows, where = [dict(r) for r in ds], str(path)
-        elif _looks_like_path(s):
+        elif looks_like_path(s):
             raise FileNotFoundError(f"no such data file: {s!r}")
         else:
             try:

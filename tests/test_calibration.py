@@ -252,3 +252,21 @@ def test_missing_builtin_data_dir(tok, monkeypatch, tmp_path):
     monkeypatch.setenv("DEPGRAPH_DATA", str(tmp_path))
     with pytest.raises(ValueError, match=r"built-in calibration source 'ptb'.*ptb\.test\.txt does not exist"):
         load_calibration("ptb", tok)
+
+
+def test_one_is_a_path_test_for_calibration_and_recovery(tmp_path):
+    """calibration and recover.data decide "is this a local path" with the same function."""
+    import recover.data as rdata
+    from depgraph.calibration import looks_like_path
+
+    assert rdata.looks_like_path is looks_like_path
+    for s in ("./x", "~/x", "/abs/x", "notes.md", "wiki.test.tokens", "a.jsonl", "b.txt"):
+        assert looks_like_path(s), s
+    for s in ("yahma/alpaca-cleaned", "wikitext2", "alpaca"):
+        assert not looks_like_path(s), s
+    (tmp_path / "plain").write_text("x")
+    assert looks_like_path(tmp_path / "plain")
+    with pytest.raises(FileNotFoundError, match="no such data file"):  # not tried as a hub dataset
+        rdata.load_examples(str(tmp_path / "missing.md"))
+    with pytest.raises(CalibrationError, match="does not exist"):
+        load_calibration(str(tmp_path / "missing.md"), None)
