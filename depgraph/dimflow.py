@@ -173,6 +173,10 @@ class Ctx:
         """Is ``node`` the placeholder of a model parameter (not a buffer, not an input)?"""
         return isinstance(node, torch.fx.Node) and node.op == "placeholder" and node.name in self.flow.cap.params
 
+    def parameter_name(self, node) -> str | None:
+        """The model parameter's name behind the placeholder ``node`` (None when it is not a parameter)."""
+        return self.flow.cap.params[node.name] if self.is_parameter(node) else None
+
     def reason(self, message: str, kind: str = "blocked") -> Reason:
         """``message`` about this op, as text ``"MESSAGE (OP at MODULE)"`` and as data (:class:`Reason`)."""
         return Reason(str(message), self.op, self.where or "", kind)

@@ -129,7 +129,7 @@ def _router_chain(ctx, x, experts):
         return None, "too many ops between the router and the top-k"
     linear = nodes[-1]
     w = linear.args[1]
-    if not (isinstance(w, torch.fx.Node) and w.op == "placeholder" and w.name in ctx.flow.cap.params):
+    if not ctx.is_parameter(w):
         return None, "the router's weight is not a parameter"
     if not _same_space(ctx.store, ctx.lay(linear)[-1], experts):
         return None, "top-k dim is not the router's output dim"
@@ -143,7 +143,7 @@ def _router_chain(ctx, x, experts):
         if op in ("mul", "div") and not others and isinstance(node.args[1], (int, float)) and node.args[1] > 0:
             continue
         if state == "logits" and op in ("add", "sub") and len(tensors) >= 1 and tensors[0] is node.args[0] \
-                and all(a.op == "placeholder" and a.name in ctx.flow.cap.params for a in others):
+                and all(ctx.is_parameter(a) for a in others):
             continue
         if state == "logits" and op in _SOFTMAX + ("sigmoid",):
             if op != "sigmoid":
@@ -182,8 +182,7 @@ def topk(ctx):
 
     reason = ctx.reason("routed by top-k: prunable only as whole experts")
     ctx.store.block(experts, reason)
-    names = tuple(ctx.flow.cap.params[a.name] for a in linear.args[1:3]
-                  if isinstance(a, torch.fx.Node) and a.name in ctx.flow.cap.params)
+    names = tuple(ctx.parameter_name(a) for a in linear.args[1:3] if ctx.is_parameter(a))
     ctx.flow.routing.append(RoutingSite(experts, k, ctx.where, module_path(linear), names, reason, chain))
     return [tuple(out), tuple(out)]
 
