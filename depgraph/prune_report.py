@@ -14,14 +14,16 @@ from pathlib import Path
 from typing import Any
 
 _UNSET: Any = type("Unset", (), {"__repr__": lambda self: "UNSET", "__bool__": lambda self: False})()
-OPTIONAL = ("model", "calibration", "stream", "evaluation")  # written only once set (None counts as set)
+OPTIONAL = ("block_method", "depth_share", "removed_blocks", "model", "calibration", "stream", "evaluation")
+# written only once set (None counts as set): the in-memory prune sets the depth settings, the streamed one not
 
 
 @dataclass
 class PruneReport:
     """One pruning run. Settings: ``method``, ``target`` (None with ``ratios``), ``policy``, ``steps``,
     ``uniform``, ``compensate``, ``reconstruct``, ``damp``, ``reconstruction`` (per consumer: removed columns and
-    relative output errors), ``layers``, ``round_to``, ``gqa``, ``ratios``. Results: ``params_before``/``after``,
+    relative output errors), ``layers``, ``round_to``, ``gqa``, ``ratios``, and for depth pruning
+    ``block_method``, ``depth_share``, ``removed_blocks``. Results: ``params_before``/``after``,
     ``removed_fraction``, ``non_embedding_removed_fraction``, ``stock_loadable``, ``times`` {phase: seconds},
     ``groups`` (per group: kind, layer, units before/after, scores, parameters removed), ``widths``
     {layer: {kind: units kept}}. Optional: ``model`` (what was pruned), ``calibration`` (its source and sizes),
@@ -40,6 +42,9 @@ class PruneReport:
     round_to: int | None = None
     gqa: str | None = None
     ratios: dict | None = None
+    block_method: Any = _UNSET
+    depth_share: Any = _UNSET
+    removed_blocks: Any = _UNSET
     params_before: int | None = None
     params_after: int | None = None
     removed_fraction: float | None = None
