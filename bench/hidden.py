@@ -81,8 +81,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--targets", default="0.2")
+    ap.add_argument("--variants", default="", help="only these variants (';' list)")
+    ap.add_argument("--markdown", action="store_true", help="only rewrite hidden.md from hidden.json")
     args = ap.parse_args()
     res = Results(RESULTS / "hidden.json")
+    if args.markdown:
+        write_markdown(res)
+        return
     data = res.data.setdefault("rows", [])
     res.data.update(windows=args.windows, window=128, protocol="bos", calibration="alpaca 16x128")
     done = {(r["variant"], r["target"]) for r in data}
@@ -96,7 +101,7 @@ def main() -> None:
     total = sum(p.numel() for p in dense.parameters())
     for target in [float(t) for t in args.targets.split(",")]:
         for variant in ("mlp +reconstruct", "hidden", "hidden +refit readers", "hidden+mlp +refit readers"):
-            if (variant, target) in done:
+            if (variant, target) in done or (args.variants and variant not in args.variants.split(";")):
                 continue
             model = copy.deepcopy(dense)
             t = time.perf_counter()
@@ -118,6 +123,12 @@ def main() -> None:
             data.append(r)
             res.save()
             print(r, flush=True)
+    write_markdown(res)
+
+
+def write_markdown(res: Results) -> None:
+    """bench/results/hidden.md from the JSON rows."""
+    data = res.data["rows"]
     dense_ppl = next(r["wikitext2"] for r in data if r["variant"] == "dense")
     lines = [f"# Hidden channels vs MLP neurons at one budget (bench/hidden.py)", "",
              f"SmolLM2-135M-Instruct; WikiText-2 test, window {res.data['window']}, first {res.data['windows']} "
@@ -128,6 +139,16 @@ def main() -> None:
         lines.append(f"| {r['variant']} | {r['target']:.2g} | {100 * r['removed']:.1f}% | {r['params'] / 1e6:.1f}M | "
                      f"{r.get('hidden_size', '')} | {r['wikitext2']:.1f} | {r['wikitext2'] / dense_ppl:.2f} | "
                      f"{r.get('prune_s', '')} |")
+    study = Results(RESULTS / "prune.json").data  # the library default on the same windows, for reference
+    for key, st in study.items():
+        if (key.startswith("study") and isinstance(st, dict) and st.get("windows") == res.data["windows"]
+                and st.get("protocol") == res.data["protocol"]):
+            for r in st["rows"]:
+                if r["variant"] == "default" and "wikitext2" in r:
+                    lines.append(f"| default (bench/results/prune.json {key}: MLP only, {r.get('calibration', '')} "
+                                 f"calibration) | {r['target']:.2g} | {100 * r['removed']:.1f}% | "
+                                 f"{r['params'] / 1e6:.1f}M | | {r['wikitext2']:.1f} | "
+                                 f"{r['wikitext2'] / dense_ppl:.2f} | {r.get('prune_s', '')} |")
     (RESULTS / "hidden.md").write_text("\n".join(lines) + "\n")
 
 

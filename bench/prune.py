@@ -353,7 +353,9 @@ def _study_table(st, key: str) -> list:
               "Gram matrix as a fraction of its mean diagonal (0.01 unless stated). Prune time includes building the calibration set; peak RSS of "
               "the process during the prune (the dense copy included); load: the machine's 1/5/15-minute load "
               "average at the end of the prune (2 cores shared with other jobs, run under nice); eval: time of "
-              "the perplexity evaluation of the row.", "",
+              "the perplexity evaluation of the row. depth: `--kinds block` (whole layers and attention/MLP "
+              "sub-blocks of layers 1-28 by Block Influence, lowest score per parameter first); depth + width: half "
+              "the target as blocks, the rest MLP neurons.", "",
               "| variant | target | calibration | removed | params | "
               + " | ".join(f"{k} | x dense" for k in sets) + " | prune (s) | load | peak RSS (MB) | eval (s) |",
               "|---|---|---|---|---|" + "---|---|" * len(sets) + "---|---|---|---|"]
