@@ -271,6 +271,7 @@ def recover(
         raise ValueError("distill=True needs a teacher: the dense model (or its path) the pruned model came from")
     print_fn = progress if callable(progress) else (print if progress else (lambda *a, **k: None))
 
+    targets = resolve_target_modules(model, c.target_modules)  # a bad name is refused before OUT is touched
     output_dir = Path(output_dir)
     if c.save:  # refused before any work: a file, a foreign non-empty folder (unless overwrite), an unwritable parent
         check_output(output_dir, overwrite=c.overwrite or c.resume_from_checkpoint is not None)
@@ -278,7 +279,6 @@ def recover(
         mark(output_dir, "recover", model="model")  # any MODEL argument accepts OUT (it loads OUT/model)
     ckpt_dir = output_dir / "checkpoints"
     set_seed(c.seed)
-    targets = resolve_target_modules(model, c.target_modules)
     teacher_model = _load_teacher(teacher) if c.distill else None
     # data "self": text sampled from the teacher when distilling (its own distribution), else from the model
     train_ds, val_ds = _as_datasets(data, tokenizer, c.cutoff_len, c.val_size, c.seed, c.limit, c.data_dir,
