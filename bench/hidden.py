@@ -10,7 +10,8 @@ calibration for scores and fits. Rows at each parameter target (fraction of all 
 * ``hidden +refit readers``: the same, then every linear layer that reads the residual stream (q, k, v, gate, up) is
   re-fitted block by block so that its output on the pruned model's inputs matches the dense layer's output on the
   dense inputs (least squares, W = T N^T (N N^T + damp)^-1; the tied lm_head is left as it is);
-* ``hidden+mlp +refit readers``: one uniform fraction of hidden channels and MLP neurons, readers re-fitted.
+* ``hidden+mlp`` / ``hidden+mlp +refit readers``: one uniform fraction of hidden channels and MLP neurons, readers
+  left or re-fitted.
 
 The re-fit names Llama-family modules (``self_attn.q_proj`` ...): a study script, not library code. Writes
 bench/results/hidden.json and hidden.md.
@@ -100,7 +101,7 @@ def main() -> None:
     calib = _calib(tok, dense)
     total = sum(p.numel() for p in dense.parameters())
     for target in [float(t) for t in args.targets.split(",")]:
-        for variant in ("mlp +reconstruct", "hidden", "hidden +refit readers", "hidden+mlp +refit readers"):
+        for variant in ("mlp +reconstruct", "hidden", "hidden +refit readers", "hidden+mlp", "hidden+mlp +refit readers"):
             if (variant, target) in done or (args.variants and variant not in args.variants.split(";")):
                 continue
             model = copy.deepcopy(dense)
@@ -108,7 +109,7 @@ def main() -> None:
             if variant == "mlp +reconstruct":
                 depgraph.prune(model, calib, target=target, reconstruct=True, progress=False)
             else:
-                kinds = ("hidden",) if variant.startswith("hidden ") else ("hidden", "mlp")
+                kinds = ("hidden", "mlp") if variant.startswith("hidden+mlp") else ("hidden",)
                 graph = depgraph.trace(model)
                 scores = depgraph.score(model, graph, calib, method="activation", kinds=kinds, progress=False)
                 plan = depgraph.Plan.from_scores(graph, scores, target, kinds=kinds, layers=None)
