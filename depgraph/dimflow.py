@@ -53,6 +53,8 @@ class LiteralSize:
     module: str
     node: str = ""  # the fx node's name (to find it again in a re-export)
     strict: bool = False
+    alias: bool = False  # a parameter space of the same size exists: the value may be its tensor's .size()
+    unread: bool = False  # set by graph.read_attributes: the literal did not follow its attribute when it changed
 
     def __str__(self) -> str:
         names = ", ".join(a.replace(":", ".") for a in self.attributes[:3]) or "no module attribute"
@@ -222,13 +224,17 @@ class Ctx:
         """Record that a prunable ``layout`` is sized by the literal ``value`` in this op's arguments.
 
         A reshape's sizes are mostly read off the tensor itself (``view(*x.shape[:-1], -1, d)`` exports as
-        literals), so only a value equal to a module attribute is recorded; ``strict`` (split sizes, slice
-        offsets) records every value: one no rewritten attribute holds blocks its space."""
+        literals), so only a value equal to a module attribute is recorded (``alias`` when it also equals the size of
+        another parameter space, whose ``.size()`` it may be: graph.read_attributes then checks the forward passes
+        the attribute itself); ``strict`` (split sizes, slice offsets) records every value: one no rewritten
+        attribute holds blocks its space."""
         if layout is None or not isinstance(value, int) or isinstance(value, bool) or value in (-1, 0):
             return
         attrs = self.flow.attributes_equal_to(self.node, value)
         if attrs or strict:
-            self.flow.literals.append(LiteralSize(layout, value, attrs, self.op, self.where, self.node.name, strict))
+            alias = self.flow.other_space_of_size(layout, value)
+            self.flow.literals.append(LiteralSize(layout, value, attrs, self.op, self.where, self.node.name, strict,
+                                                  alias))
 
     def attention_site(self, heads, num_heads, num_kv_heads, head_dim) -> None:
         self.flow.attention.append(AttentionSite(heads, num_heads, num_kv_heads, head_dim, self.where))
@@ -251,6 +257,18 @@ class _Runner:
         self.aligned: list = []
         self.moe_modules: set = set()
         self.values: dict = {}  # node or (node, output index) -> ExpertValues (tensors of expert indices)
+        self.by_size: dict = {}  # size -> {id: layout} of parameter dims (spaces a literal may be read off)
+
+    def other_space_of_size(self, layout, value: int) -> bool:
+        """Whether a parameter space of size ``value`` shares no space with ``layout``: a literal equal to it
+        may have been read off that tensor's shape (``x.size(-1)``) rather than computed from attributes."""
+        mine = set(self.store.leaves(layout))
+        return any(not set(self.store.leaves(lay)) & mine for lay in self.by_size.get(value, ()))
+
+    def _remember_sizes(self, lays) -> None:
+        for lay in lays:
+            if lay is not None:
+                self.by_size.setdefault(self.store.expand(lay).size, []).append(lay)
 
     def attributes_equal_to(self, node, value: int) -> list:
         """``path:attr`` of the int attributes equal to ``value`` on the modules running ``node``."""
@@ -294,6 +312,7 @@ class _Runner:
             name = self.cap.params[node.name]
             if name not in self.param_layouts:  # tied placeholders share one set of spaces
                 self.param_layouts[name] = tuple(self.store.new(n, f"{name}[{d}]") for d, n in enumerate(shape))
+                self._remember_sizes(self.param_layouts[name])
             return self.param_layouts[name]
         if node.name in self.cap.buffers:
             name = self.cap.buffers[node.name]

@@ -13,6 +13,7 @@ from .capture import Capture, capture
 from .dimflow import DimFlow, propagate
 from .groups import Group, Member
 from .layout import Prod, Space
+from .reads import source_line, tagged_reads
 from .rules.moe import GROUPED_MM_ALIGN
 
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
@@ -35,7 +36,11 @@ def unowned_literals(lits, attention_module, stale=frozenset()) -> list:
     for lit in lits:
         owned = any(_owned(a, attention_module) for a in lit.attributes) and \
             not any(a in stale for a in lit.attributes)
-        if not owned:
+        if owned and lit.unread:
+            reason = f"{lit}: read off a tensor's shape, not the attribute (it did not follow the attribute)"
+            if reason not in out:
+                out.append(reason)
+        elif not owned:
             reason = f"{lit}: not an attribute shrink rewrites"
             if reason not in out:
                 out.append(reason)
@@ -75,6 +80,34 @@ def stale_attributes(model, flow, store) -> dict:
                         why = f"{path or type(mod).__name__}.{a} = {v} sizes {name}[{d}] and shrink does not rewrite it"
                         for leaf in store.leaves(lays[d]):
                             out.setdefault(leaf, []).append(why)
+    return out
+
+
+def read_off_sizes(flow, store) -> dict:
+    """{leaf space: reasons} for parameter spaces a merge's literal size may have been read off: a merge whose
+    size was not the attribute it equals (``reshape(b, t, embed_dim)`` with ``embed_dim = x.size(-1)``) keeps
+    that size when the other space is pruned, so every parameter space of that size (other than the merge's
+    own) is blocked."""
+    out: dict = {}
+    suspects = [lit for lit in flow.literals or () if lit.alias and not lit.strict and lit.unread]
+    if not suspects:
+        return out
+    by_size = defaultdict(list)
+    for lays in flow.param_layouts.values():
+        for lay in lays:
+            if lay is not None:
+                by_size[store.expand(lay).size].append(lay)
+    for lit in suspects:
+        mine = set(store.leaves(lit.layout))
+        if all(leaf.blocked for leaf in mine):
+            continue
+        why = f"its size may be read off a tensor's shape by the {lit} (a merge no rewritten attribute sizes)"
+        for lay in by_size[lit.value]:
+            leaves = set(store.leaves(lay))
+            if not leaves & mine:
+                for leaf in leaves:
+                    if why not in out.setdefault(leaf, []):
+                        out[leaf].append(why)
     return out
 
 
@@ -119,6 +152,7 @@ class DependencyGraph:
             for leaf in dict.fromkeys(store.leaves(lit.layout)):
                 literals[leaf].append(lit)
         stale = stale_attributes(self._module, self._flow, store)
+        read_off = read_off_sizes(self._flow, store)
         groups, taken, blocked = [], set(), {}
         has_attention = bool(self._flow.attention)
         for classes, gqa, sites, reasons in self._head_sets():
@@ -129,6 +163,7 @@ class DependencyGraph:
                 unowned = [unowned_literals([lit], site.module, stale_attrs) for site in sites]
                 if all(unowned):
                     reasons = reasons + [r for r in unowned[0] if r not in reasons]
+            reasons = reasons + [r for c in classes for r in read_off.get(c, ()) if r not in reasons]
             if reasons:
                 self._record_blocked(blocked, classes, users, reasons)
                 continue
@@ -149,7 +184,7 @@ class DependencyGraph:
             reasons = list(leaf.blocked)
             if leaf.broadcast and not reasons:
                 reasons = ["expanded by aten.expand: its size is fixed in the model code"]
-            reasons += unowned_literals(literals.get(leaf, ()), None) + stale.get(leaf, [])
+            reasons += unowned_literals(literals.get(leaf, ()), None) + stale.get(leaf, []) + read_off.get(leaf, [])
             if reasons:
                 self._record_blocked(blocked, (leaf,), users, reasons)
                 continue
@@ -411,20 +446,28 @@ def trace(model, example_inputs=None, strict: bool = False) -> DependencyGraph:
 
 
 def read_attributes(model, example_inputs, cap, flow) -> set:
-    """Which attributes behind an ambiguous split size the forward really reads.
+    """Which attributes behind a literal size the forward really reads.
 
-    A split/slice size equal to both an attribute shrink rewrites (``split_size``) and one it does not
-    (``embed_dim``) cannot be told apart by value. Each such unrewritten attribute is perturbed (+1, on every
-    module that has it) in one extra export: if the op's arguments change, or the export fails, the
-    forward reads it, and the literal is not owned."""
-    ambiguous: dict = {}
+    - A split/slice size equal to both an attribute shrink rewrites (``split_size``) and one it does not
+      (``embed_dim``) cannot be told apart by value: each such unrewritten attribute is perturbed (+1, on every
+      module that has it) in one extra export; if the op's arguments change, or the export fails, the forward
+      reads it, and the literal is not owned (returned, as ``path:attr``).
+    - A literal owned by a rewritten attribute that also equals the size of another parameter space
+      (``reshape(b, t, embed_dim)`` with ``embed_dim = x.size(-1)``, equal to ``self.embed_dim`` by value) must
+      be seen to be that attribute: one export with the owning attributes tagged (:mod:`depgraph.reads`); a
+      literal whose op's line was not passed the attribute is marked ``unread`` (not owned)."""
+    ambiguous: dict = {}  # attr name -> literals to test against an unrewritten attribute
+    confirm = []  # literals whose owning attribute must be seen to be read
     for lit in flow.literals or ():
-        if lit.strict and any(_owned(a, lit.module) for a in lit.attributes):
+        owned = [a for a in lit.attributes if _owned(a, lit.module)]
+        if lit.strict and owned:
             for a in lit.attributes:
                 if not _owned(a, lit.module):
                     ambiguous.setdefault(a.rpartition(":")[2], []).append(lit)
-    stale = set()
+        if lit.alias and owned:
+            confirm.append(lit)
     nodes = {n.name: n for n in cap.graph.nodes}
+    stale = set()
     for name, lits in ambiguous.items():
         def perturb(twin, name=name):
             for mod in twin.modules():
@@ -443,4 +486,11 @@ def read_attributes(model, example_inputs, cap, flow) -> set:
             n = other.get(lit.node)
             if n is None or repr(n.args) != repr(nodes[lit.node].args):
                 stale.update(a for a in lit.attributes if a.rpartition(":")[2] == name)
+    if confirm:
+        names = {a.rpartition(":")[2] for lit in confirm for a in lit.attributes}
+        reads = tagged_reads(model, example_inputs, names, {lit.module for lit in confirm}) or {}
+        for lit in confirm:
+            seen = reads.get(source_line(nodes[lit.node]), ())
+            lit.unread = not any((a.rpartition(":")[2], lit.value) in seen
+                                 for a in lit.attributes if _owned(a, lit.module))
     return stale

@@ -1,0 +1,93 @@
+"""A merge sized by a value equal to an attention attribute is owned only when the forward passes that attribute
+itself: TrOCR's ``attn_output.reshape(bsz, tgt_len, embed_dim)`` with ``bsz, tgt_len, embed_dim =
+hidden_states.size()`` equals ``self.embed_dim`` by value, but keeps the residual width when heads are pruned."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import depgraph
+
+
+class Attention(nn.Module):
+    """Self-attention over [b, t, 32]: 4 heads of 8; ``merge`` says where the merged width comes from."""
+
+    def __init__(self, merge: str):
+        super().__init__()
+        self.embed_dim, self.num_heads, self.head_dim, self.merge = 32, 4, 8, merge
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(32, 32) for _ in range(4))
+
+    def forward(self, x):
+        bsz, tgt_len, embed_dim = x.size()
+
+        def heads(t):
+            return t.view(bsz, tgt_len, self.num_heads, self.head_dim).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)))
+        width = {"input": embed_dim, "attribute": self.embed_dim, "minus_one": -1}[self.merge]
+        return self.out_proj(out.transpose(1, 2).reshape(bsz, tgt_len, width))
+
+
+class Block(nn.Module):
+    def __init__(self, merge: str):
+        super().__init__()
+        self.norm = nn.LayerNorm(32)
+        self.self_attn = Attention(merge)
+        self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 32)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.norm(x))
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class Net(nn.Module):
+    def __init__(self, merge: str):
+        super().__init__()
+        self.layers = nn.ModuleList(Block(merge) for _ in range(2))
+        self.head = nn.Linear(32, 8)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def _setup(merge):
+    torch.manual_seed(0)
+    model = Net(merge).eval()
+    x = torch.randn(2, 5, 32)
+    return model, x, depgraph.trace(model, (x,))
+
+
+def _masked_and_shrunk(model, graph, x, kinds):
+    groups = [g for g in graph.groups() if g.kind in kinds]
+    plan = depgraph.Plan.from_units(graph, {g.id: [0] for g in groups})
+    with torch.no_grad():
+        masked = depgraph.mask(copy.deepcopy(model), plan)(x)
+        shrunk = depgraph.shrink(copy.deepcopy(model), plan, verify=False)(x)
+    return masked, shrunk
+
+
+def test_merge_read_off_the_input_shape_blocks_heads_and_hidden():
+    model, x, graph = _setup("input")
+    assert not [g for g in graph.groups() if g.kind == "attention"]
+    reasons = [r for b in graph.blocked if "layers.0.self_attn.q_proj.weight" in " ".join(b["params"])
+               for r in b["reasons"]]
+    assert any("aten.reshape" in r and "read off a tensor's shape" in r and "layers.0.self_attn" in r
+               for r in reasons), reasons
+    # the residual width is what the merge really reads: pruning it would break the reshape
+    assert not [g for g in graph.groups() if g.kind == "hidden"]
+    masked, shrunk = _masked_and_shrunk(model, graph, x, ("mlp",))  # the MLP stays exact
+    torch.testing.assert_close(shrunk, masked, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("merge", ["attribute", "minus_one"])
+def test_merge_by_the_attribute_or_minus_one_is_exact(merge):
+    model, x, graph = _setup(merge)
+    attention = [g for g in graph.groups() if g.kind == "attention"]
+    assert len(attention) == 2 and all(g.exact for g in attention)
+    masked, shrunk = _masked_and_shrunk(model, graph, x, ("attention", "mlp"))
+    torch.testing.assert_close(shrunk, masked, rtol=0, atol=1e-5)
+
