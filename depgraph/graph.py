@@ -50,7 +50,7 @@ def unowned_literals(lits, attention_module, stale=frozenset()) -> list:
 def stale_attributes(model, flow, store) -> dict:
     """{leaf space: reasons} for parameter dims whose size a module also keeps in an int attribute that
     no fixer rewrites (e.g. a norm's ``dim_norm``): after a shrink that attribute would be stale."""
-    from .shrink import MODULE_FIXERS
+    from .shrink import held_attributes
 
     out: dict = {}
     if model is None:
@@ -59,14 +59,7 @@ def stale_attributes(model, flow, store) -> dict:
         own = {n: p for n, p in mod._parameters.items() if p is not None}
         if not own:
             continue
-        fixed = set()
-        for pred, fix in MODULE_FIXERS:
-            if pred(mod):
-                try:
-                    fixed = set(fix(mod))
-                except Exception:  # noqa: BLE001 - a fixer that cannot read the module fixes nothing
-                    fixed = set()
-                break
+        fixed = held_attributes(mod)
         attrs = {a: v for a, v in vars(mod).items() if isinstance(v, int) and not isinstance(v, bool)
                  and v > 1 and a not in fixed}
         for pname, p in own.items():

@@ -61,6 +61,54 @@ def _batch_norm(m):
     return {"num_features": m.weight.shape[0]}
 
 
+# routed-experts modules (router, experts, the block around them): attributes holding the expert count,
+# rewritten when they equal the count before pruning
+EXPERT_ATTRIBUTES = ("num_experts", "num_local_experts", "n_routed_experts", "n_experts", "num_routed_experts")
+
+# fused routed experts ([E, ...] weights) and their routers ([E, hidden] weight): attributes holding a width,
+# by role; the down projection's name finds the roles, the gate (or fused gate/up) weight tells hidden from inner
+FUSED_DOWN = ("down_proj", "w2")
+FUSED_GATE = ("gate_up_proj", "gate_proj", "up_proj", "w1", "w3")
+FUSED_WIDTHS = {
+    "hidden": ("hidden_dim", "hidden_size"),
+    "inner": ("intermediate_dim", "intermediate_size", "expert_dim", "ffn_hidden_size", "moe_intermediate_size"),
+}
+
+
+def _fused_experts(m) -> bool:
+    return any(getattr(m, n, None) is not None and getattr(m, n).dim() == 3 for n in FUSED_DOWN if n in m._parameters)
+
+
+@fixer(_fused_experts)
+def _experts(m):
+    """[E, hidden, inner] or [E, inner, hidden] down weight: the hidden dim is the one the gate weight has at the
+    other position ([E, 2 inner, hidden] / [E, hidden, 2 inner]); when both dims could be, nothing is claimed."""
+    down = next(m._parameters[n] for n in FUSED_DOWN if n in m._parameters)
+    gate = next((m._parameters[n] for n in FUSED_GATE if m._parameters.get(n) is not None), None)
+    out = {k: down.shape[0] for k in EXPERT_ATTRIBUTES}
+    if gate is not None and gate.dim() == 3:
+        hidden = [d for d in (1, 2) if down.shape[d] == gate.shape[3 - d]]
+        if len(hidden) == 1:
+            h = hidden[0]
+            out.update({k: down.shape[h] for k in FUSED_WIDTHS["hidden"]})
+            out.update({k: down.shape[3 - h] for k in FUSED_WIDTHS["inner"]})
+    return {k: v for k, v in out.items() if type(getattr(m, k, None)) is int}
+
+
+def _router(m) -> bool:
+    w = m._parameters.get("weight")
+    return w is not None and w.dim() == 2 and set(m._parameters) <= {"weight", "bias"} and \
+        any(type(getattr(m, k, None)) is int for k in EXPERT_ATTRIBUTES)
+
+
+@fixer(_router)
+def _router_widths(m):
+    """A top-k router's [E, hidden] weight: the expert count and the residual width it keeps as attributes."""
+    out = {k: m.weight.shape[0] for k in EXPERT_ATTRIBUTES}
+    out.update({k: m.weight.shape[1] for k in FUSED_WIDTHS["hidden"]})
+    return {k: v for k, v in out.items() if type(getattr(m, k, None)) is int}
+
+
 # attention modules: attribute name -> the size it holds, rewritten only where it holds that size before pruning
 ATTENTION_ATTRIBUTES = {
     "num_heads": "heads", "num_attention_heads": "heads", "n_head": "heads", "n_heads": "heads",
@@ -88,9 +136,6 @@ def attention_attributes(mod, a: dict) -> dict:
             out[k] = ATTENTION_SIZES[size](a, "after")
     return out
 
-# routed-experts modules (router, experts, the block around them): attributes holding the expert count,
-# rewritten when they equal the count before pruning
-EXPERT_ATTRIBUTES = ("num_experts", "num_local_experts", "n_routed_experts", "n_experts", "num_routed_experts")
 
 # the residual width kept as an attribute by routers and expert blocks (``reshape(-1, self.hidden_dim)``),
 # rewritten on a hidden entry's ``width_modules`` when equal to the width before pruning
@@ -239,9 +284,32 @@ def shrink(model: nn.Module, plan: Plan, verify: bool = False) -> nn.Module:
     return model
 
 
+def module_fixer(mod):
+    """The fixer for ``mod`` (the first registered whose predicate matches), or None."""
+    return next((fix for pred, fix in MODULE_FIXERS if pred(mod)), None)
+
+
+def held_attributes(mod) -> set:
+    """The attributes ``mod``'s fixer rewrites that hold, now, the size the fixer reads off the shapes: only
+    those follow a shrink (an attribute holding anything else is left alone)."""
+    fix = module_fixer(mod)
+    if fix is None:
+        return set()
+    try:
+        return {k for k, v in fix(mod).items() if getattr(mod, k, None) == v}
+    except Exception:  # noqa: BLE001 - a fixer that cannot read the module fixes nothing
+        return set()
+
+
 def _shrink(model, plan: Plan, aliases: dict, undo: "_Undo") -> None:
     record = records.get(model)
     changed_modules = {}
+    held = {}  # module path -> attributes its fixer rewrites, read before any tensor is sliced
+    for name in plan.removed_by_param(blocks=False):
+        for alias in aliases[name]:
+            path = alias.rpartition(".")[0]
+            if path not in held:
+                held[path] = held_attributes(model.get_submodule(path) if path else model)
     for name, dims in plan.removed_by_param(blocks=False).items():
         old = _get_tensor(model, name)
         new = old
@@ -262,10 +330,9 @@ def _shrink(model, plan: Plan, aliases: dict, undo: "_Undo") -> None:
                 store[attr] = new
             changed_modules[alias.rpartition(".")[0]] = mod
     for path, mod in changed_modules.items():
-        for pred, fix in MODULE_FIXERS:
-            if pred(mod):
-                _set_attrs(mod, fix(mod), record, path, undo)
-                break
+        fix = module_fixer(mod)
+        if fix is not None:
+            _set_attrs(mod, {k: v for k, v in fix(mod).items() if k in held.get(path, ())}, record, path, undo)
     for e in plan.entries:
         if e.attention:
             for path in e.attention.get("modules") or [e.attention["module"]]:
