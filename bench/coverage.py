@@ -128,6 +128,8 @@ def _shrunk(cfg_cls):
     kw = {k: v for k, v in TINY.items() if k in defaults}
     if "qk_rope_head_dim" in defaults:  # MLA: head_dim is the rotary part
         kw["head_dim"] = kw["qk_rope_head_dim"]
+    if "kv_lora_rank" in defaults and "num_key_value_heads" in kw:  # MLA: kv_b_proj makes a key per query head
+        kw["num_key_value_heads"] = kw["num_attention_heads"]
     lists = _per_layer_lists(defaults, n_default)
     kw.update(lists)
     if lists:

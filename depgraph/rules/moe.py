@@ -107,6 +107,24 @@ def _same_space(store, a, b) -> bool:
     return a is not None and b is not None and set(store.leaves(a)) == set(store.leaves(b))
 
 
+def _noop_cast(node) -> bool:
+    """A cast/alias of a tensor that returns the tensor itself (same dtype and device): ``F.linear`` sees the
+    parameter, so routing masks keyed by the parameter still apply (depgraph.routing)."""
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_function"
+            and op_name(node.target) in ("to", "type_as") and not node.kwargs.get("copy")):
+        return False
+    src = node.args[0]
+    a, b = node.meta.get("val"), getattr(src, "meta", {}).get("val")
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and \
+        a.device == b.device
+
+
+def _uncast(node):
+    while _noop_cast(node):
+        node = node.args[0]
+    return node
+
+
 def _router_chain(ctx, x, experts):
     """Walk back from the top-k input to the router's ``linear``; ``(linear node, chain)`` or ``(None, why)``.
 
@@ -129,6 +147,7 @@ def _router_chain(ctx, x, experts):
         return None, "too many ops between the router and the top-k"
     linear = nodes[-1]
     w = linear.args[1]
+    w = _uncast(w)  # ``self.weight.type(torch.float32)`` on an fp32 weight: the parameter itself at run time
     if not ctx.is_parameter(w):
         return None, "the router's weight is not a parameter"
     if not _same_space(ctx.store, ctx.lay(linear)[-1], experts):
@@ -182,7 +201,7 @@ def topk(ctx):
 
     reason = ctx.reason("routed by top-k: prunable only as whole experts")
     ctx.store.block(experts, reason)
-    names = tuple(ctx.parameter_name(a) for a in linear.args[1:3] if ctx.is_parameter(a))
+    names = tuple(ctx.parameter_name(a) for a in map(_uncast, linear.args[1:3]) if ctx.is_parameter(a))
     ctx.flow.routing.append(RoutingSite(experts, k, ctx.where, module_path(linear), names, reason, chain))
     return [tuple(out), tuple(out)]
 
