@@ -8,10 +8,10 @@ gives a plain int, so a value computed from attributes or read off a tensor's sh
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
-import sys
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -52,7 +52,7 @@ def _tags(obj, out: set) -> None:
 
 def _caller_line():
     """(file, line) of the innermost frame outside torch: the model code making the call."""
-    f = sys._getframe(2)
+    f = inspect.currentframe().f_back.f_back
     while f is not None and f.f_code.co_filename.startswith(_TORCH_DIR):
         f = f.f_back
     return (f.f_code.co_filename, f.f_lineno) if f is not None else None
