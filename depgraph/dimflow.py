@@ -16,6 +16,7 @@ import torch
 from .capture import Capture
 from .errors import UnsupportedOpError
 from .layout import Reason, SpaceStore, Unifiable
+from .reads import source_line
 from .rules import RULES, RuleError, op_name
 from .rules.moe import routed
 
@@ -53,7 +54,8 @@ class LiteralSize:
     module: str
     node: str = ""  # the fx node's name (to find it again in a re-export)
     strict: bool = False
-    alias: bool = False  # a parameter space of the same size exists: the value may be its tensor's .size()
+    witnesses: list = field(default_factory=list)  # layouts of the module's inputs of that size: it may be their .size()
+    source: tuple | None = None  # (file, line) of the model code emitting the op
     unread: bool = False  # set by graph.read_attributes: the literal did not follow its attribute when it changed
 
     def __str__(self) -> str:
@@ -224,17 +226,17 @@ class Ctx:
         """Record that a prunable ``layout`` is sized by the literal ``value`` in this op's arguments.
 
         A reshape's sizes are mostly read off the tensor itself (``view(*x.shape[:-1], -1, d)`` exports as
-        literals), so only a value equal to a module attribute is recorded (``alias`` when it also equals the size of
-        another parameter space, whose ``.size()`` it may be: graph.read_attributes then checks the forward passes
-        the attribute itself); ``strict`` (split sizes, slice offsets) records every value: one no rewritten
+        literals), so only a value equal to a module attribute is recorded (with ``witnesses`` when it also equals the
+        size of a dim of a tensor entering the module, whose ``.size()`` it may be: graph.read_attributes then
+        checks the forward passes the attribute itself); ``strict`` (split sizes, slice offsets) records every value: one no rewritten
         attribute holds blocks its space."""
         if layout is None or not isinstance(value, int) or isinstance(value, bool) or value in (-1, 0):
             return
         attrs = self.flow.attributes_equal_to(self.node, value)
         if attrs or strict:
-            alias = self.flow.other_space_of_size(layout, value)
+            seen = self.flow.inputs_of_size(self.where, layout, value)
             self.flow.literals.append(LiteralSize(layout, value, attrs, self.op, self.where, self.node.name, strict,
-                                                  alias))
+                                                  seen, source_line(self.node) if seen else None))
 
     def attention_site(self, heads, num_heads, num_kv_heads, head_dim) -> None:
         self.flow.attention.append(AttentionSite(heads, num_heads, num_kv_heads, head_dim, self.where))
@@ -257,18 +259,40 @@ class _Runner:
         self.aligned: list = []
         self.moe_modules: set = set()
         self.values: dict = {}  # node or (node, output index) -> ExpertValues (tensors of expert indices)
-        self.by_size: dict = {}  # size -> {id: layout} of parameter dims (spaces a literal may be read off)
+        self.module_inputs: dict = {}  # module path -> size -> layouts of tensors entering it from outside
+        self._paths: dict = {}  # node -> its module path
 
-    def other_space_of_size(self, layout, value: int) -> bool:
-        """Whether a parameter space of size ``value`` shares no space with ``layout``: a literal equal to it
-        may have been read off that tensor's shape (``x.size(-1)``) rather than computed from attributes."""
+    def inputs_of_size(self, where: str, layout, value: int) -> list:
+        """Layouts of size ``value`` of tensors entering module ``where`` from outside it (activations and
+        parameters seen so far), sharing no space with ``layout`` and not a model input's batch/sequence dim: a
+        literal equal to one may have been read off that tensor's shape (``b, t, e = x.size()``)."""
         mine = set(self.store.leaves(layout))
-        return any(not set(self.store.leaves(lay)) & mine for lay in self.by_size.get(value, ()))
+        inputs = set(self.input_spaces)
+        out = []
+        for lay in self.module_inputs.get(where, {}).get(value, ()):
+            leaves = set(self.store.leaves(lay))
+            if leaves and not leaves & mine and not leaves <= inputs:
+                out.append(lay)
+        return out
 
-    def _remember_sizes(self, lays) -> None:
-        for lay in lays:
-            if lay is not None:
-                self.by_size.setdefault(self.store.expand(lay).size, []).append(lay)
+    def _remember_inputs(self, node) -> None:
+        """File the layouts of ``node``'s inputs made outside its module (and outside each enclosing module)."""
+        parts = module_path(node).split(".") if module_path(node) else []
+        scopes = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]  # the module and every enclosing one
+        for a in node.all_input_nodes:
+            lays = self.env.get(a)
+            if lays is None:
+                continue
+            src = self._paths.setdefault(a, module_path(a) if a.op == "call_function" else "")
+            for scope in scopes:
+                if src == scope or src.startswith(scope + "."):
+                    continue
+                sizes = self.module_inputs.setdefault(scope, {})
+                for lay in _flatten_layouts(lays):
+                    if lay is not None:
+                        bucket = sizes.setdefault(self.store.expand(lay).size, [])
+                        if len(bucket) < 16 and all(lay is not x for x in bucket):
+                            bucket.append(lay)
 
     def attributes_equal_to(self, node, value: int) -> list:
         """``path:attr`` of the int attributes equal to ``value`` on the modules running ``node``."""
@@ -312,7 +336,6 @@ class _Runner:
             name = self.cap.params[node.name]
             if name not in self.param_layouts:  # tied placeholders share one set of spaces
                 self.param_layouts[name] = tuple(self.store.new(n, f"{name}[{d}]") for d, n in enumerate(shape))
-                self._remember_sizes(self.param_layouts[name])
             return self.param_layouts[name]
         if node.name in self.cap.buffers:
             name = self.cap.buffers[node.name]
@@ -334,6 +357,7 @@ class _Runner:
             src = self.env.get(node.args[0])
             return src[node.args[1]] if isinstance(src, list) else None
         ctx = Ctx(self, node, op_name(node.target), module_path(node))
+        self._remember_inputs(node)
         try:  # ops reading expert indices go through rules.moe first
             out = routed(ctx, self._rule)
             _check_output(self.store, out, ctx.out_val)

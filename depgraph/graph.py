@@ -13,7 +13,7 @@ from .capture import Capture, capture
 from .dimflow import DimFlow, propagate
 from .groups import Group, Member
 from .layout import Prod, Space
-from .reads import source_line, tagged_reads
+from .reads import tagged_reads
 from .rules.moe import GROUPED_MM_ALIGN
 
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
@@ -77,30 +77,19 @@ def stale_attributes(model, flow, store) -> dict:
 
 
 def read_off_sizes(flow, store) -> dict:
-    """{leaf space: reasons} for parameter spaces a merge's literal size may have been read off: a merge whose
-    size was not the attribute it equals (``reshape(b, t, embed_dim)`` with ``embed_dim = x.size(-1)``) keeps
-    that size when the other space is pruned, so every parameter space of that size (other than the merge's
-    own) is blocked."""
+    """{leaf space: reasons} for the spaces a merge's literal size may have been read off: a merge whose size was
+    not the attribute it equals (``reshape(b, t, embed_dim)`` with ``b, t, embed_dim = x.size()``) keeps that
+    size when the input's space is pruned, so each input dim of that size (its ``witnesses``) is blocked."""
     out: dict = {}
-    suspects = [lit for lit in flow.literals or () if lit.alias and not lit.strict and lit.unread]
-    if not suspects:
-        return out
-    by_size = defaultdict(list)
-    for lays in flow.param_layouts.values():
-        for lay in lays:
-            if lay is not None:
-                by_size[store.expand(lay).size].append(lay)
-    for lit in suspects:
-        mine = set(store.leaves(lit.layout))
-        if all(leaf.blocked for leaf in mine):
+    for lit in flow.literals or ():
+        if lit.strict or not lit.unread:
             continue
+        mine = set(store.leaves(lit.layout))
         why = f"its size may be read off a tensor's shape by the {lit} (a merge no rewritten attribute sizes)"
-        for lay in by_size[lit.value]:
-            leaves = set(store.leaves(lay))
-            if not leaves & mine:
-                for leaf in leaves:
-                    if why not in out.setdefault(leaf, []):
-                        out[leaf].append(why)
+        for lay in lit.witnesses:
+            for leaf in set(store.leaves(lay)) - mine:
+                if why not in out.setdefault(leaf, []):
+                    out[leaf].append(why)
     return out
 
 
@@ -196,8 +185,9 @@ class DependencyGraph:
         moe_modules = sorted({p for g in groups if g.routing for p in g.routing["modules"]}
                              | {p for paths in by_layer.values() for p in _module_chain(paths)})
         for g in groups:  # routers and expert blocks keep the residual width as an attribute (reshape(-1, hidden))
-            if g.kind in ("hidden", "channels") and g.layer is None:
-                g.width_modules = moe_modules
+            if g.kind in ("hidden", "channels") and g.layer is None:  # those holding a member of this space
+                owners = {m.param.rpartition(".")[0] for m in g.members}
+                g.width_modules = [p for p in moe_modules if any(o == p or o.startswith(p + ".") for o in owners)]
 
         # stable, readable ids
         groups.sort(key=lambda g: (g.layer is not None, g.layer or 0, _KIND_ORDER.get(g.kind, 9)))
@@ -445,7 +435,7 @@ def read_attributes(model, example_inputs, cap, flow) -> set:
       (``embed_dim``) cannot be told apart by value: each such unrewritten attribute is perturbed (+1, on every
       module that has it) in one extra export; if the op's arguments change, or the export fails, the forward
       reads it, and the literal is not owned (returned, as ``path:attr``).
-    - A literal owned by a rewritten attribute that also equals the size of another parameter space
+    - A literal owned by a rewritten attribute that also equals the size of a tensor entering its module
       (``reshape(b, t, embed_dim)`` with ``embed_dim = x.size(-1)``, equal to ``self.embed_dim`` by value) must
       be seen to be that attribute: one export with the owning attributes tagged (:mod:`depgraph.reads`); a
       literal whose op's line was not passed the attribute is marked ``unread`` (not owned)."""
@@ -457,7 +447,7 @@ def read_attributes(model, example_inputs, cap, flow) -> set:
             for a in lit.attributes:
                 if not _owned(a, lit.module):
                     ambiguous.setdefault(a.rpartition(":")[2], []).append(lit)
-        if lit.alias and owned:
+        if lit.witnesses and owned:
             confirm.append(lit)
     nodes = {n.name: n for n in cap.graph.nodes}
     stale = set()
@@ -483,7 +473,7 @@ def read_attributes(model, example_inputs, cap, flow) -> set:
         names = {a.rpartition(":")[2] for lit in confirm for a in lit.attributes}
         reads = tagged_reads(model, example_inputs, names, {lit.module for lit in confirm}) or {}
         for lit in confirm:
-            seen = reads.get(source_line(nodes[lit.node]), ())
+            seen = reads.get(lit.source, ())
             lit.unread = not any((a.rpartition(":")[2], lit.value) in seen
                                  for a in lit.attributes if _owned(a, lit.module))
     return stale

@@ -97,7 +97,8 @@ def _experts(m):
 
 def _router(m) -> bool:
     w = m._parameters.get("weight")
-    return w is not None and w.dim() == 2 and set(m._parameters) <= {"weight", "bias"} and \
+    return w is not None and w.dim() == 2 and all(p is None or p.dim() == 1 for n, p in m._parameters.items()
+                                                  if n != "weight") and \
         any(type(getattr(m, k, None)) is int for k in EXPERT_ATTRIBUTES)
 
 

@@ -252,3 +252,27 @@ def test_hidden_pruning_runs_through_the_experts(traced):
     for e in graph.groups("experts"):
         router = shrunk.get_submodule(e.routing["router_module"])
         assert getattr(router, "hidden_dim", 32) == 32
+
+
+def test_router_weight_through_a_no_op_cast_is_a_routing_site():
+    """DeepSeek-V2's router runs F.linear(x.type(float32), self.weight.type(float32)): on an fp32 weight the cast
+    returns the parameter itself, so the top-k is a routing site and removing experts equals masking them."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.DeepseekV2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+                              num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=32,
+                              kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8,
+                              topk_method="greedy", n_group=1, topk_group=1)
+    cfg.use_cache = False
+    model = tf.DeepseekV2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("gate.weight") or "experts" in n:
+                p.normal_(0, 0.5 if "experts" not in n else 0.1)
+    graph = depgraph.trace(model)
+    (g,) = graph.groups("experts")
+    assert g.layer == 1 and g.exact and g.routing["router"][0] == "model.layers.1.mlp.gate.weight"
+    plan = depgraph.Plan.from_units(graph, {g.id: [0, 3]})
+    _check(model, plan, ids(5), implementations=("grouped_mm",))
