@@ -553,7 +553,9 @@ def merged(old: dict, new: dict) -> dict:
     by_name.update({r["name"]: r for r in new["rows"]})
     rows = [by_name[n] for n in sorted(by_name)]
     regraded = sorted(set(old.get("regraded", [])) | {r["name"] for r in new["rows"]})
-    return {**old, "rows": rows, "totals": totals(rows), "regraded": regraded}
+    updates = old.get("updates", []) + [{"rows": len(new["rows"]), "seconds": new["seconds"], "jobs": new["jobs"],
+                                         "timeout_s": new["timeout_s"]}]
+    return {**old, "rows": rows, "totals": totals(rows), "regraded": regraded, "updates": updates}
 
 
 def markdown(result: dict) -> str:
@@ -574,7 +576,9 @@ def markdown(result: dict) -> str:
         f"Sweep time {result['seconds']} s with {result['jobs']} process(es) on a shared 2-core CPU machine "
         f"(time box {result['timeout_s']} s per architecture)."
         + (f" Re-graded after the sweep (`--update`): {', '.join(result['regraded'])}." if result.get("regraded")
-           else ""), "",
+           else "")
+        + "".join(f" Re-grade run: {u['rows']} rows in {u['seconds']} s, {u['jobs']} process(es), time box "
+                  f"{u['timeout_s']} s." for u in result.get("updates", ())), "",
         "| architecture | class | verdict | reason |", "|---|---|---|---|",
     ]
     for r in sorted(result["rows"], key=lambda r: r["name"]):

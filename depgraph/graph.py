@@ -470,10 +470,20 @@ def read_attributes(model, example_inputs, cap, flow) -> set:
             if n is None or repr(n.args) != repr(nodes[lit.node].args):
                 stale.update(a for a in lit.attributes if a.rpartition(":")[2] == name)
     if confirm:
-        names = {a.rpartition(":")[2] for lit in confirm for a in lit.attributes}
-        reads = tagged_reads(model, example_inputs, names, {lit.module for lit in confirm}) or {}
+        reads = tagged_reads(model, example_inputs, {lit.module for lit in confirm}) or {}
         for lit in confirm:
             seen = reads.get(lit.source, ())
-            lit.unread = not any((a.rpartition(":")[2], lit.value) in seen
-                                 for a in lit.attributes if _owned(a, lit.module))
+            owned = {a.rpartition(":")[2] for a in lit.attributes if _owned(a, lit.module)}
+            lit.unread = not any(v == lit.value and (name in owned or _follows_counts(name)) for name, v in seen)
     return stale
+
+
+def _follows_counts(product: str) -> bool:
+    """A product of attributes (``num_heads*head_dim``) with exactly one factor shrink rewrites as a head count and
+    none rewritten otherwise: it follows the heads the plan keeps."""
+    from .shrink import ATTENTION_ATTRIBUTES
+
+    factors = product.split("*")
+    kinds = [ATTENTION_ATTRIBUTES.get(f) for f in factors]
+    return len(factors) > 1 and sum(k in ("heads", "kv") for k in kinds) == 1 and \
+        all(k in (None, "heads", "kv") for k in kinds)

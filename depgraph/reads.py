@@ -4,7 +4,8 @@ Chosen int attributes of the meta twin are replaced by :class:`Tagged` ints (sam
 attached); a torch-function mode active during one export records, for every torch call whose arguments hold a
 tagged int, the model-code line making the call and the ``(name, value)`` pairs it passed. A literal size in the
 exported graph is then known to *be* that attribute when its op's line shows the pair; arithmetic on a tagged int
-gives a plain int, so a value computed from attributes or read off a tensor's shape shows nothing.
+gives a plain int (except a product, which names its factors: ``num_heads*head_dim``), so a value computed
+otherwise or read off a tensor's shape shows nothing.
 """
 from __future__ import annotations
 
@@ -29,6 +30,13 @@ class Tagged(int):
         out = super().__new__(cls, value)
         out.attribute = name
         return out
+
+    def __mul__(self, other):  # ``self.num_heads * self.head_dim``: the product remembers its factors
+        if isinstance(other, int) and not isinstance(other, bool):
+            return Tagged(int(self) * int(other), f"{self.attribute}*{getattr(other, 'attribute', int(other))}")
+        return int(self) * other
+
+    __rmul__ = __mul__
 
     def __deepcopy__(self, memo):
         return self
@@ -73,14 +81,13 @@ class _Recorder(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def tagged_reads(model, example_inputs, names, paths) -> dict | None:
-    """{(file, line): {(attribute name, value)}} for one export of ``model`` with the int attributes ``names`` of
-    the modules at ``paths`` tagged; None when that export fails."""
+def tagged_reads(model, example_inputs, paths) -> dict | None:
+    """{(file, line): {(attribute name, value)}} for one export of ``model`` with every int attribute of the
+    modules at ``paths`` tagged; None when that export fails."""
     def tag(twin):
         for path, mod in twin.named_modules():
             if path in paths:
-                for name in names:
-                    v = vars(mod).get(name)
+                for name, v in list(vars(mod).items()):
                     if type(v) is int:
                         setattr(mod, name, Tagged(v, name))
     rec = _Recorder()
