@@ -153,10 +153,18 @@ class DependencyGraph:
             group.modules = list(dict.fromkeys(site.module for site in sites))  # shared heads: every module
             groups.append(group)
 
+        by_space = []  # (expert leaves, experts group)
         for site in self._flow.routing:
+            leaves = set(store.leaves(site.experts))
             group = self._experts_group(site, users, taken, blocked)
             if group is not None:
                 groups.append(group)
+                by_space.append((leaves, group))
+                continue
+            for other, g in by_space:  # another top-k over the same experts (group-limited routing's top-2)
+                if other == leaves:  # the plan keeps the largest k; every site's correction is masked
+                    g.routing["top_k"] = max(g.routing["top_k"], site.top_k)
+                    g.routing["correction"] = sorted(set(g.routing["correction"]) | set(site.correction))
 
         aligned = {c for lay in self._flow.aligned for c in store.leaves(lay)}
         for leaf, members in users.items():
@@ -285,6 +293,7 @@ class DependencyGraph:
         layers = {layer_of(m.param) for m in members}
         layer = layers.pop() if len(layers) == 1 else None
         routing = {"top_k": site.top_k, "router": list(site.router), "router_module": site.router_module,
+                   "correction": list(site.correction),
                    "modules": _module_chain([m.param.rpartition(".")[0] for m in members]
                                             + [site.router_module, site.module])}
         return Group("", "experts", layer, experts.size, 1, members, not inexact, inexact, module=site.module,

@@ -257,6 +257,9 @@ def _mask(model, plan: Plan, undo: "_Undo") -> None:
     for e in plan.entries:
         if e.experts:
             mask_experts(model, e.experts["router_module"], e.experts["router"][0], e.units)
+            for name in e.experts.get("correction", ()):  # a score-correction bias: -inf, never chosen
+                t = _get_tensor(model, name)
+                t.index_fill_(0, torch.as_tensor(e.units, device=t.device), float("-inf"))
     return model
 
 

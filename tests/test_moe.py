@@ -230,14 +230,32 @@ def test_sigmoid_routing_over_gathered_expert_weights():
         torch.testing.assert_close(_logits(shrunk, x), a, rtol=0, atol=1e-5)
 
 
-def test_score_bias_after_sigmoid_blocks_the_experts():
-    """DeepSeek-V3-style correction bias added after the sigmoid: a masked expert would score its bias and
-    could still be chosen, so the expert dim is blocked (with the op), never graded exact."""
+def test_score_bias_after_sigmoid_is_masked_with_minus_inf():
+    """DeepSeek-V3-style correction bias added after the sigmoid: masking gives the removed experts a bias of
+    -inf (a zeroed bias would still be scored and could be chosen), so removal equals masking."""
     model = sigmoid_lm(score_bias=True)
     graph = depgraph.trace(model, (ids(),))
-    assert not graph.groups("experts")
-    router = [b for b in graph.blocked if "moes.0.gate.weight[0]" in b["params"]]
-    assert router and "aten.add on router probabilities" in router[0]["reasons"][0]
+    groups = graph.groups("experts")
+    assert [g.layer for g in groups] == [0, 1]
+    for g in groups:
+        assert g.routing["correction"] == [f"moes.{g.layer}.score_bias"]
+        assert (f"moes.{g.layer}.score_bias", 0) in {(m.param, m.dim) for m in g.members}
+    plan = depgraph.Plan.from_units(graph, {g.id: [1, 2] for g in groups})
+    x = ids(4)
+    masked = _logits(depgraph.mask(copy.deepcopy(model), plan), x)
+    shrunk = depgraph.shrink(copy.deepcopy(model), plan)
+    torch.testing.assert_close(_logits(shrunk, x), masked, rtol=0, atol=1e-5)
+    assert not torch.allclose(masked, _logits(model, x), atol=1e-4)
+    zero_bias = copy.deepcopy(model)  # router masked, bias only zeroed: a removed expert can still be chosen
+    with torch.no_grad():
+        for g in groups:  # kept experts scored below zero: a removed expert's 0 + 0 would win
+            zero_bias.moes[g.layer].score_bias[[0, 3]] = -5.0
+    plan_out = depgraph.mask(copy.deepcopy(zero_bias), plan)
+    with torch.no_grad():
+        for g in groups:
+            plan_out.moes[g.layer].score_bias[1:3] = 0.0
+    assert not torch.allclose(_logits(plan_out, x), _logits(depgraph.shrink(copy.deepcopy(zero_bias), plan), x),
+                              atol=1e-4)  # a removed expert chosen (its weight 0: even 0/0)
 
 
 def test_hidden_pruning_runs_through_the_experts(traced):

@@ -50,6 +50,7 @@ class RoutingSite:
     router: tuple  # parameter names of that linear (weight, bias)
     reason: str  # the block reason the expert dim carries until an experts group claims it
     chain: tuple  # (op, module path) of every op from the router's linear to the top-k
+    correction: tuple = ()  # tensors added to the router probabilities to choose (set to -inf to mask an expert)
 
 
 GROUPED_MM_ALIGN = 8  # grouped_mm kernels need 16-byte strides: 8 elements in bf16/fp16
@@ -131,28 +132,32 @@ def _router_chain(ctx, x, experts):
     Then check, from the linear forward, that a masked expert stays "not routed": while the values are
     logits its entry is ``-inf`` (casts, views, adding a finite tensor, scaling by a positive constant,
     log-softmax keep it); softmax or sigmoid over E turn it into ``0`` with the others positive and
-    renormalised as if it were absent; after that only casts, views and positive scaling are allowed
-    (a bias added after a sigmoid, DeepSeek-V3's score correction, would make it selectable again)."""
+    renormalised as if it were absent; after that only casts, views and positive scaling are allowed. A
+    parameter or buffer added to the probabilities (DeepSeek-V3's score correction bias) would make a masked
+    expert selectable again, unless masking also sets its entry to ``-inf``: such a tensor is returned as the
+    site's ``correction`` (masked with ``-inf``, sliced like the router rows), after which the values are
+    "choice" scores where a masked expert is ``-inf`` again, kept by casts, views, positive scaling and
+    ``masked_fill(..., -inf)`` (group-limited routing's mask). Returns ``(linear, chain, correction)``."""
     from ..dimflow import module_path
 
     nodes, node = [], x
     while len(nodes) < 32:
         if not isinstance(node, torch.fx.Node) or node.op != "call_function":
-            return None, "top-k input does not come from a linear layer"
+            return None, "top-k input does not come from a linear layer", ()
         nodes.append(node)
         if op_name(node.target) == "linear":
             break
         node = node.args[0]
     else:
-        return None, "too many ops between the router and the top-k"
+        return None, "too many ops between the router and the top-k", ()
     linear = nodes[-1]
     w = linear.args[1]
     w = _uncast(w)  # ``self.weight.type(torch.float32)`` on an fp32 weight: the parameter itself at run time
     if not ctx.is_parameter(w):
-        return None, "the router's weight is not a parameter"
+        return None, "the router's weight is not a parameter", ()
     if not _same_space(ctx.store, ctx.lay(linear)[-1], experts):
-        return None, "top-k dim is not the router's output dim"
-    state = "logits"
+        return None, "top-k dim is not the router's output dim", ()
+    state, correction = "logits", ()
     for node in reversed(nodes[:-1]):
         op = op_name(node.target)
         tensors = [a for a in node.args if ctx.is_tensor(a)]
@@ -168,11 +173,40 @@ def _router_chain(ctx, x, experts):
             if op != "sigmoid":
                 src = node.args[0]
                 if not _same_space(ctx.store, ctx.lay(src)[node.args[1] % len(ctx.lay(src))], experts):
-                    return None, f"aten.{op} over another dim between the router and the top-k"
+                    return None, f"aten.{op} over another dim between the router and the top-k", ()
             state = "logits" if op in ("log_softmax", "_log_softmax") else "probabilities"
             continue
-        return None, f"aten.{op} on router {state} before the top-k"
-    return linear, tuple((op_name(n.target), module_path(n)) for n in reversed(nodes))
+        if state == "probabilities" and op == "add" and tensors and tensors[0] is node.args[0] and others:
+            names = [_stored_tensor(ctx, a, experts) for a in others]
+            if all(names):
+                correction += tuple(names)
+                state = "choice"
+                continue
+        if state == "choice" and op == "masked_fill" and _minus_inf(ctx, node):
+            continue
+        return None, f"aten.{op} on router {state} before the top-k", ()
+    return linear, tuple((op_name(n.target), module_path(n)) for n in reversed(nodes)), correction
+
+
+def _stored_tensor(ctx, node, experts):
+    """The parameter/buffer name behind ``node`` (through views and no-op casts) when it is a 1-D tensor over
+    the expert dim, else None."""
+    while isinstance(node, torch.fx.Node) and node.op == "call_function" and \
+            op_name(node.target) in ("unsqueeze", "view", "reshape", "to", "type_as"):
+        node = node.args[0]
+    if not (isinstance(node, torch.fx.Node) and node.op == "placeholder"):
+        return None
+    name = ctx.parameter_name(node) or ctx.flow.cap.buffers.get(node.name)
+    lay = ctx.flow.env.get(node)
+    if name is None or not lay or len(lay) != 1 or not _same_space(ctx.store, lay[0], experts):
+        return None
+    return name
+
+
+def _minus_inf(ctx, node) -> bool:
+    """Whether ``masked_fill`` node fills ``-inf`` (a masked expert stays ``-inf``)."""
+    value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value")
+    return isinstance(value, float) and value == float("-inf")
 
 
 @rule("topk")
@@ -191,7 +225,7 @@ def topk(ctx):
     out = lay[:dim] + [ctx.fresh((k,), "top-k slots")[0]] + lay[dim + 1:]
     if experts is None:
         return [tuple(out), tuple(out)]
-    linear, chain = _router_chain(ctx, x, experts) if largest else (None, "smallest-k")
+    linear, chain, correction = _router_chain(ctx, x, experts) if largest else (None, "smallest-k", ())
     ctx.flow.values[(ctx.node, 1)] = ExpertValues("index", experts)  # what they index is coupled either way
     ctx.flow.moe_modules.update((ctx.where, ctx.where.rpartition(".")[0]))  # the router and the block calling it
     if linear is None:
@@ -202,7 +236,8 @@ def topk(ctx):
     reason = ctx.reason("routed by top-k: prunable only as whole experts")
     ctx.store.block(experts, reason)
     names = tuple(ctx.parameter_name(a) for a in map(_uncast, linear.args[1:3]) if ctx.is_parameter(a))
-    ctx.flow.routing.append(RoutingSite(experts, k, ctx.where, module_path(linear), names, reason, chain))
+    ctx.flow.routing.append(RoutingSite(experts, k, ctx.where, module_path(linear), names, reason, chain,
+                                        correction))
     return [tuple(out), tuple(out)]
 
 
@@ -319,3 +354,29 @@ def value_index_select(ctx, infos, fallback):
         raise Unrouted("aten.index_select of expert indices")
     return _gather(ctx, src, dim % len(ctx.shape(src)), ids, infos[ids])
 
+
+
+@routed_rule("gather")
+def value_gather(ctx, infos, fallback):
+    """out = src.gather(dim, ids), ids expert indices along src's dim ``dim`` (``scores.gather(1, topk_idx)``):
+    that dim is E; out has the index's slots there and src's dims elsewhere (where the sizes agree)."""
+    src, dim, ids = ctx.arg(0, "self"), ctx.arg(1, "dim"), ctx.arg(2, "index")
+    if src in infos or ids not in infos or infos[ids].kind != "index":
+        raise Unrouted("aten.gather of expert indices")
+    lay, ilay = ctx.lay(src), ctx.lay(ids)
+    sshape, ishape = ctx.shape(src), ctx.shape(ids)
+    if len(lay) != len(ilay):
+        raise Unrouted("aten.gather with an index of another rank")
+    dim %= len(lay)
+    ctx.unify(lay[dim], infos[ids].experts)
+    out = []
+    for d in range(len(lay)):
+        if d == dim:
+            out.append(ilay[d])
+        elif sshape[d] == ishape[d]:
+            ctx.unify(lay[d], ilay[d])
+            out.append(lay[d])
+        else:
+            ctx.block(lay[d], "dim cut by aten.gather's smaller index")
+            out.append(ilay[d])
+    return tuple(out)
