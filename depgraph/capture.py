@@ -31,6 +31,9 @@ class Capture:
         return self.program.graph
 
 
+CACHE_FLAGS = ("use_cache", "use_mems_eval")  # config flags that make the forward return a cache (XLNet: mems)
+
+
 def meta_twin(model: torch.nn.Module) -> torch.nn.Module:
     """A deep copy of ``model`` whose parameters and buffers live on the meta device."""
     memo = {}
@@ -52,8 +55,9 @@ def meta_twin(model: torch.nn.Module) -> torch.nn.Module:
     twin.eval()
     config = getattr(twin, "config", None)
     if config is not None:
-        if hasattr(config, "use_cache"):
-            config.use_cache = False
+        for flag in CACHE_FLAGS:  # caches are extra outputs that would block the spaces they hold
+            if hasattr(config, flag):
+                setattr(config, flag, False)
         _traceable_attention(twin, config)
         if getattr(config, "_experts_implementation", None) not in (None, "grouped_mm", "batched_mm"):
             try:  # eager experts loop over data-dependent expert hits, which torch.export cannot capture
