@@ -5,7 +5,8 @@ encoder-style, custom norms) so it stays within a few minutes on a loaded 2-core
 runs every causal LM of the installed transformers (what bench/results/coverage.md reports) with the full-sweep
 floor. Both use two worker processes and a per-architecture time box. The cross-section also holds the rows
 fixed by hand (trocr: a merge read off the input's shape; deepseek_v2: MLA and a router weight cast to fp32;
-inkling2_loop_text: two residual streams, only one of them pruned through its routers).
+inkling2_loop_text: two residual streams, only one of them pruned through its routers). The full sweep's 0-WRONG
+assertion fails today on one architecture (prophetnet, see bench/results/coverage.md): the target, not yet met.
 """
 import importlib.util
 import os
@@ -24,7 +25,7 @@ CROSS_SECTION = ["llama", "gemma2", "gpt2", "opt", "phi3", "bloom", "falcon", "m
                  "cpmant", "gpt_neox", "trocr", "deepseek_v2", "inkling2_loop_text"]
 # PASS floors measured with transformers 5.24 (bench/results/coverage.md); raise them as coverage grows
 CROSS_SECTION_PASS = 10
-FULL_PASS_RATE = 0.75
+FULL_PASS_RATE = 0.78
 
 FULL = os.environ.get("DEPGRAPH_SWEEP") == "all"
 
