@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from . import record as records
+from .prune_report import PruneReport
 from .shrink import CONFIG_FIELDS
 
 # per-layer width columns: card heading -> (record key, config fields to fall back on)
@@ -145,6 +146,6 @@ def report_of(extra_files: dict | None) -> dict:
     """The run report among a save's extra files (``report.json``), else {}."""
     text = (extra_files or {}).get("report.json")
     try:
-        return json.loads(text) if text else {}
+        return PruneReport.from_dict(json.loads(text)).to_dict() if text else {}
     except ValueError:
         return {}

@@ -57,3 +57,18 @@ def test_cli_writes_report_json_once_and_it_reads_back(tmp_path, monkeypatch):
     assert rep.model == str(tmp_path / "src") and rep.calibration is None and "save_s" in rep.times
     assert rep.params_after == depgraph.load_pruned(out).num_parameters()
     assert "l2" in (out / "README.md").read_text()  # the model card read the same report
+
+
+def test_viz_and_the_model_card_read_report_json_through_the_report(tmp_path):
+    from depgraph.card import report_of
+    from viz.report import load_run
+
+    r = PruneReport(method="activation", target=0.2, params_before=10, params_after=8)
+    r["note"] = "kept"
+    (tmp_path / "report.json").write_text(r.to_json())
+    assert load_run(tmp_path)["report"] == r.to_dict()
+    assert report_of({"report.json": r.to_json()}) == r.to_dict()
+    (tmp_path / "report.json").write_text("[1, 2]")  # valid JSON, not a report: a note, not a crash
+    run = load_run(tmp_path)
+    assert run["report"] is None and any("report.json" in n and "JSON object" in n for n in run["notes"])
+    assert report_of({"report.json": "[1, 2]"}) == {}

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from depgraph.prune_report import PruneReport
+
 __all__ = ["report", "render_html", "load_run"]
 
 _KNOWN = {"report.json", "plan.json", "eval.json"}
@@ -66,6 +68,12 @@ def load_run(run_dir) -> dict:
         p = run_dir / name
         if p.is_file():
             data[name[:-5]] = _read_json(p, notes)
+    if data["report"] is not None:  # through report.json's one reader (PruneReport), as a plain dict
+        try:
+            data["report"] = PruneReport.from_dict(data["report"]).to_dict()
+        except ValueError as e:
+            notes.append(f"report.json: {e}")
+            data["report"] = None
     if isinstance(data["plan"], list):  # the steps of an iterative run: one plan on the original shapes
         from depgraph.errors import DepgraphError
         from depgraph.plan import compose, load_plans
