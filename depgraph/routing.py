@@ -58,20 +58,34 @@ def _exit(module, args, output):
         modes.pop().__exit__(None, None, None)
 
 
-def mask_experts(model, router_module: str, router_weight: str, experts) -> None:
+def mask_experts(model, router_module: str, router_weight: str, experts):
     """Give ``experts`` (indices along the router's output dim) a logit of ``-inf`` whenever
-    ``router_module`` runs the linear with ``router_weight`` (a parameter name of ``model``)."""
+    ``router_module`` runs the linear with ``router_weight`` (a parameter name of ``model``).
+    Returns a callable that takes this call back (the router as it was, hooks included)."""
     module = model.get_submodule(router_module)
     prefix = f"{router_module}." if router_module else ""
     if not router_weight.startswith(prefix):
         raise ValueError(f"router weight {router_weight} is not inside {router_module or '<root>'}")
     rel = router_weight[len(prefix):]
     masks = module.__dict__.get(_MASK_ATTR)
+    hooks = []
     if masks is None:
         masks = module.__dict__[_MASK_ATTR] = {}
-        module.register_forward_pre_hook(_enter)
-        module.register_forward_hook(_exit, always_call=True)
-    masks[rel] = sorted(set(masks.get(rel, [])) | {int(e) for e in experts})
+        hooks = [module.register_forward_pre_hook(_enter), module.register_forward_hook(_exit, always_call=True)]
+    old = masks.get(rel)
+    masks[rel] = sorted(set(old or []) | {int(e) for e in experts})
+
+    def take_back() -> None:
+        if old is None:
+            masks.pop(rel, None)
+        else:
+            masks[rel] = old
+        for h in hooks:  # this call installed the mask: remove it whole
+            h.remove()
+        if hooks:
+            module.__dict__.pop(_MASK_ATTR, None)
+
+    return take_back
 
 
 class RouterLogits:

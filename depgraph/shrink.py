@@ -256,10 +256,12 @@ def _mask(model, plan: Plan, undo: "_Undo") -> None:
             t.index_fill_(d, idx, 0)
     for e in plan.entries:
         if e.experts:
-            mask_experts(model, e.experts["router_module"], e.experts["router"][0], e.units)
+            undo.append(mask_experts(model, e.experts["router_module"], e.experts["router"][0], e.units))
             for name in e.experts.get("correction", ()):  # a score-correction bias: -inf, never chosen
                 t = _get_tensor(model, name)
-                t.index_fill_(0, torch.as_tensor(e.units, device=t.device), float("-inf"))
+                idx = torch.as_tensor(e.units, device=t.device)
+                undo.values(t, 0, idx)
+                t.index_fill_(0, idx, float("-inf"))
     return model
 
 

@@ -294,3 +294,33 @@ def test_router_weight_through_a_no_op_cast_is_a_routing_site():
     assert g.layer == 1 and g.exact and g.routing["router"][0] == "model.layers.1.mlp.gate.weight"
     plan = depgraph.Plan.from_units(graph, {g.id: [0, 3]})
     _check(model, plan, ids(5), implementations=("grouped_mm",))
+
+
+def test_mask_failing_half_way_takes_the_routing_masks_back(traced, monkeypatch):
+    """All or nothing for experts too: a failure after one layer's router got its -inf mask puts the router back."""
+    import importlib
+
+    shrink_mod = importlib.import_module("depgraph.shrink")  # the module (depgraph.shrink is also the function)
+    name, model, graph = traced
+    plan = depgraph.Plan.random(graph, 0.5, seed=0, kinds=("experts",))
+    assert len([e for e in plan.entries if e.experts]) >= 2
+    m, x = copy.deepcopy(model), ids(0)
+    before = _logits(m, x)
+    real, calls = shrink_mod.mask_experts, []
+
+    def failing(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise RuntimeError("device lost")
+        return real(*args)
+
+    monkeypatch.setattr(shrink_mod, "mask_experts", failing)
+    with pytest.raises(RuntimeError, match="device lost"):
+        depgraph.mask(m, plan)
+    assert len(calls) == 2
+    router = m.get_submodule(calls[0][1])
+    assert "_depgraph_masked_experts" not in router.__dict__ and not router._forward_hooks
+    torch.testing.assert_close(_logits(m, x), before, rtol=0, atol=0)
+    monkeypatch.undo()
+    torch.testing.assert_close(_logits(depgraph.mask(m, plan), x), _logits(depgraph.mask(copy.deepcopy(model), plan), x),
+                               rtol=0, atol=0)  # and masking again works as on a fresh copy
