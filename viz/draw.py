@@ -158,15 +158,6 @@ def _plan_index(plan, graph) -> dict:
     return {k: v for k, v in index.items() if k in known}
 
 
-def _size_text(g) -> str:
-    if g.kind == "attention":
-        s = f"{g.num_units} heads"
-        if g.gqa:
-            s += f" ({g.gqa[0]} kv x {g.gqa[1]})"
-        return s + f" x {g.head_dim}"
-    return f"{g.num_units} {g.unit_name}"
-
-
 def _change_text(g, entry) -> str:
     """'heads 9 -> 6' (plus 'kv 3 -> 2' when whole kv groups go)."""
     if entry is None:
@@ -180,7 +171,7 @@ def _change_text(g, entry) -> str:
 
 def _group_node_attrs(g, entry, label_id=None, extra=None) -> dict:
     border, fill = COLORS.get(g.kind, COLORS["channels"])
-    lines = [label_id or g.id, _size_text(g)]
+    lines = [label_id or g.id, g.size_text()]
     attrs = {"shape": "box", "color": border, "fontcolor": "#111111", "penwidth": "1.4"}
     if entry is not None:
         lines.append(_change_text(g, entry))
