@@ -184,11 +184,13 @@ def test_shrink_failing_half_way_puts_everything_back(gqa, monkeypatch):
     config_before = m.config.to_dict()
     attrs_before = {n: dict(vars(mod)) for n, mod in m.named_modules()}
     calls = []
+    shapes = {id(mod): tuple(mod.weight.shape) for mod in m.modules() if isinstance(mod, torch.nn.Linear)}
 
     def failing_fixer(mod):
-        calls.append(mod)
-        if len(calls) == 3:
-            raise RuntimeError("disk on fire")
+        if tuple(mod.weight.shape) != shapes.get(id(mod)):  # rewriting a sliced module (not shrink's read-ahead)
+            calls.append(mod)
+            if len(calls) == 3:
+                raise RuntimeError("disk on fire")
         return {"in_features": mod.weight.shape[1], "out_features": mod.weight.shape[0]}
 
     fixers = shrink_mod.MODULE_FIXERS
