@@ -141,12 +141,12 @@ class Group:
                 out[(m.param, m.dim)] = idx
         return out
 
-    def size_text(self) -> str:
-        """``9 heads (3 kv x 3 q/kv) x 64``, ``1536 neurons``."""
+    def size_text(self, short: bool = False) -> str:
+        """``9 heads (3 kv x 3 q/kv) x 64``, ``1536 neurons``; ``short``: ``9 heads (3 kv x 3) x 64`` (drawings)."""
         if self.kind == "attention":
             size = f"{self.num_units} heads"
             if self.gqa:
-                size += f" ({self.gqa[0]} kv x {self.gqa[1]} q/kv)"
+                size += f" ({self.gqa[0]} kv x {self.gqa[1]}{'' if short else ' q/kv'})"
             return size + f" x {self.head_dim}"
         if self.block is not None:
             return f"{self.block['part']} ({self.block['numel']:,} parameters)"

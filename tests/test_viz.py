@@ -51,7 +51,7 @@ def test_overview_one_cluster_per_layer_with_its_groups(llama):
     for layer in (0, 1):
         block = src.split(f"subgraph cluster_L{layer} {{")[1].split("}")[0]
         assert f'"attention.{layer}" [' in block and f'"mlp.{layer}" [' in block
-        assert "6 heads (2 kv x 3 q/kv) x 8" in block and "64 neurons" in block
+        assert "6 heads (2 kv x 3) x 8" in block and "64 neurons" in block
     assert "hidden [" in src and "48 channels" in src and "inexact" in src
     assert "embeddings [" in src and "model.embed_tokens.weight [96, 48]" in src
     assert "output [" in src and "tied to the embeddings" in src

@@ -171,7 +171,7 @@ def _change_text(g, entry) -> str:
 
 def _group_node_attrs(g, entry, label_id=None, extra=None) -> dict:
     border, fill = COLORS.get(g.kind, COLORS["channels"])
-    lines = [label_id or g.id, g.size_text()]
+    lines = [label_id or g.id, g.size_text(short=True)]
     attrs = {"shape": "box", "color": border, "fontcolor": "#111111", "penwidth": "1.4"}
     if entry is not None:
         lines.append(_change_text(g, entry))
