@@ -127,10 +127,20 @@ def clean_stale(path) -> list:
             continue
         if m["role"] == "old" and not out.exists():
             os.rename(item, out)  # killed between the two renames of a replace: the old OUT is still good
-        else:
+        elif item.is_dir() and not item.is_symlink():
             shutil.rmtree(item, ignore_errors=True)
+        else:
+            item.unlink(missing_ok=True)  # a single-file output's temporary
         done.append(item)
     return done
+
+
+def temporary_beside(out: Path) -> Path:
+    """A fresh temporary name next to ``out`` that :func:`clean_stale` recognises once its owner is dead
+    (``.OUT.depgraph-tmp-PID-XXXX``); stale ones of dead owners are removed first. Nothing is created."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(out)
+    return out.parent / f".{out.name}.depgraph-tmp-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 @contextmanager

@@ -153,3 +153,22 @@ def test_llama3_rope_writes_frequency_factors(tmp_path, tok):
         export_gguf(_tiny(vocab=len(tok), rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0,
                                                            "original_max_position_embeddings": 64}),
                     tok, tmp_path / "y.gguf")
+
+
+def test_gguf_export_never_replaces_a_file_and_cleans_a_killed_runs_temporary(tmp_path):
+    """An existing OUT file is refused untouched; a dead process's temporary beside OUT is removed by the next export."""
+    from depgraph.export.common import ExportError, atomic_file
+
+    out = tmp_path / "model.gguf"
+    out.write_bytes(b"mine")
+    with pytest.raises(ExportError, match="already exists"):
+        with atomic_file(out):
+            pass
+    assert out.read_bytes() == b"mine"
+    fresh = tmp_path / "new.gguf"
+    stale = tmp_path / ".new.gguf.depgraph-tmp-999999999-abcd1234"  # no such pid: a killed export's leftover
+    stale.write_bytes(b"half")
+    with atomic_file(fresh) as tmp:
+        assert tmp.parent == tmp_path and not stale.exists()
+        tmp.write_bytes(b"gguf")
+    assert fresh.read_bytes() == b"gguf" and sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf", "new.gguf"]

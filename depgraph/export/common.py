@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DepgraphError
+from ..outdir import temporary_beside, usual_permissions
 
 
 class ExportError(DepgraphError):
@@ -64,30 +64,33 @@ def check_llama_family(model, what: str) -> str:
 
 @contextmanager
 def atomic_file(path):
-    """Yield a temporary path beside ``path``; on success it is renamed to ``path``, on failure removed."""
+    """Yield a temporary path beside ``path``; on success it is renamed to ``path`` (0644 under umask 022), on
+    failure removed, after a kill removed by the next export to the same place (depgraph.outdir's temporaries).
+    An existing ``path`` is refused: nothing the user has is replaced."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    if path.exists() or path.is_symlink():
+        raise ExportError(f"{path} already exists; remove it or choose another file name")
+    tmp = temporary_beside(path)
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
 @contextmanager
 def new_folder(path):
     """Yield a temporary folder beside ``path``, renamed to ``path`` on success; ``path`` must not exist yet
-    (or be an empty folder), so nothing the user has is replaced."""
+    (or be an empty folder), so nothing the user has is replaced. Temporaries as in :func:`atomic_file`."""
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise ExportError(f"{path} already exists and is not an empty folder; choose a new output folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = temporary_beside(path)
+    tmp.mkdir()
     try:
         yield tmp
+        usual_permissions(tmp)
         if path.exists():
             path.rmdir()
         os.replace(tmp, path)
