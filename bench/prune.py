@@ -131,6 +131,17 @@ STUDY = (
     ("+reconstruct, adaptive, self calib", {"reconstruct": True, "policy": "adaptive"}, ("self", 10, 64)),
     ("+reconstruct, self calib, damp 1", {"reconstruct": True, "damp": 1.0}, ("self", 10, 64)),
     ("+reconstruct, self 32x128", {"reconstruct": True}, ("self", 32, 128)),
+    # the dampening sweep around the best row (damp 1) and what joins it
+    ("+reconstruct, self calib, damp 0.3", {"reconstruct": True, "damp": 0.3}, ("self", 10, 64)),
+    ("+reconstruct, self calib, damp 3", {"reconstruct": True, "damp": 3.0}, ("self", 10, 64)),
+    ("+reconstruct, self calib, damp 10", {"reconstruct": True, "damp": 10.0}, ("self", 10, 64)),
+    ("+reconstruct, compensate, self calib, damp 1", {"reconstruct": True, "compensate": True, "damp": 1.0},
+     ("self", 10, 64)),
+    ("+reconstruct, adaptive, self calib, damp 1", {"reconstruct": True, "policy": "adaptive", "damp": 1.0},
+     ("self", 10, 64)),
+    ("+reconstruct, self 32x128, damp 1", {"reconstruct": True, "damp": 1.0}, ("self", 32, 128)),
+    ("fluctuation, +reconstruct, self calib, damp 1", {"reconstruct": True, "damp": 1.0, "method": "fluctuation"},
+     ("self", 10, 64)),
     ("+reconstruct, obs", {"reconstruct": True, "method": "obs"}, ("alpaca", 16, 128)),
     # depth (issue 13 item 3): whole layers and attention/MLP sub-blocks by Block Influence (depgraph.blocks);
     # depth + width: half the target as blocks, the rest MLP neurons
