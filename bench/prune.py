@@ -228,7 +228,7 @@ def part_study(res: Results, windows: int | None, targets, sets, variants=None, 
                  "peak_rss_mb": _peak_rss_mb(),
                  "times": {k: round(v, 1) for k, v in report["times"].items()},
                  "mlp_widths": [w.get("mlp") for w in report["widths"].values()], "calib_s": round(calib_s, 1),
-                 "blocks": report.get("removed_blocks") or None}
+                 "blocks": report.get("removed_blocks") or None, "threads": torch.get_num_threads()}
             t = time.perf_counter()
             r.update(perplexities(model, tok, windows, sets=sets))
             r.update(eval_s=round(time.perf_counter() - t, 1), eval_load_avg=_load())
@@ -363,19 +363,21 @@ def _study_table(st, key: str) -> list:
               "scores; adaptive: per-layer widths (FLAP's standardised scores, min width 25%); damp: the ridge added to the "
               "Gram matrix as a fraction of its mean diagonal (0.01 unless stated). Prune time includes building the calibration set; peak RSS of "
               "the process during the prune (the dense copy included); load: the machine's 1/5/15-minute load "
-              "average at the end of the prune (2 cores shared with other jobs, run under nice); eval: time of "
+              "average at the end of the prune (2 cores shared with other jobs, run under nice); threads: torch's intra-op "
+              "threads where recorded (1 under load: 2 threads on 2 shared cores spin at every op's barrier, up to 7x "
+              "slower; empty: not recorded, torch's default of 2); eval: time of "
               "the perplexity evaluation of the row. depth: `--kinds block` (whole layers and attention/MLP "
               "sub-blocks of layers 1-28 by Block Influence, lowest score per parameter first); depth + width: half "
               "the target as blocks, the rest MLP neurons.", "",
               "| variant | target | calibration | removed | params | "
-              + " | ".join(f"{k} | x dense" for k in sets) + " | prune (s) | load | peak RSS (MB) | eval (s) |",
-              "|---|---|---|---|---|" + "---|---|" * len(sets) + "---|---|---|---|"]
+              + " | ".join(f"{k} | x dense" for k in sets) + " | prune (s) | load | threads | peak RSS (MB) | eval (s) |",
+              "|---|---|---|---|---|" + "---|---|" * len(sets) + "---|---|---|---|---|"]
     for r in rows:
         cells = [r["variant"], f"{r['target']:.2g}", r.get("calibration", ""), f"{100 * r['removed']:.1f}%",
                  f"{r['params'] / 1e6:.1f}M"]
         for k in sets:
             cells += [f"{r[k]:.1f}", f"{r[k] / dense[k]:.2f}"]
-        cells += [str(r.get("prune_s", "")), "/".join(map(str, r.get("load_avg", []))),
+        cells += [str(r.get("prune_s", "")), "/".join(map(str, r.get("load_avg", []))), str(r.get("threads", "")),
                   str(r.get("peak_rss_mb", "")), str(r.get("eval_s", ""))]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
