@@ -444,10 +444,11 @@ def read_attributes(model, example_inputs, cap, flow) -> set:
       (``embed_dim``) cannot be told apart by value: each such unrewritten attribute is perturbed (+1, on every
       module that has it) in one extra export; if the op's arguments change, or the export fails, the forward
       reads it, and the literal is not owned (returned, as ``path:attr``).
-    - A literal owned by a rewritten attribute that also equals the size of a tensor entering its module
-      (``reshape(b, t, embed_dim)`` with ``embed_dim = x.size(-1)``, equal to ``self.embed_dim`` by value) must
-      be seen to be that attribute: one export with the owning attributes tagged (:mod:`depgraph.reads`); a
-      literal whose op's line was not passed the attribute is marked ``unread`` (not owned)."""
+    - A literal that equals the size of a tensor entering its module (``reshape(b, t, embed_dim)`` with
+      ``embed_dim = x.size(-1)``, equal to ``self.embed_dim`` by value) must be seen to be the attribute it equals:
+      one export with the attributes tagged (:mod:`depgraph.reads`); a literal whose op's line was not passed the
+      attribute is marked ``unread``: not owned, and (a merge, owned or not) its witnesses are blocked, since
+      pruning them would change the size the model code reads off them."""
     ambiguous: dict = {}  # attr name -> literals to test against an unrewritten attribute
     confirm = []  # literals whose owning attribute must be seen to be read
     for lit in flow.literals or ():
@@ -456,7 +457,7 @@ def read_attributes(model, example_inputs, cap, flow) -> set:
             for a in lit.attributes:
                 if not _owned(a, lit.module):
                     ambiguous.setdefault(a.rpartition(":")[2], []).append(lit)
-        if lit.witnesses and owned:
+        if lit.witnesses and (owned or not lit.strict):  # owned or not, a merge may be read off its witnesses
             confirm.append(lit)
     nodes = {n.name: n for n in cap.graph.nodes}
     stale = set()
@@ -482,8 +483,9 @@ def read_attributes(model, example_inputs, cap, flow) -> set:
         reads = tagged_reads(model, example_inputs, {lit.module for lit in confirm}) or {}
         for lit in confirm:
             seen = reads.get(lit.source, ())
-            owned = {a.rpartition(":")[2] for a in lit.attributes if _owned(a, lit.module)}
-            lit.unread = not any(v == lit.value and (name in owned or _follows_counts(name)) for name, v in seen)
+            names = {a.rpartition(":")[2] for a in lit.attributes if _owned(a, lit.module)} or \
+                {a.rpartition(":")[2] for a in lit.attributes}  # unowned: is it the (unrewritten) attribute at all?
+            lit.unread = not any(v == lit.value and (name in names or _follows_counts(name)) for name, v in seen)
     return stale
 
 

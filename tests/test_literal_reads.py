@@ -14,9 +14,11 @@ import depgraph
 class Attention(nn.Module):
     """Self-attention over [b, t, 32]: 4 heads of 8; ``merge`` says where the merged width comes from."""
 
-    def __init__(self, merge: str):
+    def __init__(self, merge: str, attr: str = "embed_dim"):
         super().__init__()
-        self.embed_dim, self.num_heads, self.head_dim, self.merge = 32, 4, 8, merge
+        self.num_heads, self.head_dim, self.merge = 4, 8, merge
+        setattr(self, attr, 32)
+        self.width_attr = attr
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(32, 32) for _ in range(4))
 
     def forward(self, x):
@@ -26,15 +28,15 @@ class Attention(nn.Module):
             return t.view(bsz, tgt_len, self.num_heads, self.head_dim).transpose(1, 2)
 
         out = F.scaled_dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)))
-        width = {"input": embed_dim, "attribute": self.embed_dim, "minus_one": -1}[self.merge]
+        width = {"input": embed_dim, "attribute": getattr(self, self.width_attr), "minus_one": -1}[self.merge]
         return self.out_proj(out.transpose(1, 2).reshape(bsz, tgt_len, width))
 
 
 class Block(nn.Module):
-    def __init__(self, merge: str):
+    def __init__(self, merge: str, attr: str):
         super().__init__()
         self.norm = nn.LayerNorm(32)
-        self.self_attn = Attention(merge)
+        self.self_attn = Attention(merge, attr)
         self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 32)
 
     def forward(self, x):
@@ -43,9 +45,9 @@ class Block(nn.Module):
 
 
 class Net(nn.Module):
-    def __init__(self, merge: str):
+    def __init__(self, merge: str, attr: str = "embed_dim"):
         super().__init__()
-        self.layers = nn.ModuleList(Block(merge) for _ in range(2))
+        self.layers = nn.ModuleList(Block(merge, attr) for _ in range(2))
         self.head = nn.Linear(32, 8)
 
     def forward(self, x):
@@ -54,9 +56,9 @@ class Net(nn.Module):
         return self.head(x)
 
 
-def _setup(merge):
+def _setup(merge, attr="embed_dim"):
     torch.manual_seed(0)
-    model = Net(merge).eval()
+    model = Net(merge, attr).eval()
     x = torch.randn(2, 5, 32)
     return model, x, depgraph.trace(model, (x,))
 
@@ -70,15 +72,17 @@ def _masked_and_shrunk(model, graph, x, kinds):
     return masked, shrunk
 
 
-def test_merge_read_off_the_input_shape_blocks_heads_and_hidden():
-    model, x, graph = _setup("input")
+@pytest.mark.parametrize("attr", ["embed_dim", "hidden_size"])  # rewritten with the heads, or never
+def test_merge_read_off_the_input_shape_blocks_heads_and_hidden(attr):
+    model, x, graph = _setup("input", attr)
     assert not [g for g in graph.groups() if g.kind == "attention"]
     reasons = [r for b in graph.blocked if "layers.0.self_attn.q_proj.weight" in " ".join(b["params"])
                for r in b["reasons"]]
-    assert any("aten.reshape" in r and "read off a tensor's shape" in r and "layers.0.self_attn" in r
-               for r in reasons), reasons
+    assert any("aten.reshape" in r and "layers.0.self_attn" in r for r in reasons), reasons
     # the residual width is what the merge really reads: pruning it would break the reshape
     assert not [g for g in graph.groups() if g.kind == "hidden"]
+    hidden = [r for b in graph.blocked if "layers.0.norm.weight[0]" in b["params"] for r in b["reasons"]]
+    assert any("read off a tensor's shape" in r and "aten.reshape at layers.0.self_attn" in r for r in hidden), hidden
     masked, shrunk = _masked_and_shrunk(model, graph, x, ("mlp",))  # the MLP stays exact
     torch.testing.assert_close(shrunk, masked, rtol=0, atol=1e-5)
 

@@ -5,8 +5,8 @@ encoder-style, custom norms) so it stays within a few minutes on a loaded 2-core
 runs every causal LM of the installed transformers (what bench/results/coverage.md reports) with the full-sweep
 floor. Both use two worker processes and a per-architecture time box. The cross-section also holds the rows
 fixed by hand (trocr: a merge read off the input's shape; deepseek_v2: MLA and a router weight cast to fp32;
-inkling2_loop_text: two residual streams, only one of them pruned through its routers). The full sweep's 0-WRONG
-assertion fails today on one architecture (prophetnet, see bench/results/coverage.md): the target, not yet met.
+inkling2_loop_text: two residual streams, only one of them pruned through its routers). ProphetNet's merge read
+off the input's shape by an attribute shrink never rewrites is pinned by tests/test_literal_reads.py.
 """
 import importlib.util
 import os
