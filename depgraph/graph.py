@@ -14,6 +14,7 @@ from .dimflow import DimFlow, propagate
 from .groups import Group, Member
 from .layout import Prod, Space
 from .reads import tagged_reads
+from .rules import op_name
 from .rules.moe import GROUPED_MM_ALIGN
 
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
@@ -136,7 +137,7 @@ class DependencyGraph:
         stale = stale_attributes(self._module, self._flow, store)
         read_off = read_off_sizes(self._flow, store)
         groups, taken, blocked = [], set(), {}
-        has_attention = bool(self._flow.attention)
+        language_model = bool(self._flow.attention) or _looks_up_tokens(self._cap)
         for classes, gqa, sites, reasons in self._head_sets():
             taken.update(classes)
             stale_attrs = self._flow.stale or frozenset()
@@ -178,7 +179,7 @@ class DependencyGraph:
             if reasons:
                 self._record_blocked(blocked, (leaf,), users, reasons)
                 continue
-            group = self._channel_group(leaf, members, has_attention)
+            group = self._channel_group(leaf, members, language_model)
             if group.kind == "mlp" and not group.exact:  # e.g. an MLA latent under its RMSNorm: refuse, not approximate
                 self._record_blocked(blocked, (leaf,), users, [f"normalised inside layer {group.layer}, so removing "
                                                                f"a channel is not zeroing it"] + list(leaf.inexact))
@@ -299,11 +300,13 @@ class DependencyGraph:
         return Group("", "experts", layer, experts.size, 1, members, not inexact, inexact, module=site.module,
                      routing=routing)
 
-    def _channel_group(self, leaf, members, has_attention):
+    def _channel_group(self, leaf, members, language_model):
+        """A channel space's group: ``hidden`` (across layers) or ``mlp`` (inside one) in a language model,
+        ``channels`` in any other network (a CNN)."""
         ms = [self._member(name, d, self._positions((name, d))[leaf], "unit") for name, d in members]
         layers = {layer_of(m.param) for m in ms}
         layer = layers.pop() if len(layers) == 1 else None
-        if not has_attention:
+        if not language_model:
             kind = "channels"
         else:
             kind = "mlp" if layer is not None else "hidden"
@@ -414,6 +417,13 @@ class DependencyGraph:
         if self.unsupported:
             lines.append(f"  {len(self.unsupported)} ops without a dimension rule")
         return "\n".join(lines)
+
+
+def _looks_up_tokens(cap: Capture) -> bool:
+    """Does the model look its input up in an embedding table (a language model, with or without attention:
+    a state-space stack whose attention layers a 2-layer config left out still has hidden and MLP widths)?"""
+    return any(n.op == "call_function" and op_name(n.target) == "embedding" and len(n.args) > 0 and
+               getattr(n.args[0], "name", None) in cap.params for n in cap.graph.nodes)
 
 
 def _module_chain(paths) -> list:

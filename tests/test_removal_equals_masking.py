@@ -82,3 +82,49 @@ def test_cnn_channels():
             a = depgraph.mask(copy.deepcopy(model), plan)(x)
             b = depgraph.shrink(copy.deepcopy(model), plan)(x)
         torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+class _GatedMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(16)
+        self.gate, self.up, self.down = torch.nn.Linear(16, 24), torch.nn.Linear(16, 24), torch.nn.Linear(24, 16)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return x + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
+
+
+class _AttentionFreeLM(torch.nn.Module):
+    """Token embedding, two feed-forward blocks (the MLP of a state-space layer whose mixer a small config left
+    out), a head: no attention anywhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(32, 16)
+        self.layers = torch.nn.ModuleList(_GatedMLP() for _ in range(2))
+        self.head = torch.nn.Linear(16, 32)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def test_attention_free_language_model_has_hidden_and_mlp_groups():
+    """A model that looks its input up in an embedding is a language model with or without attention: its
+    per-layer widths are ``mlp`` groups (exact: removal == masking), its residual ``hidden``; a CNN keeps
+    ``channels`` (test_cnn_channels)."""
+    torch.manual_seed(0)
+    model = _AttentionFreeLM().eval()
+    x = torch.randint(0, 32, (2, 6))
+    graph = depgraph.trace(model, (x,))
+    assert {g.kind for g in graph.groups()} == {"hidden", "mlp"}
+    mlp = graph.groups("mlp")
+    assert sorted(g.layer for g in mlp) == [0, 1] and all(g.exact and g.num_units == 24 for g in mlp)
+    plan = depgraph.Plan.from_units(graph, {g.id: list(range(0, 24, 3)) for g in mlp})
+    with torch.no_grad():
+        masked = depgraph.mask(copy.deepcopy(model), plan)(x)
+        shrunk = depgraph.shrink(copy.deepcopy(model), plan)(x)
+    torch.testing.assert_close(shrunk, masked, rtol=0, atol=1e-5)
