@@ -259,9 +259,10 @@ def _mask(model, plan: Plan, undo: "_Undo") -> None:
             undo.append(mask_experts(model, e.experts["router_module"], e.experts["router"][0], e.units))
             for name in e.experts.get("correction", ()):  # a score-correction bias: -inf, never chosen
                 t = _get_tensor(model, name)
-                idx = torch.as_tensor(e.units, device=t.device)
-                undo.values(t, 0, idx)
-                t.index_fill_(0, idx, float("-inf"))
+                for d, units in (e.removed.get(name) or {0: e.units}).items():  # its expert dim, as sliced
+                    idx = torch.as_tensor(units, device=t.device)
+                    undo.values(t, int(d), idx)
+                    t.index_fill_(int(d), idx, float("-inf"))
     return model
 
 

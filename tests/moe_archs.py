@@ -93,6 +93,39 @@ class SigmoidMoE(nn.Module):
         return out.reshape(shape)
 
 
+class BiasedRouterMoE(SigmoidMoE):
+    """SigmoidMoE with a per-expert bias in the router that only chooses the experts: ``"probabilities"``
+    adds a ``[1, E]`` parameter to softmax probabilities (ERNIE-4.5's moe_statics); ``"logits"`` adds a
+    persistent buffer to the logits (Kolibri's correction), ``"logits-volatile"`` a non-persistent one.
+    The mixing weights are the unbiased scores at the chosen experts."""
+
+    def __init__(self, hidden, inter, num_experts, top_k, where):
+        super().__init__(hidden, inter, num_experts, top_k)
+        self.where = where
+        bias = torch.randn(num_experts) * 0.3
+        if where == "probabilities":
+            self.choice_bias = nn.Parameter(bias.unsqueeze(0))
+        else:
+            self.register_buffer("choice_bias", bias, persistent=where == "logits")
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits = self.gate(x)
+        if self.where == "probabilities":
+            scores = torch.softmax(logits, dim=-1)
+            _, idx = torch.topk(scores + self.choice_bias.squeeze(0), self.top_k, dim=-1)
+        else:
+            scores = logits
+            _, idx = torch.topk(logits + self.choice_bias, self.top_k, dim=-1)
+        w = torch.softmax(scores.gather(1, idx), dim=-1)
+        ids = idx.reshape(-1)
+        h = torch.bmm(self.up[ids], x.repeat_interleave(self.top_k, 0).unsqueeze(-1)).squeeze(-1)
+        h = torch.bmm(self.down[ids], nn.functional.gelu(h).unsqueeze(-1)).squeeze(-1)
+        out = (h * w.reshape(-1, 1)).view(-1, self.top_k, shape[-1]).sum(1)
+        return out.reshape(shape)
+
+
 class MoELM(nn.Module):
     def __init__(self, make_moe, hidden=64, layers=2):
         super().__init__()
@@ -111,6 +144,11 @@ class MoELM(nn.Module):
 def sigmoid_lm(score_bias=False):
     torch.manual_seed(0)
     return MoELM(lambda: SigmoidMoE(64, 32, 4, 2, score_bias)).eval()
+
+
+def biased_router_lm(where):
+    torch.manual_seed(0)
+    return MoELM(lambda: BiasedRouterMoE(64, 32, 4, 2, where)).eval()
 
 
 def unfused_lm():

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import depgraph
 from depgraph import PlanError
-from moe_archs import MOE_CONFIGS, VOCAB, build_moe, ids, sigmoid_lm, unfused_lm
+from moe_archs import MOE_CONFIGS, VOCAB, biased_router_lm, build_moe, ids, sigmoid_lm, unfused_lm
 
 IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
 
@@ -256,6 +256,40 @@ def test_score_bias_after_sigmoid_is_masked_with_minus_inf():
             plan_out.moes[g.layer].score_bias[1:3] = 0.0
     assert not torch.allclose(_logits(plan_out, x), _logits(depgraph.shrink(copy.deepcopy(zero_bias), plan), x),
                               atol=1e-4)  # a removed expert chosen (its weight 0: even 0/0)
+
+
+@pytest.mark.parametrize("where, dim", [("probabilities", 1), ("logits", 0)])
+def test_choice_bias_is_a_member_of_the_expert_unit(where, dim):
+    """A per-expert bias that only chooses the experts (a [1, E] parameter on softmax probabilities, ERNIE-4.5's
+    moe_statics; a persistent buffer on the logits, Kolibri's correction) is sliced with its expert; on the
+    probabilities it is masked with -inf along its expert dim. Whole experts and per-expert neurons: removal
+    equals masking; fewer experts left than top_k is refused."""
+    model = biased_router_lm(where)
+    x = ids(3)
+    graph = depgraph.trace(model, (ids(),))
+    groups = graph.groups("experts")
+    assert [g.layer for g in groups] == [0, 1] and all(g.exact for g in groups)
+    for g in groups:
+        assert (f"moes.{g.layer}.choice_bias", dim) in {(m.param, m.dim) for m in g.members}
+        assert g.routing["correction"] == ([f"moes.{g.layer}.choice_bias"] if where == "probabilities" else [])
+    neurons = [g for g in graph.groups() if g.exact and g.kind != "experts" and g.layer is not None]
+    assert len(neurons) == 2
+    for units in ({g.id: [1, 2] for g in groups}, {groups[0].id: [3], neurons[1].id: list(range(0, 32, 3))}):
+        plan = depgraph.Plan.from_units(graph, units)
+        masked = _logits(depgraph.mask(copy.deepcopy(model), plan), x)
+        shrunk = depgraph.shrink(copy.deepcopy(model), plan)
+        assert not torch.allclose(masked, _logits(model, x), atol=1e-4)
+        torch.testing.assert_close(_logits(shrunk, x), masked, rtol=0, atol=1e-5)
+    assert shrunk.moes[0].choice_bias.shape[dim] == 3
+    with pytest.raises(PlanError, match=r"top_k=2"):
+        depgraph.Plan.from_units(graph, {groups[0].id: [0, 1, 2]})
+
+
+def test_choice_bias_from_a_non_persistent_buffer_is_refused():
+    """A bias recomputed from the config at load time cannot be sliced with the experts: no experts group."""
+    graph = depgraph.trace(biased_router_lm("logits-volatile"), (ids(),))
+    assert not graph.groups("experts")
+    assert any("non-persistent buffer moes.0.choice_bias" in r for b in graph.blocked for r in b["reasons"])
 
 
 def test_hidden_pruning_runs_through_the_experts(traced):

@@ -131,9 +131,11 @@ def _router_chain(ctx, x, experts):
 
     Then check, from the linear forward, that a masked expert stays "not routed": while the values are
     logits its entry is ``-inf`` (casts, views, adding a finite tensor, scaling by a positive constant,
-    log-softmax keep it); softmax or sigmoid over E turn it into ``0`` with the others positive and
+    log-softmax keep it; a parameter or persistent buffer added to logits is sliced with the experts when it
+    spans E); softmax or sigmoid over E turn it into ``0`` with the others positive and
     renormalised as if it were absent; after that only casts, views and positive scaling are allowed. A
-    parameter or buffer added to the probabilities (DeepSeek-V3's score correction bias) would make a masked
+    parameter or buffer added to the probabilities (DeepSeek-V3's score correction bias; shape [E] or
+    [1, E]) would make a masked
     expert selectable again, unless masking also sets its entry to ``-inf``: such a tensor is returned as the
     site's ``correction`` (masked with ``-inf``, sliced like the router rows), after which the values are
     "choice" scores where a masked expert is ``-inf`` again, kept by casts, views, positive scaling and
@@ -167,8 +169,8 @@ def _router_chain(ctx, x, experts):
         if op in ("mul", "div") and not others and isinstance(node.args[1], (int, float)) and node.args[1] > 0:
             continue
         if state == "logits" and op in ("add", "sub") and len(tensors) >= 1 and tensors[0] is node.args[0] \
-                and all(ctx.is_parameter(a) for a in others):
-            continue
+                and all(_stored(ctx, a) for a in others):
+            continue  # -inf plus a finite stored tensor: still -inf (one over E is sliced with the experts)
         if state == "logits" and op in _SOFTMAX + ("sigmoid",):
             if op != "sigmoid":
                 src = node.args[0]
@@ -188,17 +190,31 @@ def _router_chain(ctx, x, experts):
     return linear, tuple((op_name(n.target), module_path(n)) for n in reversed(nodes)), correction
 
 
-def _stored_tensor(ctx, node, experts):
-    """The parameter/buffer name behind ``node`` (through views and no-op casts) when it is a 1-D tensor over
-    the expert dim, else None."""
-    while isinstance(node, torch.fx.Node) and node.op == "call_function" and \
-            op_name(node.target) in ("unsqueeze", "view", "reshape", "to", "type_as"):
+_STORED_VIEWS = ("unsqueeze", "squeeze", "view", "reshape", "_unsafe_view", "to", "type_as", "expand")
+
+
+def _stored(ctx, node):
+    """The placeholder of the parameter or persistent buffer behind ``node`` (through views and casts of
+    it), else None: model state, sliced by shrink where it spans a pruned dim."""
+    while isinstance(node, torch.fx.Node) and node.op == "call_function" and op_name(node.target) in _STORED_VIEWS:
         node = node.args[0]
     if not (isinstance(node, torch.fx.Node) and node.op == "placeholder"):
         return None
+    if ctx.is_parameter(node) or ctx.flow.cap.buffers.get(node.name) in ctx.flow.cap.persistent_buffers:
+        return node
+    return None
+
+
+def _stored_tensor(ctx, node, experts):
+    """The parameter/buffer name behind ``node`` (through views and no-op casts) when it holds one value per
+    expert (one dim over the expert dim, every other dim of size 1), else None."""
+    node = _stored(ctx, node)
+    if node is None:
+        return None
     name = ctx.parameter_name(node) or ctx.flow.cap.buffers.get(node.name)
-    lay = ctx.flow.env.get(node)
-    if name is None or not lay or len(lay) != 1 or not _same_space(ctx.store, lay[0], experts):
+    lay = ctx.flow.env.get(node) or ()
+    over = [lo for lo in lay if lo is not None]
+    if len(over) != 1 or ctx.shape(node).count(1) != len(lay) - 1 or not _same_space(ctx.store, over[0], experts):
         return None
     return name
 
