@@ -126,6 +126,31 @@ class BiasedRouterMoE(SigmoidMoE):
         return out.reshape(shape)
 
 
+class DenseScatterMoE(nn.Module):
+    """Llama-4-style routing: the top-k scores scattered into a ``full_like(logits, -inf)`` canvas, a sigmoid
+    (unchosen experts weigh 0), every expert run on every token by ``bmm`` over fused ``[E, in, out]``
+    weights and summed. ``canvas="logits"`` scatters into a copy of the logits instead (not a constant)."""
+
+    def __init__(self, hidden, inter, num_experts, top_k, canvas="fill"):
+        super().__init__()
+        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.up = nn.Parameter(torch.randn(num_experts, hidden, inter) * 0.2)
+        self.down = nn.Parameter(torch.randn(num_experts, inter, hidden) * 0.2)
+        self.num_experts, self.top_k, self.canvas = num_experts, top_k, canvas
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits = self.gate(x)
+        top, idx = torch.topk(logits, self.top_k, dim=1)
+        canvas = torch.full_like(logits, float("-inf")) if self.canvas == "fill" else logits.clone()
+        scores = torch.sigmoid(canvas.scatter_(1, idx, top))
+        routed = x.repeat(scores.shape[1], 1) * scores.transpose(0, 1).reshape(-1, 1)
+        h = torch.bmm(routed.view(self.up.shape[0], -1, shape[-1]), self.up)
+        out = torch.bmm(nn.functional.silu(h), self.down)
+        return out.view(scores.shape[1], -1, shape[-1]).sum(0).reshape(shape)
+
+
 class MoELM(nn.Module):
     def __init__(self, make_moe, hidden=64, layers=2):
         super().__init__()
@@ -149,6 +174,11 @@ def sigmoid_lm(score_bias=False):
 def biased_router_lm(where):
     torch.manual_seed(0)
     return MoELM(lambda: BiasedRouterMoE(64, 32, 4, 2, where)).eval()
+
+
+def dense_scatter_lm(canvas="fill"):
+    torch.manual_seed(0)
+    return MoELM(lambda: DenseScatterMoE(64, 32, 4, 2, canvas)).eval()
 
 
 def unfused_lm():

@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM
 
 import depgraph
 from depgraph import PlanError
-from moe_archs import MOE_CONFIGS, VOCAB, biased_router_lm, build_moe, ids, sigmoid_lm, unfused_lm
+from moe_archs import (MOE_CONFIGS, VOCAB, biased_router_lm, build_moe, dense_scatter_lm, ids, sigmoid_lm,
+                       unfused_lm)
 
 IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
 
@@ -290,6 +291,37 @@ def test_choice_bias_from_a_non_persistent_buffer_is_refused():
     graph = depgraph.trace(biased_router_lm("logits-volatile"), (ids(),))
     assert not graph.groups("experts")
     assert any("non-persistent buffer moes.0.choice_bias" in r for b in graph.blocked for r in b["reasons"])
+
+
+def test_top_k_scattered_into_a_constant_canvas_is_routed():
+    """Llama-4-style dense routing weights (top-k scores scattered into full_like(logits, -inf), then sigmoid, every
+    expert run on every token): the canvas's dim is the expert dim; whole experts and per-expert neurons: removal
+    equals masking; fewer experts left than top_k is refused."""
+    model = dense_scatter_lm()
+    x = ids(4)
+    graph = depgraph.trace(model, (ids(),))
+    groups = graph.groups("experts")
+    assert [g.layer for g in groups] == [0, 1] and all(g.exact for g in groups)
+    assert {(m.param, m.dim) for m in groups[0].members} == {("moes.0.gate.weight", 0), ("moes.0.up", 0),
+                                                            ("moes.0.down", 0)}
+    neurons = [g for g in graph.groups() if g.exact and g.kind != "experts" and g.layer is not None]
+    assert [g.layer for g in neurons] == [0, 1]
+    for units in ({g.id: [0, 3] for g in groups}, {groups[1].id: [2], neurons[0].id: list(range(1, 32, 2))}):
+        plan = depgraph.Plan.from_units(graph, units)
+        masked = _logits(depgraph.mask(copy.deepcopy(model), plan), x)
+        shrunk = depgraph.shrink(copy.deepcopy(model), plan)
+        assert not torch.allclose(masked, _logits(model, x), atol=1e-4)
+        torch.testing.assert_close(_logits(shrunk, x), masked, rtol=0, atol=1e-5)
+    with pytest.raises(PlanError, match=r"top_k=2"):
+        depgraph.Plan.from_units(graph, {groups[0].id: [0, 1, 3]})
+
+
+def test_top_k_scattered_into_the_logits_is_refused():
+    """Scattered into a copy of the logits, an unchosen expert's column is its own logit, not one constant:
+    the expert dim is blocked with the op."""
+    graph = depgraph.trace(dense_scatter_lm("logits"), (ids(),))
+    assert not graph.groups("experts")
+    assert any("scatter_" in r and "not a constant fill" in r for b in graph.blocked for r in b["reasons"])
 
 
 def test_hidden_pruning_runs_through_the_experts(traced):

@@ -372,6 +372,37 @@ def value_index_select(ctx, infos, fallback):
 
 
 
+_CONSTANT_FILLS = ("full_like", "zeros_like", "ones_like", "new_full", "new_zeros", "new_ones", "full", "zeros",
+                   "ones")
+
+
+@routed_rule("scatter", "scatter_")
+def value_scatter(ctx, infos, fallback):
+    """out = canvas.scatter(dim, ids, src), ids expert indices along the canvas's dim ``dim`` (dense routing
+    weights: the top-k scores written into a ``full_like(logits, -inf)``): that dim is E, the other dims
+    are the canvas's. The canvas must be one constant fill used by nothing else: a removed expert is never
+    chosen, so its column holds the fill, the same value every unchosen expert's column holds."""
+    canvas, dim, ids = ctx.arg(0, "self"), ctx.arg(1, "dim"), ctx.arg(2, "index")
+    if canvas in infos or ids not in infos or infos[ids].kind != "index" or len(infos) != 1:
+        raise Unrouted(f"aten.{ctx.op} of expert indices other than into a canvas over the experts")
+    if not (isinstance(canvas, torch.fx.Node) and canvas.op == "call_function"
+            and op_name(canvas.target) in _CONSTANT_FILLS and len(canvas.users) == 1):
+        raise Unrouted(f"aten.{ctx.op} of routed scores into a tensor that is not a constant fill")
+    lay, shp = ctx.lay(canvas), ctx.shape(canvas)
+    dim %= len(shp)
+    ctx.unify(lay[dim], infos[ids].experts)
+    for a in (ids, ctx.arg(3, "src") if ctx.has_arg("src") else None):
+        if not ctx.is_tensor(a):
+            continue
+        al, ash = ctx.lay(a), ctx.shape(a)
+        if len(ash) != len(shp) or any(ash[d] != shp[d] for d in range(len(shp)) if d != dim):
+            raise Unrouted(f"aten.{ctx.op} writing part of the canvas's other dims")
+        for d in range(len(shp)):
+            if d != dim:
+                ctx.unify(al[d], lay[d])
+    return tuple(lay)
+
+
 @routed_rule("gather")
 def value_gather(ctx, infos, fallback):
     """out = src.gather(dim, ids), ids expert indices along src's dim ``dim`` (``scores.gather(1, topk_idx)``):
