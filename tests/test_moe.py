@@ -46,6 +46,16 @@ def _check(model, plan, x, implementations=IMPLEMENTATIONS):
     return shrunk
 
 
+def _removal_equals_masking(model, graph, units, x):
+    """Plan ``units`` ({group id: units}) on a hand-written model: it changes the output, shrunk == masked."""
+    plan = depgraph.Plan.from_units(graph, units)
+    masked = _logits(depgraph.mask(copy.deepcopy(model), plan), x)
+    shrunk = depgraph.shrink(copy.deepcopy(model), plan)
+    assert not torch.allclose(masked, _logits(model, x), atol=1e-4), "the plan changed nothing"
+    torch.testing.assert_close(_logits(shrunk, x), masked, rtol=0, atol=1e-5)
+    return shrunk
+
+
 def test_experts_group_per_layer(traced):
     name, model, graph = traced
     groups = graph.groups("experts")
@@ -276,11 +286,7 @@ def test_choice_bias_is_a_member_of_the_expert_unit(where, dim):
     neurons = [g for g in graph.groups() if g.exact and g.kind != "experts" and g.layer is not None]
     assert len(neurons) == 2
     for units in ({g.id: [1, 2] for g in groups}, {groups[0].id: [3], neurons[1].id: list(range(0, 32, 3))}):
-        plan = depgraph.Plan.from_units(graph, units)
-        masked = _logits(depgraph.mask(copy.deepcopy(model), plan), x)
-        shrunk = depgraph.shrink(copy.deepcopy(model), plan)
-        assert not torch.allclose(masked, _logits(model, x), atol=1e-4)
-        torch.testing.assert_close(_logits(shrunk, x), masked, rtol=0, atol=1e-5)
+        shrunk = _removal_equals_masking(model, graph, units, x)
     assert shrunk.moes[0].choice_bias.shape[dim] == 3
     with pytest.raises(PlanError, match=r"top_k=2"):
         depgraph.Plan.from_units(graph, {groups[0].id: [0, 1, 2]})
@@ -307,11 +313,7 @@ def test_top_k_scattered_into_a_constant_canvas_is_routed():
     neurons = [g for g in graph.groups() if g.exact and g.kind != "experts" and g.layer is not None]
     assert [g.layer for g in neurons] == [0, 1]
     for units in ({g.id: [0, 3] for g in groups}, {groups[1].id: [2], neurons[0].id: list(range(1, 32, 2))}):
-        plan = depgraph.Plan.from_units(graph, units)
-        masked = _logits(depgraph.mask(copy.deepcopy(model), plan), x)
-        shrunk = depgraph.shrink(copy.deepcopy(model), plan)
-        assert not torch.allclose(masked, _logits(model, x), atol=1e-4)
-        torch.testing.assert_close(_logits(shrunk, x), masked, rtol=0, atol=1e-5)
+        _removal_equals_masking(model, graph, units, x)
     with pytest.raises(PlanError, match=r"top_k=2"):
         depgraph.Plan.from_units(graph, {groups[0].id: [0, 1, 3]})
 
