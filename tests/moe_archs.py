@@ -151,6 +151,32 @@ class DenseScatterMoE(nn.Module):
         return out.view(scores.shape[1], -1, shape[-1]).sum(0).reshape(shape)
 
 
+class ArgmaxGroupedMoE(nn.Module):
+    """Tokens grouped by the argmax of a router (no top-k: not a routing site) and run through transformers'
+    ``grouped_mm_fallback`` over fused ``[E, in, out]`` weights: the experts are not provably routed, the
+    per-expert neurons are."""
+
+    def __init__(self, hidden, inter, num_experts):
+        super().__init__()
+        import transformers.integrations.moe  # noqa: F401  (registers torch.ops.transformers.grouped_mm_fallback)
+
+        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.up = nn.Parameter(torch.randn(num_experts, hidden, inter) * 0.2)
+        self.down = nn.Parameter(torch.randn(num_experts, inter, hidden) * 0.2)
+        self.num_experts = num_experts
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        expert = self.gate(x).argmax(-1)
+        order = torch.argsort(expert)
+        counts = torch.histc(expert.float(), bins=self.num_experts, min=0, max=self.num_experts - 1)
+        offs = torch.cumsum(counts.int(), 0).int()
+        mm = torch.ops.transformers.grouped_mm_fallback
+        h = mm(nn.functional.gelu(mm(x[order], self.up, offs=offs)), self.down, offs=offs)
+        return h[torch.argsort(order)].reshape(shape)
+
+
 class MoELM(nn.Module):
     def __init__(self, make_moe, hidden=64, layers=2):
         super().__init__()
@@ -179,6 +205,11 @@ def biased_router_lm(where):
 def dense_scatter_lm(canvas="fill"):
     torch.manual_seed(0)
     return MoELM(lambda: DenseScatterMoE(64, 32, 4, 2, canvas)).eval()
+
+
+def argmax_grouped_lm():
+    torch.manual_seed(0)
+    return MoELM(lambda: ArgmaxGroupedMoE(64, 32, 4)).eval()
 
 
 def unfused_lm():

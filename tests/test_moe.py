@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM
 
 import depgraph
 from depgraph import PlanError
-from moe_archs import (MOE_CONFIGS, VOCAB, biased_router_lm, build_moe, dense_scatter_lm, ids, sigmoid_lm,
-                       unfused_lm)
+from moe_archs import (MOE_CONFIGS, VOCAB, argmax_grouped_lm, biased_router_lm, build_moe, dense_scatter_lm, ids,
+                       sigmoid_lm, unfused_lm)
 
 IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
 
@@ -324,6 +324,22 @@ def test_top_k_scattered_into_the_logits_is_refused():
     graph = depgraph.trace(dense_scatter_lm("logits"), (ids(),))
     assert not graph.groups("experts")
     assert any("scatter_" in r and "not a constant fill" in r for b in graph.blocked for r in b["reasons"])
+
+
+def test_grouped_mm_with_unrouted_groups_prunes_expert_neurons_only():
+    """transformers' grouped_mm_fallback over groups that are not a routed top-k's offsets (tokens grouped by an
+    argmax): the group dim (W's dim 0) is blocked with the op, not the whole op; the fused per-expert neurons
+    stay one exact group per layer and their removal equals masking."""
+    model = argmax_grouped_lm()
+    x = ids(6)
+    graph = depgraph.trace(model, (ids(),))
+    assert not graph.unsupported and not graph.groups("experts")
+    up = [b for b in graph.blocked if "moes.0.up[0]" in b["params"]]
+    assert up and "groups of aten.grouped_mm_fallback are not offsets of a routed top-k" in up[0]["reasons"][0]
+    neurons = [g for g in graph.groups() if g.exact and g.layer is not None]
+    assert [(g.layer, g.num_units) for g in neurons] == [(0, 32), (1, 32)]
+    assert {(m.param, m.dim) for m in neurons[0].members} == {("moes.0.up", 2), ("moes.0.down", 1)}
+    _removal_equals_masking(model, graph, {neurons[0].id: list(range(0, 32, 2)), neurons[1].id: list(range(3, 11))}, x)
 
 
 def test_hidden_pruning_runs_through_the_experts(traced):

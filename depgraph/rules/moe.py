@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import op_name, rule
+from . import RuleError, op_name, rule
 
 
 @dataclass(frozen=True)
@@ -314,26 +314,55 @@ def value_cumsum(ctx, infos, fallback):
     return tuple(ctx.lay(src))
 
 
-@routed_rule("grouped_mm_fallback", "_grouped_mm", "grouped_mm")
-def grouped_mm(ctx, infos, fallback):
-    """out[s] = x[s] @ W[e(s)] for the rows s in expert e's offsets range: W [E, in, out], x [S, in]."""
-    if ctx.op == "grouped_mm_fallback":  # transformers' (input, weight, offs)
-        x, w, offs, bias = ctx.arg(0, "input"), ctx.arg(1, "weight"), ctx.arg(2, "offs"), None
-    else:
-        x, w, offs, bias = ctx.arg(0, "self"), ctx.arg(1, "mat2"), ctx.arg(2, "offs"), ctx.arg(3, "bias")
-    info = infos.get(offs)
-    if info is None or info.kind != "offsets" or len(ctx.shape(x)) != 2 or len(ctx.shape(w)) != 3 \
-            or len(infos) != 1:
-        raise Unrouted(f"aten.{ctx.op} whose groups are not offsets of routed experts")
+_GROUPED_MM = ("grouped_mm_fallback", "_grouped_mm", "grouped_mm")
+
+
+def _grouped_mm_args(ctx):
+    """(x, W, offs, bias) of a grouped matmul by its schema: transformers' fallback takes (input, weight, offs)."""
+    if ctx.op == "grouped_mm_fallback":
+        return ctx.arg(0, "input"), ctx.arg(1, "weight"), ctx.arg(2, "offs"), None
+    return ctx.arg(0, "self"), ctx.arg(1, "mat2"), ctx.arg(2, "offs"), ctx.arg(3, "bias")
+
+
+def _grouped_mm_channels(ctx, x, w, bias):
+    """x [S, in] @ W[g] [in, out] for row s in group g: W's dim 1 is x's last dim, the output is [S, out]."""
+    if len(ctx.shape(x)) != 2 or len(ctx.shape(w)) != 3:
+        raise Unrouted(f"aten.{ctx.op} on other than 2-D rows and 3-D weights")
     xl, wl = ctx.lay(x), ctx.lay(w)
     ctx.flow.aligned.extend(lo for lo in wl[1:] if lo is not None)
-    ctx.unify(wl[0], info.experts)
     ctx.unify(xl[-1], wl[1])
     if ctx.is_tensor(bias):
         bl = ctx.lay(bias)
         ctx.unify(bl[0], wl[0])
         ctx.unify(bl[-1], wl[2])
     return (xl[0], wl[2])
+
+
+@rule(*_GROUPED_MM)
+def grouped_mm_any_groups(ctx):
+    """A grouped matmul whose groups are not proved to be routed experts (hash routing by token id, offsets
+    of any other origin): its in/out channels are still channels of every group's weight, but its group dim
+    (W's dim 0, and the offsets' dim) is blocked."""
+    x, w, offs, bias = _grouped_mm_args(ctx)
+    if len(ctx.shape(x)) != 2 or len(ctx.shape(w)) != 3:
+        raise RuleError(f"aten.{ctx.op} on other than 2-D rows and 3-D weights")
+    why = f"groups of aten.{ctx.op} are not offsets of a routed top-k"
+    ctx.block(ctx.lay(w)[0], why)
+    for lo in ctx.lay(offs) if ctx.is_tensor(offs) else ():
+        ctx.block(lo, why)
+    return _grouped_mm_channels(ctx, x, w, bias)
+
+
+@routed_rule(*_GROUPED_MM)
+def grouped_mm(ctx, infos, fallback):
+    """out[s] = x[s] @ W[e(s)] for the rows s in expert e's offsets range: W [E, in, out], x [S, in]."""
+    x, w, offs, bias = _grouped_mm_args(ctx)
+    info = infos.get(offs)
+    if info is None or info.kind != "offsets" or len(infos) != 1:
+        raise Unrouted(f"aten.{ctx.op} whose groups are not offsets of routed experts")
+    out = _grouped_mm_channels(ctx, x, w, bias)
+    ctx.unify(ctx.lay(w)[0], info.experts)
+    return out
 
 
 def _gather(ctx, src, d, ids_node, info):
