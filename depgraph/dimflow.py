@@ -18,7 +18,7 @@ from .errors import UnsupportedOpError
 from .layout import Reason, SpaceStore, Unifiable
 from .reads import source_line
 from .rules import RULES, RuleError, op_name
-from .rules.moe import routed
+from .rules.moe import routed, values_of
 
 
 @dataclass
@@ -259,6 +259,7 @@ class _Runner:
         self.aligned: list = []
         self.moe_modules: set = set()
         self.values: dict = {}  # node or (node, output index) -> ExpertValues (tensors of expert indices)
+        self.outer: dict = {}  # placeholder of a higher-order op's body -> the op's argument it stands for
         self.module_inputs: dict = {}  # module path -> size -> layouts of tensors entering it from outside
         self._paths: dict = {}  # node -> its module path
 
@@ -392,8 +393,10 @@ class _Runner:
             self.unsupported.append(note)
         return _fresh_like(ctx, ctx.out_val, f"output of an op whose {why[3:] if why.startswith('op ') else why}")
 
-    def run_subgraph(self, graph: torch.fx.Graph, inputs: list) -> list:
-        """Propagate through a nested graph (a higher-order op's body); returns its outputs' layouts."""
+    def run_subgraph(self, graph: torch.fx.Graph, inputs: list, outer: list | None = None) -> list:
+        """Propagate through a nested graph (a higher-order op's body); returns its outputs' layouts.
+        ``outer``: the op's arguments behind ``inputs`` (body placeholders then stand for them in
+        ``self.outer``, and expert values flow in)."""
         phs = [n for n in graph.nodes if n.op == "placeholder"]
         if len(phs) != len(inputs):
             raise RuleError(f"sub-graph takes {len(phs)} inputs, the op passes {len(inputs)}")
@@ -401,6 +404,11 @@ class _Runner:
         for node in graph.nodes:
             if node.op == "placeholder":
                 self.env[node] = inputs[phs.index(node)]
+                src = outer[phs.index(node)] if outer else None
+                if isinstance(src, torch.fx.Node):
+                    self.outer[node] = src
+                    if (v := values_of(self, src)) is not None:
+                        self.values[node] = v
             elif node.op == "call_function":
                 self.env[node] = self._call(node)
             elif node.op == "output":

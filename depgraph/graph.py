@@ -287,7 +287,8 @@ class DependencyGraph:
         if reasons:
             self._record_blocked(blocked, leaves, users, reasons)
             return None
-        allowed = tuple(f"({op} at {where or '<root>'})" for op, where in site.chain if op in _SOFTMAX)
+        allowed = tuple(f"({op} at {where or '<root>'})" for op, where in site.chain + site.exact_over
+                        if op in _SOFTMAX)
         inexact = [r for r in experts.inexact if not r.endswith(allowed)] if allowed else list(experts.inexact)
         members = [self._member(name, d, self._positions((name, d))[experts], "unit")
                    for name, d in users.get(experts, [])]

@@ -160,8 +160,9 @@ class SpaceStore:
                 s.blocked.append(reason)
 
     def mark_inexact(self, layout, reason: str) -> None:
+        """Recorded on blocked spaces too: a block can be lifted (a routed expert dim, by its experts group)."""
         for s in self.leaves(layout):
-            if not s.blocked and reason not in s.inexact:
+            if reason not in s.inexact:
                 s.inexact.append(reason)
 
     # -- refinement -----------------------------------------------------------------------

@@ -177,6 +177,40 @@ class ArgmaxGroupedMoE(nn.Module):
         return h[torch.argsort(order)].reshape(shape)
 
 
+class SparseMixerMoE(SigmoidMoE):
+    """PhiMoE-style routing without top-k: the first choice is the max logit, the second the max once the first is
+    set to -inf (``scatter``), each weighted by a softmax over the logits masked to -inf far below the choice
+    (thresholds computed under ``no_grad``). ``mean_gate=True`` also scales the output by the mean router
+    probability over the experts, which depends on how many there are (not exact)."""
+
+    def __init__(self, hidden, inter, num_experts, mean_gate=False):
+        super().__init__(hidden, inter, num_experts, 2)
+        self.mean_gate = mean_gate
+
+    @staticmethod
+    def _choose(scores, logits, eps=0.01):
+        with torch.no_grad():
+            top, choice = scores.max(dim=-1, keepdim=True)
+            far = ((top - logits) / logits.abs().clamp(min=top)) > 2 * eps
+        weight = torch.softmax(scores.masked_fill(far, float("-inf")), dim=-1).gather(-1, choice)
+        return weight, choice
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits = self.gate(x)
+        w1, e1 = self._choose(logits, logits)
+        w2, e2 = self._choose(torch.scatter(logits, -1, e1, float("-inf")), logits)
+        w, idx = torch.cat((w1, w2), dim=-1), torch.cat((e1, e2), dim=-1)
+        ids = idx.reshape(-1)
+        h = torch.bmm(self.up[ids], x.repeat_interleave(2, 0).unsqueeze(-1)).squeeze(-1)
+        h = torch.bmm(self.down[ids], nn.functional.gelu(h).unsqueeze(-1)).squeeze(-1)
+        out = (h * w.reshape(-1, 1)).view(-1, 2, shape[-1]).sum(1)
+        if self.mean_gate:
+            out = out * torch.softmax(logits, -1).mean(-1, keepdim=True)
+        return out.reshape(shape)
+
+
 class MoELM(nn.Module):
     def __init__(self, make_moe, hidden=64, layers=2):
         super().__init__()
@@ -210,6 +244,11 @@ def dense_scatter_lm(canvas="fill"):
 def argmax_grouped_lm():
     torch.manual_seed(0)
     return MoELM(lambda: ArgmaxGroupedMoE(64, 32, 4)).eval()
+
+
+def sparse_mixer_lm(mean_gate=False):
+    torch.manual_seed(0)
+    return MoELM(lambda: SparseMixerMoE(64, 32, 4, mean_gate)).eval()
 
 
 def unfused_lm():

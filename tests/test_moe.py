@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 import depgraph
 from depgraph import PlanError
 from moe_archs import (MOE_CONFIGS, VOCAB, argmax_grouped_lm, biased_router_lm, build_moe, dense_scatter_lm, ids,
-                       sigmoid_lm, unfused_lm)
+                       sigmoid_lm, sparse_mixer_lm, unfused_lm)
 
 IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
 
@@ -299,11 +299,13 @@ def test_choice_bias_from_a_non_persistent_buffer_is_refused():
     assert any("non-persistent buffer moes.0.choice_bias" in r for b in graph.blocked for r in b["reasons"])
 
 
-def test_top_k_scattered_into_a_constant_canvas_is_routed():
-    """Llama-4-style dense routing weights (top-k scores scattered into full_like(logits, -inf), then sigmoid, every
-    expert run on every token): the canvas's dim is the expert dim; whole experts and per-expert neurons: removal
-    equals masking; fewer experts left than top_k is refused."""
-    model = dense_scatter_lm()
+@pytest.mark.parametrize("canvas", ["fill", "logits"])
+def test_top_k_scattered_into_a_canvas_over_the_experts_is_routed(canvas):
+    """Llama-4-style dense routing weights (top-k scores scattered into full_like(logits, -inf) or into a copy of
+    the logits, then sigmoid; every expert run on every token and the outputs summed over the experts): the
+    canvas's dim is the expert dim, the sum over it exact (a removed expert's output is zero); whole experts and
+    per-expert neurons: removal equals masking; fewer experts left than top_k is refused."""
+    model = dense_scatter_lm(canvas)
     x = ids(4)
     graph = depgraph.trace(model, (ids(),))
     groups = graph.groups("experts")
@@ -318,12 +320,36 @@ def test_top_k_scattered_into_a_constant_canvas_is_routed():
         depgraph.Plan.from_units(graph, {groups[0].id: [0, 1, 3]})
 
 
-def test_top_k_scattered_into_the_logits_is_refused():
-    """Scattered into a copy of the logits, an unchosen expert's column is its own logit, not one constant:
-    the expert dim is blocked with the op."""
-    graph = depgraph.trace(dense_scatter_lm("logits"), (ids(),))
-    assert not graph.groups("experts")
-    assert any("scatter_" in r and "not a constant fill" in r for b in graph.blocked for r in b["reasons"])
+def test_max_then_max_of_the_rest_is_a_top_2_routing_site():
+    """PhiMoE-style sparse mixer: the max logit, then the max once it is scattered to -inf (under no_grad), each
+    weighted by a softmax over -inf-masked logits: a top-2 routing site; removal equals masking for whole experts
+    and per-expert neurons, and leaving one expert is refused."""
+    model = sparse_mixer_lm()
+    x = ids(7)
+    graph = depgraph.trace(model, (ids(),))
+    groups = graph.groups("experts")
+    assert [g.layer for g in groups] == [0, 1] and all(g.exact for g in groups)
+    assert all(g.routing["top_k"] == 2 for g in groups)
+    neurons = [g for g in graph.groups() if g.exact and g.kind != "experts" and g.layer is not None]
+    assert [g.layer for g in neurons] == [0, 1]
+    for units in ({g.id: [1, 2] for g in groups}, {groups[0].id: [0], neurons[1].id: list(range(0, 32, 4))}):
+        _removal_equals_masking(model, graph, units, x)
+    with pytest.raises(PlanError, match=r"top_k=2"):
+        depgraph.Plan.from_units(graph, {groups[0].id: [0, 1, 2]})
+
+
+def test_a_mean_over_the_experts_after_routing_is_not_exact():
+    """A reduction over the expert dim after the top-k (here a mean of the router probabilities, which changes with
+    the number of experts) makes the experts group inexact, even though the dim was blocked for routing then."""
+    model = sparse_mixer_lm(mean_gate=True)
+    graph = depgraph.trace(model, (ids(),))
+    groups = graph.groups("experts")
+    assert groups and not any(g.exact for g in groups)
+    assert all(any("aten.mean" in r for r in g.inexact_reasons) for g in groups)
+    plan = depgraph.Plan.from_units(graph, {groups[0].id: [1]})  # and indeed: removal differs from masking
+    x = ids(3)
+    masked = _logits(depgraph.mask(copy.deepcopy(model), plan), x)
+    assert not torch.allclose(_logits(depgraph.shrink(copy.deepcopy(model), plan), x), masked, atol=1e-4)
 
 
 def test_grouped_mm_with_unrouted_groups_prunes_expert_neurons_only():

@@ -36,6 +36,7 @@ class ExpertValues:
 
     kind: str
     experts: object
+    k: int = 0  # indices of routing sites: how many distinct experts each token's indices name (0: unknown)
 
 
 @dataclass
@@ -51,6 +52,7 @@ class RoutingSite:
     reason: str  # the block reason the expert dim carries until an experts group claims it
     chain: tuple  # (op, module path) of every op from the router's linear to the top-k
     correction: tuple = ()  # tensors added to the router probabilities to choose (set to -inf to mask an expert)
+    exact_over: tuple = ()  # (op, module path) of softmaxes over E of the -inf-masked logits after the router
 
 
 GROUPED_MM_ALIGN = 8  # grouped_mm kernels need 16-byte strides: 8 elements in bf16/fp16
@@ -144,22 +146,23 @@ def _router_chain(ctx, x, experts):
 
     nodes, node = [], x
     while len(nodes) < 32:
+        node = _outer(ctx, node)
         if not isinstance(node, torch.fx.Node) or node.op != "call_function":
-            return None, "top-k input does not come from a linear layer", ()
+            return None, "top-k input does not come from a linear layer", (), 0
         nodes.append(node)
         if op_name(node.target) == "linear":
             break
         node = node.args[0]
     else:
-        return None, "too many ops between the router and the top-k", ()
+        return None, "too many ops between the router and the top-k", (), 0
     linear = nodes[-1]
     w = linear.args[1]
     w = _uncast(w)  # ``self.weight.type(torch.float32)`` on an fp32 weight: the parameter itself at run time
     if not ctx.is_parameter(w):
-        return None, "the router's weight is not a parameter", ()
+        return None, "the router's weight is not a parameter", (), 0
     if not _same_space(ctx.store, ctx.lay(linear)[-1], experts):
-        return None, "top-k dim is not the router's output dim", ()
-    state, correction = "logits", ()
+        return None, "top-k dim is not the router's output dim", (), 0
+    state, correction, taken = "logits", (), 0
     for node in reversed(nodes[:-1]):
         op = op_name(node.target)
         tensors = [a for a in node.args if ctx.is_tensor(a)]
@@ -175,7 +178,7 @@ def _router_chain(ctx, x, experts):
             if op != "sigmoid":
                 src = node.args[0]
                 if not _same_space(ctx.store, ctx.lay(src)[node.args[1] % len(ctx.lay(src))], experts):
-                    return None, f"aten.{op} over another dim between the router and the top-k", ()
+                    return None, f"aten.{op} over another dim between the router and the top-k", (), 0
             state = "logits" if op in ("log_softmax", "_log_softmax") else "probabilities"
             continue
         if state == "probabilities" and op == "add" and tensors and tensors[0] is node.args[0] and others:
@@ -186,8 +189,20 @@ def _router_chain(ctx, x, experts):
                 continue
         if state == "choice" and op == "masked_fill" and _minus_inf(ctx, node):
             continue
-        return None, f"aten.{op} on router {state} before the top-k", ()
-    return linear, tuple((op_name(n.target), module_path(n)) for n in reversed(nodes)), correction
+        if state == "logits" and op == "scatter" and _minus_inf(ctx, node) and \
+                (info := values_of(ctx.flow, _outer(ctx, node.args[2]))) is not None and info.kind == "index" \
+                and info.k and _same_space(ctx.store, ctx.lay(node)[node.args[1] % len(ctx.lay(node))], experts):
+            taken += info.k  # the experts an earlier top-k chose, taken out: this one chooses among the others
+            continue
+        return None, f"aten.{op} on router {state} before the top-k", (), 0
+    return linear, tuple((op_name(n.target), module_path(n)) for n in reversed(nodes)), correction, taken
+
+
+def _outer(ctx, node):
+    """A higher-order op's body placeholder stands for the op's argument (rules.control)."""
+    while isinstance(node, torch.fx.Node) and node.op == "placeholder" and node in ctx.flow.outer:
+        node = ctx.flow.outer[node]
+    return node
 
 
 _STORED_VIEWS = ("unsqueeze", "squeeze", "view", "reshape", "_unsafe_view", "to", "type_as", "expand")
@@ -220,9 +235,53 @@ def _stored_tensor(ctx, node, experts):
 
 
 def _minus_inf(ctx, node) -> bool:
-    """Whether ``masked_fill`` node fills ``-inf`` (a masked expert stays ``-inf``)."""
-    value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value")
+    """Whether a ``masked_fill`` / ``scatter`` node writes the scalar ``-inf`` (a masked expert stays ``-inf``)."""
+    at = 3 if op_name(node.target) == "scatter" else 2
+    value = node.args[at] if len(node.args) > at else node.kwargs.get("value")
     return isinstance(value, float) and value == float("-inf")
+
+
+def _site(ctx, x, experts, k, largest, what):
+    """Make the top-k (or top-1) over ``x``'s expert dim a routing site when ``x`` is router logits, else block
+    the dim; either way its indices are expert values (set by the caller). Returns the site or None."""
+    from ..dimflow import module_path
+
+    linear, chain, correction, taken = _router_chain(ctx, x, experts) if largest else (None, "smallest-k", (), 0)
+    ctx.flow.moe_modules.update((ctx.where, ctx.where.rpartition(".")[0]))  # the router and the block calling it
+    if linear is None:
+        ctx.block(experts, f"data moved along the dim by aten.{ctx.op} ({chain})")
+        return None
+    reason = ctx.reason(f"routed by {what}: prunable only as whole experts")
+    ctx.store.block(experts, reason)
+    names = tuple(ctx.parameter_name(a) for a in map(_uncast, linear.args[1:3]) if ctx.is_parameter(a))
+    site = RoutingSite(experts, k + taken, ctx.where, module_path(linear), names, reason, chain, correction,
+                       _softmaxes_after(linear))
+    ctx.flow.routing.append(site)
+    return site
+
+
+def _softmaxes_after(linear) -> tuple:
+    """(op, module path) of every softmax over the last dim reached from the router's logits through ops that keep
+    a masked expert's ``-inf`` (casts, views, ``masked_fill``/``scatter`` of ``-inf`` into them): its masked entry
+    is 0 and the others are renormalised as if it were absent, so it is exact over the experts."""
+    from ..dimflow import module_path
+
+    out, todo, seen = [], [linear], set()
+    while todo:
+        node = todo.pop()
+        for u in node.users:
+            if u in seen or u.op != "call_function" or not u.args or u.args[0] is not node:
+                continue
+            seen.add(u)
+            op = op_name(u.target)
+            if op in _SOFTMAX and len(u.args) > 1 and isinstance(u.args[1], int) and \
+                    u.args[1] % node.meta["val"].dim() == node.meta["val"].dim() - 1:
+                out.append((op, module_path(u)))
+            elif (op in ("masked_fill", "scatter") and _minus_inf(None, u)) or \
+                    (op in _KEEP_MINUS_INF and op not in ("view", "reshape", "_unsafe_view", "flatten", "squeeze",
+                                                          "unsqueeze")):
+                todo.append(u)
+    return tuple(out)
 
 
 @rule("topk")
@@ -241,20 +300,88 @@ def topk(ctx):
     out = lay[:dim] + [ctx.fresh((k,), "top-k slots")[0]] + lay[dim + 1:]
     if experts is None:
         return [tuple(out), tuple(out)]
-    linear, chain, correction = _router_chain(ctx, x, experts) if largest else (None, "smallest-k", ())
-    ctx.flow.values[(ctx.node, 1)] = ExpertValues("index", experts)  # what they index is coupled either way
-    ctx.flow.moe_modules.update((ctx.where, ctx.where.rpartition(".")[0]))  # the router and the block calling it
-    if linear is None:
-        ctx.block(experts, f"data moved along the dim by aten.topk ({chain})")
-        return [tuple(out), tuple(out)]
-    from ..dimflow import module_path
-
-    reason = ctx.reason("routed by top-k: prunable only as whole experts")
-    ctx.store.block(experts, reason)
-    names = tuple(ctx.parameter_name(a) for a in map(_uncast, linear.args[1:3]) if ctx.is_parameter(a))
-    ctx.flow.routing.append(RoutingSite(experts, k, ctx.where, module_path(linear), names, reason, chain,
-                                        correction))
+    site = _site(ctx, x, experts, k, largest, "top-k")
+    ctx.flow.values[(ctx.node, 1)] = ExpertValues("index", experts, k if site else 0)
     return [tuple(out), tuple(out)]
+
+
+@rule("max")
+def max_(ctx):
+    """values, indices = max(x, dim, keepdim): over router logits, with its indices used, a top-1 routing site
+    (its values are the largest logit: a masked expert's -inf never is); any other max is a reduction."""
+    from .norm import reduce
+
+    used = any(u.target is operator.getitem and u.args[1] == 1 for u in ctx.node.users)
+    if not (ctx.has_arg("dim") and ctx.has_arg("keepdim") and isinstance(ctx.arg(1, "dim"), int) and used):
+        return reduce(ctx)
+    x, keep = ctx.arg(0, "self"), ctx.arg(2, "keepdim")
+    lay = list(ctx.lay(x))
+    dim = ctx.arg(1, "dim") % len(lay)
+    experts = lay[dim]
+    if experts is None or _router_chain(ctx, x, experts)[0] is None:
+        return reduce(ctx)
+    site = _site(ctx, x, experts, 1, True, "max")
+    ctx.flow.values[(ctx.node, 1)] = ExpertValues("index", experts, 1 if site else 0)
+    out = lay[:dim] + ([None] if keep else []) + lay[dim + 1:]
+    return [tuple(out), tuple(out)]
+
+
+# -- sums over the experts ---------------------------------------------------------------------------
+_ZERO_VIEWS = ("view", "reshape", "_unsafe_view", "flatten", "clone", "contiguous", "alias", "detach", "to",
+               "_to_copy", "type_as", "transpose", "permute", "t", "squeeze", "unsqueeze", "expand", "chunk",
+               "split", "split_with_sizes", "unbind")
+_ZERO_AT_ZERO = ("silu", "gelu", "relu", "relu6", "tanh", "neg", "leaky_relu", "hardtanh")  # f(0) == 0
+_PRODUCTS = ("mul", "bmm", "matmul", "mm")
+
+
+def _over(store, lay, leaves) -> bool:
+    return any(set(store.leaves(lo)) & leaves for lo in (lay or ()) if lo is not None)
+
+
+def _zero_at_removed(flow, node, leaves, depth=0) -> bool:
+    """Is ``node``'s slice at a removed expert (a unit of the expert dim ``leaves``) zero once the experts are
+    masked? True for a parameter over that dim (masking zeroes it), a product with such a factor along the
+    dim (``bmm`` by the experts' zeroed down projection), views of it, f(0) = 0 activations and sums of them."""
+    node = flow.outer.get(node, node)
+    if not isinstance(node, torch.fx.Node) or depth > 64:
+        return False
+    lay = flow.env.get(node)
+    lays = [lay] if isinstance(lay, tuple) else [t for t in lay or () if isinstance(t, tuple)]
+    if not any(_over(flow.store, t, leaves) for t in lays):  # a slice along the dim: the tensor has the dim
+        return False
+    if node.op == "placeholder":
+        return node.name in flow.cap.params
+    if node.op != "call_function":
+        return False
+    op = op_name(node.target)
+    if node.target is operator.getitem or op in _ZERO_VIEWS + _ZERO_AT_ZERO:
+        return _zero_at_removed(flow, node.args[0], leaves, depth + 1)
+    tensors = [a for a in node.args if isinstance(a, torch.fx.Node)]
+    if op in _PRODUCTS:  # one zero factor over the dim
+        return any(_zero_at_removed(flow, a, leaves, depth + 1) for a in tensors)
+    if op in ("add", "sub"):
+        return bool(tensors) and all(_zero_at_removed(flow, a, leaves, depth + 1) for a in tensors)
+    return False
+
+
+@rule("sum")
+def sum_(ctx):
+    """A sum: a reduction (rules.norm), exact over a routed expert dim when the summed tensor's slice at a removed
+    expert is zero (every expert run on every token, the outputs added up: removing one adds nothing)."""
+    from .norm import reduce
+
+    src = ctx.arg(0, "self")
+    lay = ctx.lay(src)
+    dims = ctx.arg(1, "dim") if ctx.has_arg("dim") else None
+    dims = range(len(lay)) if dims in (None, []) else [dims] if isinstance(dims, int) else dims
+    routed = {c for site in ctx.flow.routing for c in ctx.store.leaves(site.experts)}
+    reason = ctx.reason(f"reduced over by aten.{ctx.op}")
+    exact = [c for d in dims for c in ctx.store.leaves(lay[d % len(lay)]) if c in routed and reason not in c.inexact]
+    out = reduce(ctx)
+    if exact and _zero_at_removed(ctx.flow, src, set(exact)):
+        for c in exact:
+            c.inexact.remove(reason)
+    return out
 
 
 # -- ops that read expert values -------------------------------------------------------------------
@@ -401,22 +528,15 @@ def value_index_select(ctx, infos, fallback):
 
 
 
-_CONSTANT_FILLS = ("full_like", "zeros_like", "ones_like", "new_full", "new_zeros", "new_ones", "full", "zeros",
-                   "ones")
-
-
 @routed_rule("scatter", "scatter_")
 def value_scatter(ctx, infos, fallback):
-    """out = canvas.scatter(dim, ids, src), ids expert indices along the canvas's dim ``dim`` (dense routing
-    weights: the top-k scores written into a ``full_like(logits, -inf)``): that dim is E, the other dims
-    are the canvas's. The canvas must be one constant fill used by nothing else: a removed expert is never
-    chosen, so its column holds the fill, the same value every unchosen expert's column holds."""
+    """out = canvas.scatter(dim, ids, src or value), ids expert indices along the canvas's dim ``dim`` (dense
+    routing weights: the top-k scores written into ``full_like(logits, -inf)``; a chosen expert set to -inf
+    before choosing the next): that dim is E, the other dims are the canvas's. A removed expert is never
+    chosen, so its column is the canvas's own column, as through an elementwise op."""
     canvas, dim, ids = ctx.arg(0, "self"), ctx.arg(1, "dim"), ctx.arg(2, "index")
     if canvas in infos or ids not in infos or infos[ids].kind != "index" or len(infos) != 1:
-        raise Unrouted(f"aten.{ctx.op} of expert indices other than into a canvas over the experts")
-    if not (isinstance(canvas, torch.fx.Node) and canvas.op == "call_function"
-            and op_name(canvas.target) in _CONSTANT_FILLS and len(canvas.users) == 1):
-        raise Unrouted(f"aten.{ctx.op} of routed scores into a tensor that is not a constant fill")
+        raise Unrouted(f"aten.{ctx.op} of expert indices other than into a tensor over the experts")
     lay, shp = ctx.lay(canvas), ctx.shape(canvas)
     dim %= len(shp)
     ctx.unify(lay[dim], infos[ids].experts)
@@ -430,6 +550,21 @@ def value_scatter(ctx, infos, fallback):
             if d != dim:
                 ctx.unify(al[d], lay[d])
     return tuple(lay)
+
+
+@routed_rule("cat", "concat", "concatenate")
+def value_cat(ctx, infos, fallback):
+    """Expert indices side by side (a first and a second choice): still indices of the same experts, naming
+    as many experts per token as the parts together."""
+    tensors = [t for t in ctx.arg(0, "tensors") if ctx.is_tensor(t)]
+    parts = [infos.get(t) for t in tensors]
+    if any(p is None or p.kind != "index" for p in parts) or \
+            any(not _same_space(ctx.store, p.experts, parts[0].experts) for p in parts):
+        raise Unrouted(f"aten.{ctx.op} of expert indices with other tensors")
+    out = fallback(ctx)
+    k = sum(p.k for p in parts) if all(p.k for p in parts) else 0
+    ctx.flow.values[ctx.node] = ExpertValues("index", parts[0].experts, k)
+    return out
 
 
 @routed_rule("gather")

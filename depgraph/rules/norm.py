@@ -22,8 +22,8 @@ def _dims(arg, ndim):
     return [d % ndim for d in arg]
 
 
-@rule("mean", "sum", "amax", "amin", "var", "std", "var_mean", "std_mean", "linalg_vector_norm", "norm",
-      "logsumexp", "prod", "argmax", "argmin", "max", "min", "any", "all", "nansum", "nanmean")
+@rule("mean", "amax", "amin", "var", "std", "var_mean", "std_mean", "linalg_vector_norm", "norm",
+      "logsumexp", "prod", "argmax", "argmin", "min", "any", "all", "nansum", "nanmean")  # max, sum: rules.moe
 def reduce(ctx):
     if ctx.has_arg("other"):  # max.other / min.other are elementwise
         from .elementwise import broadcast
