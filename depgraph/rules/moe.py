@@ -13,7 +13,15 @@ kept in ``flow.values``). The ops that read them couple E with the dims they sel
 - ``histc(ids, bins=|E|, min=0, max=|E|-1)``: per-expert counts along E; ``cumsum`` of them: offsets;
 - ``grouped_mm(x, W, offs)`` with such offsets: W's dim 0 is E, x's last dim is W's dim 1;
 - views, casts, clones and ``sort`` keep the values expert indices (renumbering the experts that stay
-  keeps their order, so sorted order and groups are unchanged).
+  keeps their order, so sorted order and groups are unchanged), and so does ``cat`` of expert indices;
+- ``scatter(canvas, E, ids, src or value)``: the canvas's dim is E (a removed expert is never chosen, so its
+  column is the canvas's own).
+
+A ``max`` over router logits whose indices are used is a top-1 routing site; a top-k or max over logits in
+which earlier choices were scattered to ``-inf`` chooses among the others (its site counts them in top_k). A
+``sum`` over E is exact when a removed expert's slice of the summand is zero (every expert run on every
+token, its output a product with its zeroed weights); a grouped matmul whose groups are not routed experts
+keeps its in/out channels and blocks only its group dim.
 
 Any other op reading expert indices blocks E with its name and module path: the proof covers only what
 these rules understand. Removal equals masking for whole experts when masking an expert means: zero its
@@ -136,12 +144,14 @@ def _router_chain(ctx, x, experts):
     log-softmax keep it; a parameter or persistent buffer added to logits is sliced with the experts when it
     spans E); softmax or sigmoid over E turn it into ``0`` with the others positive and
     renormalised as if it were absent; after that only casts, views and positive scaling are allowed. A
-    parameter or buffer added to the probabilities (DeepSeek-V3's score correction bias; shape [E] or
-    [1, E]) would make a masked
-    expert selectable again, unless masking also sets its entry to ``-inf``: such a tensor is returned as the
+    parameter or buffer added to the probabilities (DeepSeek-V3's score correction bias; shape [E] or [1, E])
+    would make a masked expert selectable again, unless masking also sets its entry to ``-inf``: such a
+    tensor is returned as the
     site's ``correction`` (masked with ``-inf``, sliced like the router rows), after which the values are
     "choice" scores where a masked expert is ``-inf`` again, kept by casts, views, positive scaling and
-    ``masked_fill(..., -inf)`` (group-limited routing's mask). Returns ``(linear, chain, correction)``."""
+    ``masked_fill(..., -inf)`` (group-limited routing's mask). Logits with an earlier routing's choices
+    scattered to ``-inf`` keep a masked expert ``-inf``; those choices are counted (``taken``): this top-k
+    needs that many more experts left. Returns ``(linear, chain, correction, taken)``."""
     from ..dimflow import module_path
 
     nodes, node = [], x
