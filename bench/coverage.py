@@ -17,7 +17,7 @@ What a layer *runs* is decided by forward hooks and a torch-function mode during
 depgraph's answer: a layer runs softmax attention when a ``scaled_dot_product_attention``/``flex_attention`` call,
 or a softmax over a ``[..., T, S]`` score tensor with ``T`` the sequence length, happens inside it; it has a
 feed-forward block when a sub-module named or typed like one (``mlp``, ``ffn``, ``feed_forward``, ``moe``, ...)
-runs in it; the block is MoE when that sub-module holds 3-D expert weights or an ``experts`` module list. These
+runs in it; the block is MoE when that sub-module holds 3-D expert weights (every dim above 1) or an ``experts`` module list. These
 name tables live here, in the benchmark, never in depgraph's core.
 
 Usage: ``PYTHONPATH=$PWD python bench/coverage.py [--only llama,mixtral] [--out DIR] [--jobs 2] [--timeout 60]``
@@ -300,7 +300,9 @@ def _is_ffn(model, path, prefix) -> bool:
 def _is_moe(mod) -> bool:
     import torch
 
-    if any(p.dim() == 3 for p in mod.parameters()):
+    # a 3-D bank of experts [E, a, b]; a [1, 1, H] mixing vector (RWKV's time_mix_*) or a depthwise conv's
+    # [C, 1, k] weight is not one
+    if any(p.dim() == 3 and min(p.shape) > 1 for p in mod.parameters()):
         return True
     return any(isinstance(m, torch.nn.ModuleList) and re.search(r"experts?$", n or "", re.I)
                for n, m in mod.named_modules())

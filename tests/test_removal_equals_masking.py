@@ -128,3 +128,54 @@ def test_attention_free_language_model_has_hidden_and_mlp_groups():
         masked = depgraph.mask(copy.deepcopy(model), plan)(x)
         shrunk = depgraph.shrink(copy.deepcopy(model), plan)(x)
     torch.testing.assert_close(shrunk, masked, rtol=0, atol=1e-5)
+
+
+class _MixFFN(torch.nn.Module):
+    """An attention-free block (RWKV/xLSTM-like): a [1, 1, H] token-shift mix, a stale width attribute on the
+    residual stream, and a ReLU feed-forward."""
+
+    def __init__(self, hidden=16, inner=24):
+        super().__init__()
+        self.hidden_width = hidden  # no fixer rewrites it: the residual stream is blocked, the neurons are not
+        self.norm = torch.nn.LayerNorm(hidden)
+        self.mix = torch.nn.Parameter(torch.rand(1, 1, hidden))
+        self.up = torch.nn.Linear(hidden, inner)
+        self.down = torch.nn.Linear(inner, hidden)
+
+    def forward(self, x):
+        h = self.norm(x)
+        shifted = torch.nn.functional.pad(h, (0, 0, 1, -1))
+        h = h * self.mix + shifted * (1 - self.mix)
+        return x + self.down(torch.relu(self.up(h)))
+
+
+class _MixLM(torch.nn.Module):
+    def __init__(self, vocab=32, hidden=16, layers=2):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.blocks = torch.nn.ModuleList(_MixFFN(hidden) for _ in range(layers))
+        self.head = torch.nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for b in self.blocks:
+            h = b(h)
+        return self.head(h)
+
+
+def test_attention_free_mlp_groups_survive_a_blocked_residual_stream():
+    """RWKV/xLSTM: a stale width attribute blocks the residual stream, not the layers' ``mlp`` neurons."""
+    torch.manual_seed(0)
+    model = _MixLM().eval()
+    x = torch.randint(0, 32, (2, 6))
+    graph = depgraph.trace(model, (x,))
+    assert not graph.groups("channels")
+    mlp = graph.groups("mlp")
+    assert sorted(g.layer for g in mlp) == [0, 1] and all(g.exact and g.num_units == 24 for g in mlp)
+    assert any("hidden_width" in r for b in graph.blocked for r in b["reasons"])  # the residual stream
+    for seed in range(2):
+        plan = depgraph.Plan.random(graph, 0.5, seed=seed, kinds=("mlp",))
+        with torch.no_grad():
+            masked = depgraph.mask(copy.deepcopy(model), plan)(x)
+            shrunk = depgraph.shrink(copy.deepcopy(model), plan)(x)
+        torch.testing.assert_close(shrunk, masked, rtol=0, atol=1e-5)
