@@ -13,7 +13,7 @@ from .capture import Capture, capture
 from .dimflow import DimFlow, propagate
 from .groups import Group, Member
 from .layout import Prod, Space
-from .reads import tagged_reads
+from .reads import Reads, follows_call, tagged_reads
 from .rules import op_name
 from .rules.moe import GROUPED_MM_ALIGN
 
@@ -491,13 +491,26 @@ def read_attributes(model, example_inputs, cap, flow) -> set:
             if n is None or repr(n.args) != repr(nodes[lit.node].args):
                 stale.update(a for a in lit.attributes if a.rpartition(":")[2] == name)
     if confirm:
-        reads = tagged_reads(model, example_inputs, {lit.module for lit in confirm}) or {}
+        paths = {lit.module for lit in confirm}
+        reads = tagged_reads(model, example_inputs, paths) or Reads()
         for lit in confirm:
             seen = reads.get(lit.source, ())
-            names = {a.rpartition(":")[2] for a in lit.attributes if _owned(a, lit.module)} or \
-                {a.rpartition(":")[2] for a in lit.attributes}  # unowned: is it the (unrewritten) attribute at all?
-            lit.unread = not any(v == lit.value and (name in names or _follows_counts(name)) for name, v in seen)
+            accept = _accepts(lit)
+            lit.unread = not any(v == lit.value and accept(name) for name, v in seen) and \
+                not follows_call(reads, nodes[lit.node], lit.value, accept)
+        unread = [lit for lit in confirm if lit.unread]
+        sized = tagged_reads(model, example_inputs, paths, sizes=True) if unread else None
+        for lit in unread if sized is not None else ():  # a merge of its own input's dims follows that input
+            lit.unread = not follows_call(sized, nodes[lit.node], lit.value, _accepts(lit))
     return stale
+
+
+def _accepts(lit):
+    """Which tag names ``lit`` is seen to be: one of its module's attributes shrink rewrites, or a product following
+    counts; for a literal no rewritten attribute holds, any attribute it equals (is it that attribute at all?)."""
+    names = {a.rpartition(":")[2] for a in lit.attributes if _owned(a, lit.module)} or \
+        {a.rpartition(":")[2] for a in lit.attributes}
+    return lambda name: name in names or _follows_counts(name)
 
 
 def _follows_counts(product: str) -> bool:
@@ -506,6 +519,8 @@ def _follows_counts(product: str) -> bool:
     from .shrink import ATTENTION_ATTRIBUTES
 
     factors = product.split("*")
+    if any(not (f.isidentifier() or f.isdigit()) or f == "other" for f in factors):  # a size a tensor reported
+        return False
     kinds = [ATTENTION_ATTRIBUTES.get(f) for f in factors]
     return len(factors) > 1 and sum(k in ("heads", "kv") for k in kinds) == 1 and \
         all(k in (None, "heads", "kv") for k in kinds)

@@ -6,6 +6,12 @@ tagged int, the model-code line making the call and the ``(name, value)`` pairs 
 exported graph is then known to *be* that attribute when its op's line shows the pair; arithmetic on a tagged int
 gives a plain int (except a product, which names its factors: ``num_heads*head_dim``), so a value computed
 otherwise or read off a tensor's shape shows nothing.
+
+A size passed through a helper method (``self._merge_heads(x, self.num_heads, self.head_dim)``) is recorded on
+every model-code line of the call's stack, with the call's int arguments: the exported node names only the
+forward's line, so the op is found again there by its sizes (:func:`follows_call`). A second export can also tag
+the sizes tensors report (``x.size(-1)``): a merge sized by the product of the very dims of the tensor it reshapes
+(``x.view(*x.size()[:-2], x.size(-2) * x.size(-1))``) follows that tensor when it shrinks.
 """
 from __future__ import annotations
 
@@ -13,6 +19,8 @@ import inspect
 import logging
 import os
 import re
+from dataclasses import dataclass, field
+from math import prod
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -58,39 +66,112 @@ def _tags(obj, out: set) -> None:
         _tags((obj.start, obj.stop, obj.step), out)
 
 
-def _caller_line():
-    """(file, line) of the innermost frame outside torch: the model code making the call."""
+def _model_frames():
+    """(file, line) of every frame outside torch (and this module), innermost first: the model code making a call."""
+    out = []
     f = inspect.currentframe().f_back.f_back
-    while f is not None and f.f_code.co_filename.startswith(_TORCH_DIR):
+    while f is not None:
+        name = f.f_code.co_filename
+        if not name.startswith(_TORCH_DIR) and name != __file__:
+            out.append((name, f.f_lineno))
         f = f.f_back
-    return (f.f_code.co_filename, f.f_lineno) if f is not None else None
+    return out
+
+
+def _ints(obj, out: list) -> None:
+    """The ints of a call's arguments in order (tensors and bools skipped): its size signature."""
+    if isinstance(obj, int) and not isinstance(obj, bool):
+        out.append(obj)
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            _ints(o, out)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            _ints(o, out)
+
+
+def signature(args) -> tuple:
+    """The ints of an fx node's (or a torch call's) arguments, in order."""
+    out: list = []
+    _ints(args, out)
+    return tuple(int(v) for v in out)
+
+
+_SIZE_GETTERS = (torch.Tensor.size, torch.Tensor.shape.__get__)
+_RESHAPES = ("view", "reshape", "_unsafe_view")
+
+
+@dataclass
+class Reads:
+    """What one tagged export saw. ``lines``: {(file, line): {(attribute, value)}} at the innermost model line of
+    each call; ``calls``: {(file, line): [(ints, tags)]} for every call with int arguments, on every model line of
+    its stack, ``tags`` naming per int the attribute (product) it is or ``self:D`` / ``other`` for a size a
+    tensor reported (``self``: dim D of the call's own first tensor)."""
+
+    lines: dict = field(default_factory=dict)
+    calls: dict = field(default_factory=dict)
+
+    def get(self, key, default=()):
+        return self.lines.get(key, default)
 
 
 class _Recorder(TorchFunctionMode):
-    def __init__(self):
+    def __init__(self, sizes: bool = False):
         super().__init__()
-        self.reads: dict = {}
+        self.reads = Reads()
+        self.sizes = sizes
+        self.sized: dict = {}  # id -> tensor whose sizes were tagged (kept alive: no id is reused)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.sizes and func in _SIZE_GETTERS and args and isinstance(args[0], torch.Tensor):
+            return self._tag_sizes(args[0], func(*args, **kwargs), args[1:], kwargs)
         found: set = set()
         _tags(args, found)
         _tags(kwargs, found)
-        if found:
-            self.reads.setdefault(_caller_line(), set()).update(found)
+        frames = _model_frames()
+        if found and frames:
+            self.reads.lines.setdefault(frames[0], set()).update(found)
+        ints: list = []
+        _ints((args, kwargs), ints)
+        if ints and frames:
+            own = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            entry = (tuple(int(v) for v in ints), tuple(self._tag_of(v, own) for v in ints))
+            for frame in dict.fromkeys(frames):
+                self.reads.calls.setdefault(frame, []).append(entry)
         return func(*args, **kwargs)
 
+    def _tag_sizes(self, t, out, args, kwargs):
+        self.sized[id(t)] = t
+        if isinstance(out, int):
+            d = (args[0] if args else kwargs.get("dim", 0)) % t.dim()
+            return Tagged(out, f"@{id(t)}:{d}")
+        return torch.Size([Tagged(int(n), f"@{id(t)}:{d}") for d, n in enumerate(out)])
 
-def tagged_reads(model, example_inputs, paths) -> dict | None:
-    """{(file, line): {(attribute name, value)}} for one export of ``model`` with every int attribute of the
-    modules at ``paths`` tagged; None when that export fails."""
+    @staticmethod
+    def _tag_of(v, own):
+        name = getattr(v, "attribute", None)
+        if name is None or "@" not in name:
+            return name
+        parts = []
+        for f in name.split("*"):
+            if f.startswith("@"):
+                key, _, d = f[1:].partition(":")
+                f = f"self:{d}" if own is not None and int(key) == id(own) else "other"
+            parts.append(f)
+        return "*".join(parts)
+
+
+def tagged_reads(model, example_inputs, paths, sizes: bool = False) -> Reads | None:
+    """What one export of ``model`` passes to torch with every int attribute of the modules at ``paths`` tagged
+    (and, with ``sizes``, every size a tensor reports); None when that export fails."""
     def tag(twin):
         for path, mod in twin.named_modules():
             if path in paths:
                 for name, v in list(vars(mod).items()):
                     if type(v) is int:
                         setattr(mod, name, Tagged(v, name))
-    rec = _Recorder()
+    rec = _Recorder(sizes)
     quiet = logging.getLogger("torch._subclasses.fake_tensor")
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)
@@ -102,6 +183,49 @@ def tagged_reads(model, example_inputs, paths) -> dict | None:
     finally:
         quiet.setLevel(level)
     return rec.reads
+
+
+def merged_dims(in_shape, out_shape, i: int) -> set | None:
+    """The input dims (of size > 1) a reshape from ``in_shape`` merges into output dim ``i``; None when that dim
+    is not a whole run of input dims (a split)."""
+    lo, hi = prod(out_shape[:i]), prod(out_shape[:i + 1])
+    bounds = [prod(in_shape[:d]) for d in range(len(in_shape) + 1)]
+    if lo not in bounds or hi not in bounds:
+        return None
+    return {d for d, n in enumerate(in_shape) if n > 1 and bounds[d] >= lo and bounds[d + 1] <= hi}
+
+
+def follows_call(reads: Reads, node, value: int, accept) -> bool:
+    """Whether every torch call on ``node``'s model line with the node's int arguments had, at each position the
+    literal ``value`` holds, a size that follows the pruned space: an attribute (product) ``accept`` takes, or,
+    for a reshape, the product of the very input dims it merges into that position (read off its own input)."""
+    line = source_line(node)
+    sig = signature(node.args)
+    where = [i for i, v in enumerate(sig) if v == value]
+    calls = [tags for ints, tags in reads.calls.get(line, ()) if ints == sig] if line else []
+    if not where or not calls:
+        return False
+    src = node.args[0] if node.args else None
+    in_shape = tuple(src.meta["val"].shape) if hasattr(src, "meta") and "val" in src.meta else None
+    out_val = node.meta.get("val")
+    out_shape = tuple(out_val.shape) if hasattr(out_val, "shape") else None
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or schema.name.partition("::")[2] not in _RESHAPES or in_shape is None or \
+            out_shape is None or prod(in_shape) != prod(out_shape) or len(sig) != len(out_shape):
+        in_shape = None  # not a reshape of its first argument: only attributes can own the literal
+
+    def ok(tag, i):
+        if tag is None:
+            return False
+        if accept(tag):
+            return True
+        factors = tag.split("*")
+        if in_shape is None or not all(f.startswith("self:") for f in factors):
+            return False
+        dims = [int(f[5:]) for f in factors]
+        return len(set(dims)) == len(dims) and merged_dims(in_shape, out_shape, i) == \
+            {d for d in dims if in_shape[d] > 1}
+    return all(ok(tags[i], i) for tags in calls for i in where)
 
 
 def source_line(node):
