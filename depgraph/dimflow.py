@@ -57,6 +57,7 @@ class LiteralSize:
     witnesses: list = field(default_factory=list)  # layouts of the module's inputs of that size: it may be their .size()
     source: tuple | None = None  # (file, line) of the model code emitting the op
     unread: bool = False  # set by graph.read_attributes: the literal did not follow its attribute when it changed
+    proved: bool = False  # set by graph.read_attributes: every call making the op passed a size that follows
 
     def __str__(self) -> str:
         names = ", ".join(a.replace(":", ".") for a in self.attributes[:3]) or "no module attribute"

@@ -35,7 +35,7 @@ def unowned_literals(lits, attention_module, stale=frozenset()) -> list:
     does a literal that also equals an attribute the forward was seen to read (``stale``)."""
     out = []
     for lit in lits:
-        owned = any(_owned(a, attention_module) for a in lit.attributes) and \
+        owned = lit.proved or any(_owned(a, attention_module) for a in lit.attributes) and \
             not any(a in stale for a in lit.attributes)
         if owned and lit.unread:
             reason = f"{lit}: read off a tensor's shape, not the attribute (it did not follow the attribute)"
@@ -453,13 +453,16 @@ def read_attributes(model, example_inputs, cap, flow) -> set:
 
     - A split/slice size equal to both an attribute shrink rewrites (``split_size``) and one it does not
       (``embed_dim``) cannot be told apart by value: each such unrewritten attribute is perturbed (+1, on every
-      module that has it) in one extra export; if the op's arguments change, or the export fails, the forward
-      reads it, and the literal is not owned (returned, as ``path:attr``).
+      module that has it) in one extra export; if the op's arguments change the forward reads it, and the literal
+      is not owned (returned, as ``path:attr``); if that export fails, the literal is owned only when the tagged
+      export below shows every call making the op pass a rewritten attribute at the literal's place.
     - A literal that equals the size of a tensor entering its module (``reshape(b, t, embed_dim)`` with
       ``embed_dim = x.size(-1)``, equal to ``self.embed_dim`` by value) must be seen to be the attribute it equals:
       one export with the attributes tagged (:mod:`depgraph.reads`); a literal whose op's line was not passed the
       attribute is marked ``unread``: not owned, and (a merge, owned or not) its witnesses are blocked, since
-      pruning them would change the size the model code reads off them."""
+      pruning them would change the size the model code reads off them. A merge that a second export, with the
+      sizes tensors report tagged, shows to be the product of its own input's dims follows that input
+      (``proved``)."""
     ambiguous: dict = {}  # attr name -> literals to test against an unrewritten attribute
     confirm = []  # literals whose owning attribute must be seen to be read
     for lit in flow.literals or ():
@@ -471,7 +474,7 @@ def read_attributes(model, example_inputs, cap, flow) -> set:
         if lit.witnesses and (owned or not lit.strict):  # owned or not, a merge may be read off its witnesses
             confirm.append(lit)
     nodes = {n.name: n for n in cap.graph.nodes}
-    stale = set()
+    stale, failed = set(), []
     for name, lits in ambiguous.items():
         def perturb(twin, name=name):
             for mod in twin.modules():
@@ -488,21 +491,51 @@ def read_attributes(model, example_inputs, cap, flow) -> set:
             quiet.setLevel(level)
         for lit in lits:
             n = other.get(lit.node)
-            if n is None or repr(n.args) != repr(nodes[lit.node].args):
+            if not other:  # the perturbed forward broke (StableLM's rotary_ndims sizes its RoPE): no answer
+                failed.append((name, lit))
+            elif n is None or repr(n.args) != repr(nodes[lit.node].args):
                 stale.update(a for a in lit.attributes if a.rpartition(":")[2] == name)
+    paths = {lit.module for lit in confirm} | {lit.module for _, lit in failed}
+    reads = (tagged_reads(model, example_inputs, paths) or Reads()) if paths else Reads()
+    for name, lit in failed:  # settled when every call making the op passed a rewritten attribute there
+        lit.proved = follows_call(reads, nodes[lit.node], lit.value, _owns(lit))
+        if not lit.proved:
+            stale.update(a for a in lit.attributes if a.rpartition(":")[2] == name)
     if confirm:
-        paths = {lit.module for lit in confirm}
-        reads = tagged_reads(model, example_inputs, paths) or Reads()
         for lit in confirm:
             seen = reads.get(lit.source, ())
             accept = _accepts(lit)
-            lit.unread = not any(v == lit.value and accept(name) for name, v in seen) and \
+            lit.proved = follows_call(reads, nodes[lit.node], lit.value, _owns(lit))
+            lit.unread = not lit.proved and not any(v == lit.value and accept(name) for name, v in seen) and \
                 not follows_call(reads, nodes[lit.node], lit.value, accept)
         unread = [lit for lit in confirm if lit.unread]
         sized = tagged_reads(model, example_inputs, paths, sizes=True) if unread else None
         for lit in unread if sized is not None else ():  # a merge of its own input's dims follows that input
-            lit.unread = not follows_call(sized, nodes[lit.node], lit.value, _accepts(lit))
+            node = nodes[lit.node]
+            lit.proved = follows_call(sized, node, lit.value, _owns(lit), _repeated(flow, node))
+            lit.unread = not lit.proved
     return stale
+
+
+def _repeated(flow, node):
+    """``repeated(name, d)``: whether attribute ``name`` is the query-heads-per-kv count and dim ``d`` of ``node``'s
+    input a space grown by ``expand`` (``repeat_kv``'s ``n_rep``), so the attribute sizes that dim."""
+    from .shrink import ATTENTION_ATTRIBUTES
+
+    lays = flow.env.get(node.args[0]) if node.args else None
+
+    def repeated(name, d):
+        if ATTENTION_ATTRIBUTES.get(name) != "q_per_kv" or not isinstance(lays, tuple) or d >= len(lays):
+            return False
+        e = flow.store.expand(lays[d]) if lays[d] is not None else None
+        return isinstance(e, Space) and e.broadcast
+    return repeated
+
+
+def _owns(lit):
+    """Which tag names own ``lit`` (shrink rewrites them): its module's rewritten attributes, counts' products."""
+    owned = {a.rpartition(":")[2] for a in lit.attributes if _owned(a, lit.module)}
+    return lambda name: name in owned or _follows_counts(name)
 
 
 def _accepts(lit):

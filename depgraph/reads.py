@@ -121,6 +121,7 @@ class _Recorder(TorchFunctionMode):
         self.reads = Reads()
         self.sizes = sizes
         self.sized: dict = {}  # id -> tensor whose sizes were tagged (kept alive: no id is reused)
+        self.origin: dict = {}  # id(out) -> (out, its input, {out dim: input dim}) of dim-keeping views
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -139,7 +140,12 @@ class _Recorder(TorchFunctionMode):
             entry = (tuple(int(v) for v in ints), tuple(self._tag_of(v, own) for v in ints))
             for frame in dict.fromkeys(frames):
                 self.reads.calls.setdefault(frame, []).append(entry)
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if self.sizes and args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+            dims = _kept_dims(func, args, out)
+            if dims:
+                self.origin[id(out)] = (out, args[0], dims)
+        return out
 
     def _tag_sizes(self, t, out, args, kwargs):
         self.sized[id(t)] = t
@@ -148,8 +154,7 @@ class _Recorder(TorchFunctionMode):
             return Tagged(out, f"@{id(t)}:{d}")
         return torch.Size([Tagged(int(n), f"@{id(t)}:{d}") for d, n in enumerate(out)])
 
-    @staticmethod
-    def _tag_of(v, own):
+    def _tag_of(self, v, own):
         name = getattr(v, "attribute", None)
         if name is None or "@" not in name:
             return name
@@ -157,9 +162,59 @@ class _Recorder(TorchFunctionMode):
         for f in name.split("*"):
             if f.startswith("@"):
                 key, _, d = f[1:].partition(":")
-                f = f"self:{d}" if own is not None and int(key) == id(own) else "other"
+                mine = self._dims_from(own, int(key)) if own is not None else None
+                e = [o for o, a in (mine or {}).items() if a == int(d)]
+                f = f"self:{e[0]}" if e else "other"
             parts.append(f)
         return "*".join(parts)
+
+    def _dims_from(self, t, key):
+        """{dim of ``t``: dim of the tensor with id ``key``} when that tensor is ``t`` or one it was viewed from
+        through dim-keeping views (indexing with ``None``/full slices, ``expand``, ``unsqueeze``), else None."""
+        dims = {d: d for d in range(t.dim())}
+        for _ in range(16):
+            if id(t) == key:
+                return dims
+            step = self.origin.get(id(t))
+            if step is None or step[0] is not t:
+                return None
+            _, t, kept = step
+            dims = {o: kept[a] for o, a in dims.items() if a in kept}
+        return None
+
+
+def _kept_dims(func, args, out) -> dict | None:
+    """{out dim: input dim} for the dims a view-like call keeps whole from its first argument, or None."""
+    src = args[0]
+    n, m = src.dim(), out.dim()
+    name = getattr(func, "__name__", "")
+    if name in ("expand", "expand_as", "broadcast_to", "contiguous", "clone", "to", "float", "type_as"):
+        off = m - n
+        return {d + off: d for d in range(n) if d + off >= 0 and src.shape[d] == out.shape[d + off]} if off >= 0 \
+            else None
+    if name == "unsqueeze" and len(args) > 1 and isinstance(args[1], int):
+        k = args[1] % m
+        return {d + (d >= k): d for d in range(n)}
+    if name == "__getitem__" and len(args) > 1:
+        idx = args[1] if isinstance(args[1], tuple) else (args[1],)
+        if not all(e is None or e is Ellipsis or (isinstance(e, slice) and e == slice(None)) for e in idx):
+            return None
+        if sum(e is Ellipsis for e in idx) > 1:
+            return None
+        taken = sum(isinstance(e, slice) for e in idx)
+        dims, i, o = {}, 0, 0
+        for e in idx:
+            if e is None:
+                o += 1
+            elif e is Ellipsis:
+                for _ in range(n - taken):
+                    dims[o], i, o = i, i + 1, o + 1
+            else:
+                dims[o], i, o = i, i + 1, o + 1
+        for _ in range(n - i):
+            dims[o], i, o = i, i + 1, o + 1
+        return dims if o == m else None
+    return None
 
 
 def tagged_reads(model, example_inputs, paths, sizes: bool = False) -> Reads | None:
@@ -195,10 +250,12 @@ def merged_dims(in_shape, out_shape, i: int) -> set | None:
     return {d for d, n in enumerate(in_shape) if n > 1 and bounds[d] >= lo and bounds[d + 1] <= hi}
 
 
-def follows_call(reads: Reads, node, value: int, accept) -> bool:
+def follows_call(reads: Reads, node, value: int, accept, repeated=None) -> bool:
     """Whether every torch call on ``node``'s model line with the node's int arguments had, at each position the
     literal ``value`` holds, a size that follows the pruned space: an attribute (product) ``accept`` takes, or,
-    for a reshape, the product of the very input dims it merges into that position (read off its own input)."""
+    for a reshape, the product of the very input dims it merges into that position (read off its own input, or
+    a tensor it was viewed from), times at most one attribute ``repeated(name, dim)`` says sizes the one
+    remaining merged dim (``repeat_kv``: ``reshape(b, kv * self.num_key_value_groups, t, d)``)."""
     line = source_line(node)
     sig = signature(node.args)
     where = [i for i, v in enumerate(sig) if v == value]
@@ -220,11 +277,16 @@ def follows_call(reads: Reads, node, value: int, accept) -> bool:
         if accept(tag):
             return True
         factors = tag.split("*")
-        if in_shape is None or not all(f.startswith("self:") for f in factors):
+        own = [int(f[5:]) for f in factors if f.startswith("self:")]
+        named = [f for f in factors if not f.startswith("self:")]
+        merged = merged_dims(in_shape, out_shape, i) if in_shape is not None else None
+        if merged is None or len(set(own)) != len(own) or not own:
             return False
-        dims = [int(f[5:]) for f in factors]
-        return len(set(dims)) == len(dims) and merged_dims(in_shape, out_shape, i) == \
-            {d for d in dims if in_shape[d] > 1}
+        rest = merged - {d for d in own if in_shape[d] > 1}
+        if not named:
+            return not rest and set(own) <= merged | {d for d in own if in_shape[d] == 1}
+        return len(named) == 1 and len(rest) == 1 and repeated is not None and set(own) <= merged and \
+            repeated(named[0], next(iter(rest)))
     return all(ok(tags[i], i) for tags in calls for i in where)
 
 

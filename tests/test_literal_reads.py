@@ -109,3 +109,75 @@ def test_merge_by_the_attribute_or_minus_one_is_exact(merge):
     masked, shrunk = _masked_and_shrunk(model, graph, x, ("attention", "mlp"))
     torch.testing.assert_close(shrunk, masked, rtol=0, atol=1e-5)
 
+
+
+def repeat_kv(h, n_rep):
+    """transformers' repeat_kv: the kv head count is read off the tensor's shape, ``n_rep`` passed in."""
+    b, kv, s, d = h.shape
+    return h[:, :, None, :, :].expand(b, kv, n_rep, s, d).reshape(b, kv * n_rep, s, d)
+
+
+class GQAAttention(nn.Module):
+    """Eager GQA attention over [b, t, 32]: 4 query heads of 8 on 2 kv heads (StableLM-like). The first ``rot``
+    dims of each head are scaled by a table handed in from outside (a perturbed ``rot`` breaks the forward), and
+    ``rot`` equals the head count; ``n_rep`` says where ``repeat_kv``'s repeat count comes from."""
+
+    def __init__(self, n_rep: str):
+        super().__init__()
+        self.num_heads, self.num_key_value_heads, self.head_dim, self.rot = 4, 2, 8, 4
+        self.num_key_value_groups, self.n_rep = 2, n_rep
+        self.q_proj, self.o_proj = nn.Linear(32, 32), nn.Linear(32, 32)
+        self.k_proj, self.v_proj = nn.Linear(32, 16), nn.Linear(32, 16)
+
+    def forward(self, x, table):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        q = torch.cat([q[..., :self.rot] * table, q[..., self.rot:]], dim=-1)
+        n_rep = self.num_key_value_groups if self.n_rep == "attribute" else 2
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+        probs = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, dim=-1)
+        out = (probs @ v).transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
+        return self.o_proj(out)
+
+
+class GQANet(nn.Module):
+    def __init__(self, n_rep: str):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(4))  # enters each attention module from outside: size 4 = heads
+        self.layers = nn.ModuleList(GQAAttention(n_rep) for _ in range(2))
+        self.head = nn.Linear(32, 8)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x, self.table)
+        return self.head(x)
+
+
+def test_repeat_kv_and_a_coinciding_rope_width_are_exact():
+    """``view(b, t, self.num_heads, d)`` equals ``rot`` too, whose perturbed export breaks: the tagged export shows
+    the view passed ``num_heads``; ``repeat_kv``'s merge ``kv * n_rep`` (kv read off the tensor it expanded,
+    ``n_rep`` the rewritten ``num_key_value_groups``) follows the heads kept, under both GQA policies."""
+    torch.manual_seed(0)
+    model, x = GQANet("attribute").eval(), torch.randn(2, 5, 32)
+    graph = depgraph.trace(model, (x,))
+    attention = graph.groups("attention")
+    assert len(attention) == 2 and all(g.exact and g.gqa == (2, 2) for g in attention)
+    for gqa in ("heads", "kv"):
+        plan = depgraph.Plan.random(graph, 0.5, seed=0, kinds=("attention",), gqa=gqa)
+        assert plan.params_removed() > 0
+        with torch.no_grad():
+            masked = depgraph.mask(copy.deepcopy(model), plan)(x)
+            shrunk = depgraph.shrink(copy.deepcopy(model), plan, verify=False)(x)
+        torch.testing.assert_close(shrunk, masked, rtol=0, atol=1e-5)
+
+
+def test_repeat_kv_by_a_fixed_count_blocks_heads():
+    """``repeat_kv(k, 2)``: the repeat count is no attribute shrink rewrites, so the merge is not proved."""
+    torch.manual_seed(0)
+    model, x = GQANet("fixed").eval(), torch.randn(2, 5, 32)
+    graph = depgraph.trace(model, (x,))
+    assert not graph.groups("attention")
+    reasons = [r for b in graph.blocked for r in b["reasons"] if "layers.0" in r]
+    assert any("aten.reshape" in r or "aten.view" in r for r in reasons), reasons
