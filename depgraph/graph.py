@@ -8,6 +8,7 @@ from functools import cached_property
 from math import prod
 
 import numpy as np
+import torch
 
 from .capture import Capture, capture
 from .dimflow import DimFlow, propagate
@@ -473,7 +474,7 @@ def read_attributes(model, example_inputs, cap, flow) -> set:
                     ambiguous.setdefault(a.rpartition(":")[2], []).append(lit)
         if lit.witnesses and (owned or not lit.strict):  # owned or not, a merge may be read off its witnesses
             confirm.append(lit)
-    nodes = {n.name: n for n in cap.graph.nodes}
+    nodes = _top_level_nodes(cap)
     stale, failed = set(), []
     for name, lits in ambiguous.items():
         def perturb(twin, name=name):
@@ -493,22 +494,23 @@ def read_attributes(model, example_inputs, cap, flow) -> set:
             n = other.get(lit.node)
             if not other:  # the perturbed forward broke (StableLM's rotary_ndims sizes its RoPE): no answer
                 failed.append((name, lit))
-            elif n is None or repr(n.args) != repr(nodes[lit.node].args):
+            elif n is None or lit.node not in nodes or repr(n.args) != repr(nodes[lit.node].args):
                 stale.update(a for a in lit.attributes if a.rpartition(":")[2] == name)
     paths = {lit.module for lit in confirm} | {lit.module for _, lit in failed}
     reads = (tagged_reads(model, example_inputs, paths) or Reads()) if paths else Reads()
     for name, lit in failed:  # settled when every call making the op passed a rewritten attribute there
-        lit.proved = follows_call(reads, nodes[lit.node], lit.value, _owns(lit))
+        lit.proved = lit.node in nodes and follows_call(reads, nodes[lit.node], lit.value, _owns(lit))
         if not lit.proved:
             stale.update(a for a in lit.attributes if a.rpartition(":")[2] == name)
     if confirm:
         for lit in confirm:
             seen = reads.get(lit.source, ())
             accept = _accepts(lit)
-            lit.proved = follows_call(reads, nodes[lit.node], lit.value, _owns(lit))
+            found = lit.node in nodes
+            lit.proved = found and follows_call(reads, nodes[lit.node], lit.value, _owns(lit))
             lit.unread = not lit.proved and not any(v == lit.value and accept(name) for name, v in seen) and \
-                not follows_call(reads, nodes[lit.node], lit.value, accept)
-        unread = [lit for lit in confirm if lit.unread]
+                not (found and follows_call(reads, nodes[lit.node], lit.value, accept))
+        unread = [lit for lit in confirm if lit.unread and lit.node in nodes]
         sized = tagged_reads(model, example_inputs, paths, sizes=True) if unread else None
         for lit in unread if sized is not None else ():  # a merge of its own input's dims follows that input
             node = nodes[lit.node]
@@ -530,6 +532,18 @@ def _repeated(flow, node):
         e = flow.store.expand(lays[d]) if lays[d] is not None else None
         return isinstance(e, Space) and e.broadcast
     return repeated
+
+
+def _top_level_nodes(cap) -> dict:
+    """{name: node} of the exported graph's own nodes, without any name a nested graph (a ``no_grad`` body) also
+    uses: a literal found in a body is never matched to a namesake outside it."""
+    nodes = {n.name: n for n in cap.graph.nodes}
+    gm = cap.graph.owning_module
+    for _, sub in (gm.named_modules() if gm is not None else ()):
+        if isinstance(sub, torch.fx.GraphModule) and sub is not gm:
+            for n in sub.graph.nodes:
+                nodes.pop(n.name, None)
+    return nodes
 
 
 def _owns(lit):
