@@ -160,3 +160,52 @@ def test_attention_attributes_only_rewrite_the_sizes_they_hold():
     a = {"heads_before": 8, "heads_after": 4, "kv_before": 2, "kv_after": 1, "head_dim": 16}
     # embed_dim (96) is not heads x head_dim (128) here: it is another size and stays
     assert attention_attributes(Attn(), a) == {"num_heads": 4, "num_key_value_heads": 1, "num_key_value_groups": 4}
+
+
+class EinsumAttention(torch.nn.Module):
+    """XLNet-style attention over [t, b, h] activations, all by einsum: projections [h, n, d], a per-head bias on
+    the queries, softmax over the key letter, the values' head_dim carried to the output projection."""
+
+    def __init__(self, h=32, n=4, d=8):
+        super().__init__()
+        self.n_head, self.d_head = n, d
+        self.q, self.k, self.v, self.o = (torch.nn.Parameter(torch.randn(h, n, d) * 0.2) for _ in range(4))
+        self.r_w_bias = torch.nn.Parameter(torch.randn(n, d) * 0.1)
+
+    def forward(self, x):
+        q, k, v = (torch.einsum("ibh,hnd->ibnd", x, w) for w in (self.q, self.k, self.v))
+        score = torch.einsum("ibnd,jbnd->bnij", q + self.r_w_bias, k) / self.d_head ** 0.5
+        vec = torch.einsum("bnij,jbnd->ibnd", torch.softmax(score, dim=3), v)
+        return torch.einsum("ibnd,hnd->ibh", vec, self.o)
+
+
+class EinsumLM(torch.nn.Module):
+    def __init__(self, vocab=VOCAB, h=32, layers=2):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, h)
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(h) for _ in range(layers))
+        self.attn = torch.nn.ModuleList(EinsumAttention(h) for _ in range(layers))
+        self.head = torch.nn.Linear(h, vocab)
+
+    def forward(self, ids):
+        x = self.embed(ids).transpose(0, 1)  # [t, b, h]
+        for norm, attn in zip(self.norms, self.attn):
+            x = x + attn(norm(x))
+        return self.head(x.transpose(0, 1))
+
+
+def test_einsum_attention_heads_are_found_and_exact():
+    torch.manual_seed(0)
+    model, x = EinsumLM().eval(), ids()
+    graph = depgraph.trace(model, (x,))
+    att = graph.groups("attention")
+    assert sorted(g.layer for g in att) == [0, 1] and all(g.exact and g.num_units == 4 and g.head_dim == 8 for g in att)
+    members = {m.param for m in att[0].members}
+    assert {"attn.0.q", "attn.0.k", "attn.0.v", "attn.0.o", "attn.0.r_w_bias"} <= members
+    plan = depgraph.Plan.from_units(graph, {"attention.0": [1], "attention.1": [0, 3]})
+    with torch.no_grad():
+        masked = depgraph.mask(copy.deepcopy(model), plan)(x)
+        shrunk_model = depgraph.shrink(copy.deepcopy(model), plan)
+        shrunk = shrunk_model(x)
+    torch.testing.assert_close(shrunk, masked, rtol=0, atol=1e-5)
+    assert [a.n_head for a in shrunk_model.attn] == [3, 2] and shrunk_model.attn[1].o.shape == (32, 2, 8)

@@ -64,7 +64,7 @@ def sdpa(ctx):
 # The generic rules already couple heads across q, k, v and the output (they are matmul batch dims) and block
 # the q.k contraction; this pattern adds what SDPA's rule knows: the values' head_dim is blocked too, GQA heads
 # shared through broadcasting are (kv_head x q_per_kv), and the heads are recorded as an attention site.
-SCORE_OPS = ("matmul", "bmm", "baddbmm")
+SCORE_OPS = ("matmul", "bmm", "baddbmm", "einsum")
 SOFTMAX_OPS = ("softmax", "_softmax", "_safe_softmax")
 SCORE_CHAIN_OPS = frozenset((  # elementwise on the scores or probabilities: scale, soft-cap, bias, mask, dropout
     "mul", "div", "true_divide", "add", "sub", "neg", "tanh", "where", "masked_fill", "clamp", "clamp_min",
@@ -84,10 +84,20 @@ def _operands(node):
     return tuple(args)
 
 
+def _score_operands(node):
+    """The two operands of a q.k^T candidate: a batched matmul's, or a two-tensor ``einsum``'s."""
+    from . import op_name
+
+    if op_name(node.target) == "einsum":
+        ops = node.args[1] if len(node.args) > 1 else ()
+        return tuple(ops) if isinstance(ops, (list, tuple)) else ()
+    return _operands(node)
+
+
 def _between_activations(ctx, node) -> bool:
     from .linear import from_parameter
 
-    ops = _operands(node)
+    ops = _score_operands(node)
     return len(ops) == 2 and all(ctx.is_tensor(a) and len(ctx.shape(a)) >= 3 and not from_parameter(ctx, a)
                                  for a in ops)
 
@@ -158,6 +168,50 @@ def eager_attention(ctx, probs, values, out) -> None:
     q = _operands(scores)[0]
     n = ctx.store.expand(heads).size
     ctx.attention_site(heads, n, n // rep if n % rep == 0 else n, ctx.shape(q)[-1])
+
+
+def einsum_attention(ctx, terms, out, tensors, out_lays) -> None:
+    """Called by the einsum rule: ``einsum("bnij,jbnd->ibnd", probs, values)`` (XLNet) is attention when ``probs``
+    is a softmax over its last letter, the one letter contracted with the values, of a q.k^T einsum between two
+    activations; the letters probs, values and the output share (less the batch) are the heads, the values' own
+    letter kept in the output their head_dim. Heads shared through broadcasting (GQA) are not read here."""
+    if len(tensors) != 2 or not all(ctx.is_tensor(t) for t in tensors):
+        return
+    (tp, tv), (probs, values) = terms, tensors
+    contracted = [c for c in tp if c in tv and c not in out]
+    carried = [c for c in tv if c in out and c not in tp]
+    if len(contracted) != 1 or tp[-1] != contracted[0] or len(carried) != 1:
+        return
+    scores = scores_behind(ctx, probs)
+    if scores is None:
+        return
+    ps, vs = ctx.shape(probs), ctx.shape(values)
+    shared = [c for c in tp if c in tv and c in out]
+    if any(ps[tp.index(c)] != vs[tv.index(c)] for c in shared):
+        return
+    ctx.block(ctx.lay(values)[tv.index(carried[0])], "attention head_dim of the values")
+    heads = _heads(ctx, [out_lays[out.index(c)] for c in shared])
+    if heads is None:
+        return
+    n = ctx.store.expand(heads).size
+    ctx.attention_site(heads, n, n, _contracted_size(ctx, scores) or vs[tv.index(carried[0])])
+
+
+def _contracted_size(ctx, scores):
+    """The size q.k^T contracts (the queries' head_dim): a matmul's last query dim, an einsum's contracted letter."""
+    from . import op_name
+    from .linear import _einsum_terms
+
+    q = _score_operands(scores)[0]
+    if op_name(scores.target) != "einsum":
+        return ctx.shape(q)[-1]
+    ops = _score_operands(scores)
+    try:
+        (ta, tb), to = _einsum_terms(scores.args[0], [len(ctx.shape(t)) for t in ops])
+    except ValueError:
+        return None
+    sizes = [ctx.shape(q)[ta.index(c)] for c in ta if c in tb and c not in to]
+    return prod(sizes) if sizes else None
 
 
 _VIEW_OPS = frozenset(("view", "reshape", "_unsafe_view", "transpose", "permute", "contiguous", "clone", "to",

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import rule
-from .attention import eager_attention
+from .attention import eager_attention, einsum_attention
 from .elementwise import broadcast
 
 _VIEWS = {"t", "transpose", "permute", "view", "reshape", "_to_copy", "to", "alias", "detach", "contiguous",
@@ -168,6 +168,8 @@ def einsum(ctx):
         else:
             ctx.inexact(uses[0][1], "summed over by aten.einsum")
     out_shape = ctx.out_shape
-    return tuple(by_letter[c][0][1] if c in by_letter and n > 1 else
+    lays = tuple(by_letter[c][0][1] if c in by_letter and n > 1 else
                  (ctx.fresh((n,), "einsum output dim without a source")[0] if n > 1 else None)
                  for c, n in zip(out, out_shape))
+    einsum_attention(ctx, terms, out, tensors, lays)
+    return lays
