@@ -200,14 +200,14 @@ def einsum_attention(ctx, terms, out, tensors, out_lays) -> None:
 def _contracted_size(ctx, scores):
     """The size q.k^T contracts (the queries' head_dim): a matmul's last query dim, an einsum's contracted letter."""
     from . import op_name
-    from .linear import _einsum_terms
+    from .linear import einsum_terms
 
     q = _score_operands(scores)[0]
     if op_name(scores.target) != "einsum":
         return ctx.shape(q)[-1]
     ops = _score_operands(scores)
     try:
-        (ta, tb), to = _einsum_terms(scores.args[0], [len(ctx.shape(t)) for t in ops])
+        (ta, tb), to = einsum_terms(scores.args[0], [len(ctx.shape(t)) for t in ops])
     except ValueError:
         return None
     sizes = [ctx.shape(q)[ta.index(c)] for c in ta if c in tb and c not in to]

@@ -119,7 +119,7 @@ def embedding(ctx):
     return tuple(ctx.lay(ids)) + (wl[1],)
 
 
-def _einsum_terms(equation: str, ndims: list) -> tuple:
+def einsum_terms(equation: str, ndims: list) -> tuple:
     """Letters per operand dim and for the output, with ``...`` expanded (right-aligned broadcasting)."""
     eq = equation.replace(" ", "")
     lhs, arrow, rhs = eq.partition("->")
@@ -150,7 +150,7 @@ def einsum(ctx):
     """By the equation: dims sharing a letter are one space; a letter missing from the output is
     contracted (blocked between two activations, like attention's q.k) or summed (inexact)."""
     eq, tensors = ctx.arg(0, "equation"), list(ctx.arg(1, "tensors"))
-    terms, out = _einsum_terms(eq, [len(ctx.shape(t)) for t in tensors])
+    terms, out = einsum_terms(eq, [len(ctx.shape(t)) for t in tensors])
     by_letter: dict = {}
     for t, term in zip(tensors, terms):
         for d, c in enumerate(term):
