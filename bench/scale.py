@@ -8,8 +8,9 @@
 Every measurement runs in its own process, so each peak RSS (``ru_maxrss``) is that run's alone. The random
 checkpoints are generated once (seeded, N(0, 0.02) weights, unit norms, bf16 safetensors, one shard per block) into
 ``$DEPGRAPH_CACHE/bench`` (default ``~/.cache/depgraph/bench``); the numbers are about memory and time, not quality.
-Protocol: 20% of all parameters, the default method (activation scores, MLP neurons, every layer but the first and
-the last, uniform policy), 10 x 64 calibration tokens (random ids, seeded: no Llama tokenizer is available offline;
+Protocol: 20% of all parameters, the default method without the least-squares re-fit (activation scores, MLP neurons,
+every layer but the first and the last, uniform policy; ``reconstruct=False``: the re-fit became the default after these
+rows, and block 1's check below re-derives the plan without it), 10 x 64 calibration tokens (random ids, seeded: no Llama tokenizer is available offline;
 SmolLM2 uses its WikiText-2 windows), block math in fp32 on the CPU (``compute_dtype=float32``: bf16 matmuls are
 ~10x slower on this CPU), output weights bf16. Checks: the output's safetensors headers give exactly the shapes in
 its config record (the model builds on the meta device with them), and block 1 (block 0 is left whole by
@@ -136,8 +137,8 @@ def job_stream(key: str, out: str, log: str = "") -> dict:
     else:
         folder, calib, compute = _cache() / key, _random_calibration(CONFIGS[key]["vocab_size"]), torch.float32
     t0 = time.perf_counter()
-    _, report, _ = prune_streamed(folder, calib, out, StreamSettings(target=TARGET, compute_dtype=compute,
-                                                                     progress=False, log=log or None))
+    settings = StreamSettings(target=TARGET, reconstruct=False, compute_dtype=compute, progress=False, log=log or None)
+    _, report, _ = prune_streamed(folder, calib, out, settings)
     s = report["stream"]
     blocks = s["blocks"]
     return {"wall_s": round(time.perf_counter() - t0, 1), "peak_rss_gb": _peak_gb(), "load_avg_at_end": _load(),
@@ -159,7 +160,7 @@ def job_memory(out: str) -> dict:
     calib = _smollm2_calibration()
     t0 = time.perf_counter()
     model, _ = load_model()
-    _, report, plans = depgraph.prune(model, calib, target=TARGET, progress=False)
+    _, report, plans = depgraph.prune(model, calib, target=TARGET, reconstruct=False, progress=False)
     depgraph.save_pruned(model, out, extra_files={"plan.json": plans[0].to_json(indent=1)})
     return {"wall_s": round(time.perf_counter() - t0, 1), "peak_rss_gb": _peak_gb(), "load_avg_at_end": _load(),
             "removed_fraction": round(report["removed_fraction"], 4), "params_after": report["params_after"]}

@@ -33,7 +33,7 @@ import json
 import resource
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil
@@ -78,8 +78,9 @@ class StreamSettings:
     steps: int = 1
     uniform: bool = False
     compensate: bool = False
-    reconstruct: bool = False  # least-squares re-fit of each block's consumers (depgraph.reconstruct), sequential
-    damp: float = 0.01
+    reconstruct: bool | None = None  # least-squares re-fit of each block's consumers (depgraph.reconstruct),
+    # sequential; None: on when calibration is given (depgraph.prune's default)
+    damp: float = 1.0
     ratios: dict | None = None
     progress: bool = True
     overwrite: bool = False  # replace a non-empty output folder depgraph did not write (never the checkpoint)
@@ -234,6 +235,8 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
     """
     if output is None:
         raise PlanError("stream=True needs output=FOLDER: the pruned weights are written block by block")
+    if settings.reconstruct is None:
+        settings = replace(settings, reconstruct=calibration is not None)
     target = check_settings(settings)
     if settings.method in STATS_FROM_MOMENTS or settings.reconstruct:
         if calibration is None:

@@ -40,8 +40,26 @@ def test_prune_end_to_end(tiny_folder, tmp_path, capsys):
     assert "<html" in html.lower() and "http://" not in html
 
 
+@pytest.mark.parametrize("argv,reconstruct,damp", [
+    ([], True, 1.0),  # the measured default: activation scores read calibration, so the consumers are re-fitted
+    (["--no-reconstruct"], False, None),
+    (["--damp", "3"], True, 3.0),
+    (["--method", "l2"], False, None),  # a data-free method reads no calibration: nothing to fit on
+])
+def test_prune_reconstruct_default(tiny_folder, tmp_path, capsys, argv, reconstruct, damp):
+    out = tmp_path / "pruned"
+    calib = tiny_folder.parent / "calib.txt"
+    rc = main(["prune", str(tiny_folder), "--target", "0.1", "--calib", str(calib), "--n-samples", "4",
+               "--seq-len", "16", "--round-to", "1", "--no-report", *argv, "-o", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["reconstruct"] is reconstruct and report["damp"] == damp
+    assert (report["calibration"] is not None) is (reconstruct or "l2" not in argv)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--target", "1.5"], "--target must be in [0, 1)"),
+    (["--damp", "0"], "--damp must be a positive number"),
     (["--method", "nope"], "invalid choice"),
     (["--calib", "/does/not/exist.txt"], "does not exist"),
     (["--calib", "EMPTY"], "is empty"),

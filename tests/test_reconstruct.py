@@ -97,12 +97,15 @@ def test_prune_with_reconstruction_is_closer_to_dense(tmp_path):
     with torch.no_grad():
         ref = model(x).logits
     errs = {}
-    for name, kw in {"plain": {}, "lstsq": {"reconstruct": True},
-                     "lstsq+bias": {"reconstruct": True, "compensate": True}}.items():
+    weights = {}
+    for name, kw in {"plain": {"reconstruct": False}, "lstsq": {"reconstruct": True, "damp": 1.0},
+                     "default": {}, "lstsq+bias": {"reconstruct": True, "compensate": True}}.items():
         m = copy.deepcopy(model)
         _, report, _ = depgraph.prune(m, calib, target=0.2, method="l2", kinds=("attention", "mlp"), layers=None,
                                       round_to=1, progress=False, **kw)
-        assert report["reconstruct"] == kw.get("reconstruct", False)
+        assert report["reconstruct"] == kw.get("reconstruct", True)  # the default: re-fit when calibrated
+        assert report["damp"] == (kw.get("damp", 1.0) if report["reconstruct"] else None)
+        weights[name] = m.state_dict()
         with torch.no_grad():
             errs[name] = float(((m(x).logits - ref) ** 2).mean())
         if name == "lstsq+bias":
@@ -111,6 +114,14 @@ def test_prune_with_reconstruction_is_closer_to_dense(tmp_path):
             with torch.no_grad():
                 assert torch.equal(depgraph.load_pruned(tmp_path / "m")(x).logits, m(x).logits)
     assert errs["lstsq"] < errs["plain"] and errs["lstsq+bias"] < errs["plain"]
+    assert all(torch.equal(v, weights["lstsq"][k]) for k, v in weights["default"].items())  # default = damp 1 fit
+
+
+def test_default_reconstruct_needs_no_calibration_it_was_not_given():
+    """Without calibration data the default prunes as before (no re-fit), so data-free methods keep working."""
+    model = ARCHS["llama-gqa"]()
+    _, report, _ = depgraph.prune(model, None, target=0.2, method="l2", progress=False)
+    assert report["reconstruct"] is False and report["damp"] is None
 
 
 def test_mean_mode_is_flaps_bias_compensation(setup):

@@ -79,9 +79,13 @@ def add(subparsers) -> None:
     p.add_argument("--uniform", action="store_true", help="every layer the same shape (stock-loadable)")
     p.add_argument("--compensate", action="store_true",
                    help="fold removed units' mean contribution into the next layer's bias (FLAP)")
-    p.add_argument("--reconstruct", action="store_true",
+    p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
                    help="re-fit the kept input columns of each consumer (down_proj, o_proj) by least squares on the "
-                        "calibration inputs, block by block (with --compensate the bias joins the fit)")
+                        "calibration inputs, block by block (with --compensate the bias joins the fit); default: "
+                        "on whenever the method reads calibration data")
+    p.add_argument("--damp", type=float, default=1.0,
+                   help="with --reconstruct: ridge added to each Gram matrix, a fraction of its mean diagonal "
+                        "(default %(default)s, the measured best; 0.01 overfits small calibration sets)")
     add_protocol_argument(p)
     p.add_argument("--stream", action="store_true",
                    help="models larger than memory: read MODEL's safetensors shards one decoder block at a time "
@@ -96,6 +100,10 @@ def add(subparsers) -> None:
 
 
 def _check_prune_args(args) -> list:
+    if args.reconstruct is None:  # the default: re-fit whenever calibration data is read anyway
+        args.reconstruct = needs_calibration(args.method)
+    if not args.damp > 0:
+        raise DepgraphError(f"--damp must be a positive number, got {args.damp}")
     kinds = [k for k in args.kinds.split(",") if k]
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
@@ -137,7 +145,8 @@ def run(args) -> int:
                                           policy=args.policy, layers=args.layers, round_to=args.round_to,
                                           gqa=args.gqa, steps=args.steps, uniform=args.uniform,
                                           compensate=args.compensate, ratios=args.ratios,
-                                          reconstruct=args.reconstruct, block_method=args.block_method,
+                                          reconstruct=args.reconstruct, damp=args.damp,
+                                          block_method=args.block_method,
                                           depth_share=args.depth_share)
     report["times"]["load_s"] = load_s
     report["model"] = model_name(args)
@@ -179,8 +188,8 @@ def run_streamed(args, kinds) -> int:
     settings = StreamSettings(target=args.target, method=args.method, kinds=tuple(kinds), policy=args.policy,
                               layers=args.layers, round_to=args.round_to, gqa=args.gqa, steps=args.steps,
                               uniform=args.uniform, compensate=args.compensate, ratios=args.ratios,
-                              reconstruct=args.reconstruct, overwrite=args.overwrite, dtype=torch_dtype(args.dtype),
-                              compute_dtype=torch_dtype(args.compute_dtype))
+                              reconstruct=args.reconstruct, damp=args.damp, overwrite=args.overwrite,
+                              dtype=torch_dtype(args.dtype), compute_dtype=torch_dtype(args.compute_dtype))
     check_settings(settings)
     needs_calib = needs_calibration(args.method) or args.reconstruct
     if needs_calib and args.calib in SELF_SOURCES:
