@@ -17,7 +17,8 @@ class Attention(nn.Module):
     def __init__(self, merge: str, attr: str = "embed_dim"):
         super().__init__()
         self.num_heads, self.head_dim, self.merge = 4, 8, merge
-        setattr(self, attr, 32)
+        if attr:  # the width as an attribute (None: only the head count and head size are kept)
+            setattr(self, attr, 32)
         self.width_attr = attr
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(32, 32) for _ in range(4))
 
@@ -35,7 +36,7 @@ class Attention(nn.Module):
             return self.out_proj(self._merge_width(out, embed_dim))
         if self.merge == "own_shape":  # GPT-1: the merged width is the product of the tensor's own dims
             return self.out_proj(out.view(*out.size()[:-2], out.size(-2) * out.size(-1)))
-        width = {"input": embed_dim, "attribute": getattr(self, self.width_attr), "minus_one": -1}[self.merge]
+        width = {"input": embed_dim, "attribute": getattr(self, self.width_attr or "", None), "minus_one": -1}[self.merge]
         return self.out_proj(out.reshape(bsz, tgt_len, width))
 
     def _merge_heads(self, t, num_heads, head_dim):
@@ -110,7 +111,6 @@ def test_merge_by_the_attribute_or_minus_one_is_exact(merge):
     torch.testing.assert_close(shrunk, masked, rtol=0, atol=1e-5)
 
 
-
 def repeat_kv(h, n_rep):
     """transformers' repeat_kv: the kv head count is read off the tensor's shape, ``n_rep`` passed in."""
     b, kv, s, d = h.shape
@@ -181,3 +181,16 @@ def test_repeat_kv_by_a_fixed_count_blocks_heads():
     assert not graph.groups("attention")
     reasons = [r for b in graph.blocked for r in b["reasons"] if "layers.0" in r]
     assert any("aten.reshape" in r or "aten.view" in r for r in reasons), reasons
+@pytest.mark.xfail(strict=True, reason="known hole: a merge width read off the input's .size() that equals no module "
+                   "attribute is not recorded, so the heads are called exact and the shrunk model's reshape fails")
+def test_merge_read_off_the_input_shape_with_no_width_attribute_blocks_heads():
+    model, x, graph = _setup("input", None)
+    assert not [g for g in graph.groups() if g.kind == "attention"]
+
+
+def test_verify_without_a_probe_warns():
+    """A model with no vocabulary gives verify=True nothing to probe with: it says so instead of passing silently."""
+    model, x, graph = _setup("attribute")
+    plan = depgraph.Plan.from_units(graph, {g.id: [0] for g in graph.groups() if g.kind == "attention"})
+    with pytest.warns(UserWarning, match="no token vocabulary"):
+        depgraph.shrink(model, plan, verify=True)
