@@ -8,6 +8,7 @@ import torch
 from .block_scores import score_blocks
 from . import record as records
 from .compensate import apply_bias, bias_deltas
+from .dispatch import is_dispatched
 from .errors import PlanError
 from .graph import trace
 from .importance import methods, score
@@ -153,7 +154,8 @@ def prune(model, calibration=None, target: float | None = None, method: str = "a
     units: ``down_proj`` for neurons, ``o_proj`` for heads) by least squares on the calibration inputs, block by
     block on the outputs of the already-pruned blocks (:mod:`depgraph.reconstruct`; ``damp`` is the ridge added
     to the Gram matrix as a fraction of its mean diagonal); with ``compensate=True`` too, the bias joins the fit.
-    Both are done before each shrink. ``reconstruct=None`` (the default) re-fits whenever ``calibration`` is given,
+    Both are done before each shrink. ``reconstruct=None`` (the default) re-fits whenever ``calibration`` is given
+    (and the model is not dispatched by accelerate),
     with ``damp=1.0``: on SmolLM2 at 20% this beats no re-fit (1.96-1.98x dense against 2.12x, first 64 WikiText-2
     windows) and at 30% by more (3.13x against 3.93x), where damp 0.01 loses (3.17x at 20%: 640 calibration tokens
     against a 1536-wide Gram matrix overfit); bench/results/prune.md, the study table.
@@ -163,8 +165,12 @@ def prune(model, calibration=None, target: float | None = None, method: str = "a
     by ``block_method`` (``influence``: ShortGPT's Block Influence, or ``loss``: the calibration-loss increase,
     depgraph.block_scores); ``depth_share`` is the part of the target depth takes (see ``Plan.from_scores``).
     """
+    dispatched = isinstance(model, torch.nn.Module) and is_dispatched(model)
     if reconstruct is None:  # the measured default: re-fit whenever there is calibration data to fit on
-        reconstruct = calibration is not None
+        reconstruct = calibration is not None and not dispatched
+    if reconstruct and dispatched:
+        raise PlanError("reconstruct=True does not run on an accelerate-dispatched model (the re-fit writes weights "
+                        "that live in its offload); pass reconstruct=False, or load the model undispatched")
     if stream and "block" in kinds:
         raise PlanError("depth pruning (kinds with 'block') does not run with stream=True")
     if stream:

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 import depgraph
 from depgraph.dispatch import fetch, is_dispatched
+from depgraph.errors import PlanError
 
 
 def _tiny():
@@ -43,8 +45,13 @@ def test_dispatched_scores_and_shrink_match(tmp_path):
         s1 = depgraph.score(plain, g1, calib, method=method, kinds=kw["kinds"], progress=False)
         s2 = depgraph.score(model, g2, calib, method=method, kinds=kw["kinds"], progress=False)
         assert s1.keys() == s2.keys() and all(np.array_equal(s1[k], s2[k]) for k in s1)
-    _, r1, p1 = depgraph.prune(plain, calib, **kw)
-    _, r2, p2 = depgraph.prune(model, calib, **kw)
+    before = {name: fetch(model, name).clone() for name in plain.state_dict()}
+    with pytest.raises(PlanError, match="dispatched"):  # the re-fit would write into the offload: refused first
+        depgraph.prune(model, calib, reconstruct=True, **kw)
+    assert all(torch.equal(fetch(model, n), t) for n, t in before.items())  # nothing was modified
+    _, r1, p1 = depgraph.prune(plain, calib, reconstruct=False, **kw)
+    _, r2, p2 = depgraph.prune(model, calib, **kw)  # the default leaves the re-fit out on a dispatched model
+    assert r2["reconstruct"] is False
     assert p1[0].to_json() == p2[0].to_json() and r1["params_after"] == r2["params_after"]
     assert model.model.layers[1].mlp.down_proj.weight.device.type == "meta"  # still offloaded, new shape
     assert model.model.layers[1].mlp.down_proj.weight.shape == plain.model.layers[1].mlp.down_proj.weight.shape
