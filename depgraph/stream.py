@@ -29,6 +29,7 @@ Gradient methods need a backward pass through the whole model and are refused.
 """
 from __future__ import annotations
 
+import gc
 import json
 import resource
 import shutil
@@ -369,6 +370,7 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
                 total_size += _save(tensors, tmp / shard(i + 1, n_shards), weight_map)
                 del tensors, state
                 _drop(model, block_names[i], aliases)
+                gc.collect()  # the shrink's undo log and hooks sit in reference cycles: free the block's tensors now
                 block_log[i].update(write_s=round(time.perf_counter() - t, 3), rss_gb_write=round(_rss_gb(), 3),
                                     verify_max_abs=error, units_removed=sum(len(e.units) for e in sub.entries))
                 _log(settings.log, "write", block_log[i], t_start)
