@@ -28,6 +28,7 @@ from torch import nn
 from .errors import PlanError
 from .plan import Plan
 from .refit import augment, mean_fill, output_error, refit
+from .routing import mask_experts
 from .shrink import mask
 from .sparsify import SparsifyError, batches_of, capture_layer_inputs, find_layers, run_layer
 from .stats import Collector, InputStats, linear_view
@@ -63,9 +64,13 @@ def _input_dim(mod) -> int | None:
 
 def consumers(model, plan: Plan, entries=None) -> dict:
     """``{module path: sorted removed input indices}``: every linear-like module whose weight is a plan member
-    along its input-feature dim (the layer that reads the removed units)."""
+    along its input-feature dim (the layer that reads the removed units). Removed routed experts have none: their
+    tokens go to other experts, so no kept weight reads what they computed (neurons inside a kept expert are
+    re-fitted on the tokens routed to it)."""
     out: dict = {}
     for e in plan.entries if entries is None else entries:
+        if e.experts:
+            continue
         for param, dims in e.removed.items():
             path, _, attr = param.rpartition(".")
             if attr != "weight":
@@ -165,7 +170,11 @@ def reconstruct(model, plan: Plan, calibration, config: ReconstructConfig | None
                 continue
             cons = {p[len(prefixes[i]):]: idx for p, idx in consumers(model, plan, entries).items()}
             res = reconstruct_block(block, inputs, cons, config)
-            mask(model, Plan(entries, plan.shapes))
+            # removed routed experts leave routing only while the pruned outputs are computed: a router mask left
+            # behind would outlive the shrink (its indices point past the shrunk router); their weights need no zeroing
+            mask(model, Plan([e for e in entries if not e.experts], plan.shapes))
+            take_back = [mask_experts(model, e.experts["router_module"], e.experts["router"][0], e.units)
+                         for e in entries if e.experts]
             handles = [block.get_submodule(p).register_forward_hook(lambda m, a, y, d=d: y + d.to(y.dtype))
                        for p, d in res["bias"].items()]
             try:
@@ -175,6 +184,8 @@ def reconstruct(model, plan: Plan, calibration, config: ReconstructConfig | None
             finally:
                 for h in handles:
                     h.remove()
+                for undo in reversed(take_back):
+                    undo()
             out["bias"].update({prefixes[i] + p: d for p, d in res["bias"].items()})
             out["layers"].append({"layer": i, "consumers": {prefixes[i] + p: v for p, v in res["consumers"].items()}})
             if progress:
