@@ -53,17 +53,28 @@ class Tagged(int):
         return (Tagged, (int(self), self.attribute))
 
 
-def _tags(obj, out: set) -> None:
-    if isinstance(obj, Tagged):
-        out.add((obj.attribute, int(obj)))
-    elif isinstance(obj, (list, tuple)):
+def _leaves(obj, in_slice: bool = False):
+    """(value, inside a slice) for every leaf of a call's arguments, in order (lists, tuples, dict values, slices)."""
+    if isinstance(obj, (list, tuple)):
         for o in obj:
-            _tags(o, out)
+            yield from _leaves(o, in_slice)
     elif isinstance(obj, dict):
         for o in obj.values():
-            _tags(o, out)
+            yield from _leaves(o, in_slice)
     elif isinstance(obj, slice):
-        _tags((obj.start, obj.stop, obj.step), out)
+        yield from _leaves((obj.start, obj.stop, obj.step), True)
+    else:
+        yield obj, in_slice
+
+
+def _tags(leaves) -> set:
+    """(attribute, value) of every tagged size among ``leaves`` (slice bounds included)."""
+    return {(v.attribute, int(v)) for v, _ in leaves if isinstance(v, Tagged)}
+
+
+def _ints(leaves) -> list:
+    """The ints among ``leaves`` outside slices, in order (bools skipped): a call's size signature."""
+    return [v for v, in_slice in leaves if not in_slice and isinstance(v, int) and not isinstance(v, bool)]
 
 
 def _model_frames():
@@ -78,23 +89,9 @@ def _model_frames():
     return out
 
 
-def _ints(obj, out: list) -> None:
-    """The ints of a call's arguments in order (tensors and bools skipped): its size signature."""
-    if isinstance(obj, int) and not isinstance(obj, bool):
-        out.append(obj)
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            _ints(o, out)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            _ints(o, out)
-
-
 def signature(args) -> tuple:
     """The ints of an fx node's (or a torch call's) arguments, in order."""
-    out: list = []
-    _ints(args, out)
-    return tuple(int(v) for v in out)
+    return tuple(int(v) for v in _ints(list(_leaves(args))))
 
 
 _SIZE_GETTERS = (torch.Tensor.size, torch.Tensor.shape.__get__)
@@ -127,14 +124,12 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.sizes and func in _SIZE_GETTERS and args and isinstance(args[0], torch.Tensor):
             return self._tag_sizes(args[0], func(*args, **kwargs), args[1:], kwargs)
-        found: set = set()
-        _tags(args, found)
-        _tags(kwargs, found)
+        leaves = list(_leaves((args, kwargs)))  # one walk for the tags and the size signature
+        found = _tags(leaves)
         frames = _model_frames()
         if found and frames:
             self.reads.lines.setdefault(frames[0], set()).update(found)
-        ints: list = []
-        _ints((args, kwargs), ints)
+        ints = _ints(leaves)
         if ints and frames:
             own = next((a for a in args if isinstance(a, torch.Tensor)), None)
             entry = (tuple(int(v) for v in ints), tuple(self._tag_of(v, own) for v in ints))

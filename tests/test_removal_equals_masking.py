@@ -95,15 +95,14 @@ class _GatedMLP(torch.nn.Module):
         return x + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
 
 
-class _AttentionFreeLM(torch.nn.Module):
-    """Token embedding, two feed-forward blocks (the MLP of a state-space layer whose mixer a small config left
-    out), a head: no attention anywhere."""
+class _EmbeddingLM(torch.nn.Module):
+    """Token embedding, ``layers`` attention-free blocks (``block(hidden)``), a head: no attention anywhere."""
 
-    def __init__(self):
+    def __init__(self, block, vocab=32, hidden=16, layers=2):
         super().__init__()
-        self.embed = torch.nn.Embedding(32, 16)
-        self.layers = torch.nn.ModuleList(_GatedMLP() for _ in range(2))
-        self.head = torch.nn.Linear(16, 32)
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.layers = torch.nn.ModuleList(block(hidden) for _ in range(layers))
+        self.head = torch.nn.Linear(hidden, vocab)
 
     def forward(self, ids):
         x = self.embed(ids)
@@ -117,7 +116,7 @@ def test_attention_free_language_model_has_hidden_and_mlp_groups():
     per-layer widths are ``mlp`` groups (exact: removal == masking), its residual ``hidden``; a CNN keeps
     ``channels`` (test_cnn_channels)."""
     torch.manual_seed(0)
-    model = _AttentionFreeLM().eval()
+    model = _EmbeddingLM(lambda hidden: _GatedMLP()).eval()  # a state-space layer's MLP, its mixer left out
     x = torch.randint(0, 32, (2, 6))
     graph = depgraph.trace(model, (x,))
     assert {g.kind for g in graph.groups()} == {"hidden", "mlp"}
@@ -149,24 +148,10 @@ class _MixFFN(torch.nn.Module):
         return x + self.down(torch.relu(self.up(h)))
 
 
-class _MixLM(torch.nn.Module):
-    def __init__(self, vocab=32, hidden=16, layers=2):
-        super().__init__()
-        self.embed = torch.nn.Embedding(vocab, hidden)
-        self.blocks = torch.nn.ModuleList(_MixFFN(hidden) for _ in range(layers))
-        self.head = torch.nn.Linear(hidden, vocab, bias=False)
-
-    def forward(self, x):
-        h = self.embed(x)
-        for b in self.blocks:
-            h = b(h)
-        return self.head(h)
-
-
 def test_attention_free_mlp_groups_survive_a_blocked_residual_stream():
     """RWKV/xLSTM: a stale width attribute blocks the residual stream, not the layers' ``mlp`` neurons."""
     torch.manual_seed(0)
-    model = _MixLM().eval()
+    model = _EmbeddingLM(_MixFFN).eval()
     x = torch.randint(0, 32, (2, 6))
     graph = depgraph.trace(model, (x,))
     assert not graph.groups("channels")

@@ -82,7 +82,7 @@ def add(subparsers) -> None:
     p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
                    help="re-fit the kept input columns of each consumer (down_proj, o_proj) by least squares on the "
                         "calibration inputs, block by block (with --compensate the bias joins the fit); default: "
-                        "on whenever the method reads calibration data")
+                        "on whenever calibration data is read (depgraph.prune's reconstruct=None)")
     p.add_argument("--damp", type=float, default=1.0,
                    help="with --reconstruct: ridge added to each Gram matrix, a fraction of its mean diagonal "
                         "(default %(default)s, the measured best; 0.01 overfits small calibration sets)")
@@ -99,9 +99,12 @@ def add(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _needs_calibration(args, kinds) -> bool:
+    """Whether the prune reads calibration data: the method, compensation, an asked-for re-fit or depth scores."""
+    return needs_calibration(args.method) or args.compensate or bool(args.reconstruct) or "block" in kinds
+
+
 def _check_prune_args(args) -> list:
-    if args.reconstruct is None:  # the default: re-fit whenever calibration data is read anyway
-        args.reconstruct = needs_calibration(args.method)
     if not args.damp > 0:
         raise DepgraphError(f"--damp must be a positive number, got {args.damp}")
     kinds = [k for k in args.kinds.split(",") if k]
@@ -115,7 +118,7 @@ def _check_prune_args(args) -> list:
     if args.ratios is not None and args.target is not None:
         raise DepgraphError("--ratios and --target: give one (per-kind unit fractions, or a parameter fraction)")
     calib = Path(args.calib).expanduser()
-    needs_calib = needs_calibration(args.method) or args.compensate or args.reconstruct or "block" in kinds
+    needs_calib = _needs_calibration(args, kinds)
     if "block" in kinds and args.stream:
         raise DepgraphError("--kinds block: depth pruning does not run with --stream")
     if needs_calib and (calib.suffix or "/" in args.calib):
@@ -139,7 +142,7 @@ def run(args) -> int:
     model, tok = load(args)
     load_s = time.perf_counter() - t0
     calib = None
-    if needs_calibration(args.method) or args.compensate or args.reconstruct or "block" in kinds:
+    if _needs_calibration(args, kinds):
         calib = calibration_from_args(args, model, tok)
     model, report, plans = depgraph.prune(model, calib, target=args.target, method=args.method, kinds=kinds,
                                           policy=args.policy, layers=args.layers, round_to=args.round_to,
