@@ -3,19 +3,23 @@
     nice -n 10 python bench/scale.py smollm2          # streamed vs in-memory on SmolLM2 (ratio of time and RSS)
     nice -n 10 python bench/scale.py llama2-7b        # random bf16 checkpoint with Llama-2-7B's exact config
     nice -n 10 python bench/scale.py llama3-8b        # the same with Llama-3-8B's config (GQA, 128k vocab)
+    nice -n 10 python bench/scale.py llama2-7b --refit  # with the least-squares re-fit (today's default), damp 1
     python bench/scale.py table                       # rewrite scale.md from scale.json
 
 Every measurement runs in its own process, so each peak RSS (``ru_maxrss``) is that run's alone. The random
 checkpoints are generated once (seeded, N(0, 0.02) weights, unit norms, bf16 safetensors, one shard per block) into
 ``$DEPGRAPH_CACHE/bench`` (default ``~/.cache/depgraph/bench``); the numbers are about memory and time, not quality.
-Protocol: 20% of all parameters, the default method without the least-squares re-fit (activation scores, MLP neurons,
-every layer but the first and the last, uniform policy; ``reconstruct=False``: the re-fit became the default after these
-rows, and block 1's check below re-derives the plan without it), 10 x 64 calibration tokens (random ids, seeded: no Llama tokenizer is available offline;
+Protocol: 20% of all parameters, the default method (activation scores, MLP neurons, every layer but the first and the
+last, uniform policy), without the least-squares re-fit (``reconstruct=False``: the re-fit became the default after the
+first rows) or, in the rows marked "+ re-fit", with it (``reconstruct=True``, damp 1: every block's ``down_proj``
+re-fitted on the hidden states of the already-pruned blocks before it, the Gram matrix in float64), 10 x 64 calibration tokens (random ids, seeded: no Llama tokenizer is available offline;
 SmolLM2 uses its WikiText-2 windows), block math in fp32 on the CPU (``compute_dtype=float32``: bf16 matmuls are
 ~10x slower on this CPU), output weights bf16. Checks: the output's safetensors headers give exactly the shapes in
 its config record (the model builds on the meta device with them), and block 1 (block 0 is left whole by
 ``layers="auto"``) pruned in memory from the same checkpoint (a 2-block model in fp32 on the same calibration rows)
-gets the same scores, the same removed units, bit-identical bf16 tensors and the same output on the same inputs.
+gets the same scores, the same removed units, bit-identical bf16 tensors and the same output on the same inputs
+(with the re-fit: block 1 re-fitted in memory by ``depgraph.reconstruct`` on the same calibration rows; its re-fitted
+fp32 weights are compared after rounding to bf16, and its output differs from the written bf16 block's by that rounding).
 Results: bench/results/scale.json and scale.md (partial results are written after every run).
 """
 from __future__ import annotations
@@ -43,6 +47,7 @@ LLAMA3_70B = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=8
                   num_key_value_heads=8, vocab_size=128256)
 N_SAMPLES, SEQ_LEN, TARGET = 10, 64, 0.2
 RSS_TARGET_GB, WALL_TARGET_S = 4.0, 1800
+REFIT = "+refit"  # results key suffix of the rows with the least-squares re-fit
 OUT = RESULTS / "scale.json"
 
 
@@ -125,7 +130,7 @@ def _smollm2_calibration():
     return load_calibration("wikitext2", tok, n_samples=N_SAMPLES, seq_len=SEQ_LEN, seed=0)
 
 
-def job_stream(key: str, out: str, log: str = "") -> dict:
+def job_stream(key: str, out: str, log: str = "", refit: str = "") -> dict:
     import torch
 
     from depgraph.stream import StreamSettings, prune_streamed
@@ -137,7 +142,8 @@ def job_stream(key: str, out: str, log: str = "") -> dict:
     else:
         folder, calib, compute = _cache() / key, _random_calibration(CONFIGS[key]["vocab_size"]), torch.float32
     t0 = time.perf_counter()
-    settings = StreamSettings(target=TARGET, reconstruct=False, compute_dtype=compute, progress=False, log=log or None)
+    settings = StreamSettings(target=TARGET, reconstruct=bool(refit), compute_dtype=compute, progress=False,
+                              log=log or None)
     _, report, _ = prune_streamed(folder, calib, out, settings)
     s = report["stream"]
     blocks = s["blocks"]
@@ -149,7 +155,8 @@ def job_stream(key: str, out: str, log: str = "") -> dict:
             "max_block_rss_gb": round(max(max(b["rss_gb_score"], b["rss_gb_write"]) for b in blocks), 3),
             "removed_fraction": round(report["removed_fraction"], 4), "params_before": report["params_before"],
             "params_after": report["params_after"], "dtype": s["dtype"], "compute_dtype": s["compute_dtype"],
-            "verify_max_abs": max((b["verify_max_abs"] or 0.0) for b in blocks), "blocks": len(blocks)}
+            "verify_max_abs": max((b["verify_max_abs"] or 0.0) for b in blocks), "blocks": len(blocks),
+            "reconstruct": bool(refit), "damp": report["damp"]}
 
 
 def job_memory(out: str) -> dict:
@@ -195,7 +202,7 @@ def _first_diff(x, y, path="") -> str:
     return f"{path}: {str(x)[:120]} != {str(y)[:120]}"
 
 
-def job_check(key: str, out: str) -> dict:
+def job_check(key: str, out: str, refit: str = "") -> dict:
     """Shapes of the output on the meta device, and block 1 against an in-memory prune of a 2-block model."""
     import numpy as np
     import torch
@@ -247,6 +254,10 @@ def job_check(key: str, out: str) -> dict:
     same_units = sorted(np.argsort(mem_scores[entry.group], kind="stable")[:k].tolist()) == entry.units
     touched = {p for p in entry.removed}
     sub = Plan([entry], {p: s for p, s in plan.shapes.items() if p in touched})
+    if refit:  # block 1's down_proj re-fitted in memory on the same rows (block 0 is whole: the same inputs)
+        from depgraph.reconstruct import ReconstructConfig, reconstruct
+
+        reconstruct(small, sub, calib, ReconstructConfig(damp=float(report["damp"])))
     item = capture_layer_inputs(small, small.model.layers, [calib[:1]], torch.device("cpu"))[0]
     item[0] = run_layer(small.model.layers[0], item)
     depgraph.shrink(small, sub)
@@ -305,17 +316,17 @@ def bench_smollm2(results: Results) -> None:
     _save(results, "smollm2", row)
 
 
-def bench_big(results: Results, key: str) -> None:
-    row = {"generate": _run("generate", key)}
-    _save(results, key, row)
-    out, log = _cache() / f"{key}-pruned", _cache() / f"{key}-stream.jsonl"
+def bench_big(results: Results, key: str, refit: bool = False) -> None:
+    row, name, flag = {"generate": _run("generate", key)}, key + REFIT * refit, "1" * refit
+    _save(results, name, row)
+    out, log = _cache() / f"{name}-pruned", _cache() / f"{name}-stream.jsonl"
     log.unlink(missing_ok=True)
-    row["stream"] = _run("stream", key, str(out), str(log), timeout=int(os.environ.get("SCALE_TIMEOUT", 5400)))
+    row["stream"] = _run("stream", key, str(out), str(log), flag, timeout=int(os.environ.get("SCALE_TIMEOUT", 5400)))
     row["blocks"] = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
-    _save(results, key, row)
+    _save(results, name, row)
     if "error" not in row["stream"]:
-        row["check"] = _run("check", key, str(out))
-        _save(results, key, row)
+        row["check"] = _run("check", key, str(out), flag)
+        _save(results, name, row)
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)  # keep the disk free; the source checkpoint stays cached
@@ -350,8 +361,9 @@ def table(results: Results) -> str:
                      f"{s.get('block_score_s')} / {s.get('block_write_s')} | {s.get('removed_fraction')} | "
                      f"same plan: {c.get('same_plan')}, bit-identical weights: {c.get('bit_identical')}; "
                      f"streamed/in-memory time {sm.get('time_ratio')}x, RSS {sm.get('rss_ratio')}x |")
-    for key in CONFIGS:
-        row = d.get(key)
+    for name in [k + suffix for k in CONFIGS for suffix in ("", REFIT)]:
+        key, row = name.removesuffix(REFIT), d.get(name)
+        mode = "streamed + re-fit" if name.endswith(REFIT) else "streamed"
         if not row or "stream" not in row:
             continue
         s, ck, g = row["stream"], row.get("check", {}), row.get("generate", {})
@@ -361,7 +373,7 @@ def table(results: Results) -> str:
             wr = [b["write_s"] for b in done if b["stage"] == "write"]
             part = (f"partial: {len(sc)} blocks scored, {len(wr)} written in {done[-1]['elapsed_s']} s" if done
                     else "no block finished")
-            lines.append(f"| {CONFIGS[key]['name']} | streamed | bf16 / fp32 | {s['error']} ({part}) | "
+            lines.append(f"| {CONFIGS[key]['name']} | {mode} | bf16 / fp32 | {s['error']} ({part}) | "
                          f"{max((b['peak_rss_gb'] for b in done), default='-')} | "
                          f"{round(sum(sc) / len(sc), 1) if sc else '-'} / {round(sum(wr) / len(wr), 1) if wr else '-'}"
                          f" | | |")
@@ -369,11 +381,12 @@ def table(results: Results) -> str:
         checks = ", ".join(f"{k} {v}" for k, v in ck.items() if k != "peak_rss_gb")
         index = _cache() / key / "model.safetensors.index.json"
         size = g.get("bytes") or (json.loads(index.read_text())["metadata"]["total_size"] if index.is_file() else 0)
-        lines.append(f"| {CONFIGS[key]['name']} (random, {size / 1e9:.1f} GB bf16) | streamed | "
+        lines.append(f"| {CONFIGS[key]['name']} (random, {size / 1e9:.1f} GB bf16) | {mode} | "
                      f"{s['dtype'].replace('torch.', '')} / {s['compute_dtype'].replace('torch.', '')} | "
                      f"{_wall(s)} | {s['peak_rss_gb']} | {s['block_score_s']} / {s['block_write_s']} | "
                      f"{s['removed_fraction']} | {checks} |")
-        lines.append(f"| {CONFIGS[key]['name']} | `--device cuda` | - | not measured: no GPU this session | | | | |")
+        if name == key:
+            lines.append(f"| {CONFIGS[key]['name']} | `--device cuda` | - | not measured: no GPU this session | | | | |")
     lines += ["", "Targets (Llama-2-7B): peak RSS <= 4 GB, whole run <= 30 min."]
     row7 = d.get("llama2-7b", {})
     big = row7.get("stream", {})
@@ -417,7 +430,7 @@ def main(argv) -> int:
     if what == "smollm2":
         bench_smollm2(results)
     elif what in CONFIGS:
-        bench_big(results, what)
+        bench_big(results, what, refit="--refit" in argv[1:])
     elif what != "table":
         raise SystemExit(f"unknown benchmark {what!r}; choose smollm2, {', '.join(CONFIGS)} or table")
     results.data = {**Results(OUT).data, "machine": results.data["machine"]}

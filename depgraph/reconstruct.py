@@ -27,7 +27,7 @@ from torch import nn
 
 from .errors import PlanError
 from .plan import Plan
-from .refit import augment, mean_fill, output_error, refit
+from .refit import augment, mean_fill, refit_solve
 from .routing import mask_experts
 from .shrink import mask
 from .sparsify import SparsifyError, batches_of, capture_layer_inputs, find_layers, run_layer
@@ -99,9 +99,15 @@ def reconstruct_block(block: nn.Module, inputs, block_consumers: dict, config: R
     """
     config = config or ReconstructConfig()
     mods = {p: block.get_submodule(p) for p in block_consumers}
-    with Collector(mods, gram=config.mode == "lstsq") as col:  # float64 count, sum (and X^T X)
-        for item in inputs:
-            run_layer(block, item)
+    signal = dict.fromkeys(mods, 0.0)
+    handles = [m.register_forward_hook(_signal_hook(signal, p, config.intercept)) for p, m in mods.items()]
+    try:
+        with Collector(mods, gram=config.mode == "lstsq") as col:  # float64 count, sum (and X^T X)
+            for item in inputs:
+                run_layer(block, item)
+    finally:
+        for h in handles:
+            h.remove()
     stats = {p: col.stats.get(p) or InputStats.zeros(weight_out_in(m).shape[1], config.mode == "lstsq",
                                                      device=weight_out_in(m).device) for p, m in mods.items()}
     bias, info = {}, {}
@@ -121,14 +127,24 @@ def reconstruct_block(block: nn.Module, inputs, block_consumers: dict, config: R
             update, undamped = kept + [width], (width,)
         else:
             Wa, H, update, undamped = W.double(), st.gram, kept, ()
-        new = refit(Wa, H, removed, update, config.damp, undamped)
-        info[path] = {"removed": len(removed), "signal": float(torch.einsum("oi,ij,oj->", Wa, H, Wa)),
-                      "error_before": output_error(Wa, H, removed),
-                      "error_after": output_error(Wa, H, removed, new, update)}
+        fit = refit_solve(Wa, H, removed, update, config.damp, undamped)
+        new = fit.new
+        info[path] = {"removed": len(removed), "signal": signal[path],
+                      "error_before": fit.error_before, "error_after": fit.error_after}
         W[:, kept] = new[:, :len(kept)].to(W.dtype)
         if config.intercept:
             bias[path] = (new[:, -1] - Wa[:, -1]).to(W.dtype)
     return {"bias": bias, "consumers": info}
+
+
+def _signal_hook(signal: dict, path: str, with_bias: bool):
+    """A forward hook adding ``||W x||^2`` (``||W x + b||^2`` when the bias is re-fitted too) of a consumer's output
+    to ``signal[path]``: the scale of its errors, measured on the outputs (an [out, in] x [in, in] product less)."""
+    def fn(mod, _args, y):
+        b = getattr(mod, "bias", None)
+        y = y if with_bias or b is None else y - b
+        signal[path] += float(y.double().pow(2).sum())
+    return fn
 
 
 def _block_entries(plan: Plan, prefix: str) -> list:

@@ -17,6 +17,10 @@ The Optimal Brain Surgeon cost of removing unit ``j`` (one column) with every ot
 ``||W_:,j||^2 / [H^-1]_jj``; for a unit of several columns ``G`` (an attention head) it is
 ``tr(W_G ([H^-1]_GG)^-1 W_G^T)`` (:func:`obs_costs`).
 
+The output errors come from the solve itself (:class:`Refit`): with ``delta = W'_S - W_S`` and ``R = W_P H_PS`` the
+error left is ``tr(W_P H_PP W_P^T) - tr(R delta^T) - lambda ||delta||^2``, a few products of [out, |S|] instead of
+the [out, in] x [in, in] one that :func:`output_error` pays (seconds instead of a minute on a 7B ``down_proj``).
+
 Everything runs in float64. Shapes: ``W`` [out, in], ``H`` [in, in], index lists into ``in``.
 """
 from __future__ import annotations
@@ -24,7 +28,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["augment", "dampen", "refit", "mean_fill", "obs_costs", "output_error"]
+from dataclasses import dataclass
+
+__all__ = ["Refit", "augment", "dampen", "refit", "refit_solve", "mean_fill", "obs_costs", "output_error"]
 
 
 def augment(gram: torch.Tensor, total: torch.Tensor, count: int) -> torch.Tensor:
@@ -47,29 +53,56 @@ def dampen(H: torch.Tensor, damp: float, columns=None) -> torch.Tensor:
     return H
 
 
-def refit(W: torch.Tensor, H: torch.Tensor, removed, update, damp: float = 0.01, undamped=()) -> torch.Tensor:
+@dataclass
+class Refit:
+    """One consumer's re-fit: ``new`` [out, len(update)] float64, and ``||W X^T - W' X^T||^2`` over the calibration
+    tokens before (the removed columns zeroed, nothing re-fitted) and after."""
+
+    new: torch.Tensor
+    error_before: float
+    error_after: float
+
+
+def refit_solve(W: torch.Tensor, H: torch.Tensor, removed, update, damp: float = 0.01, undamped=()) -> Refit:
     """New values of the columns ``update`` of ``W`` [out, in] after the columns ``removed`` are deleted.
 
     ``W'_U = W_U + W_P H_PU (H_UU + lambda I)^-1`` with ``lambda = damp * mean(diag H_UU)`` on every updated
     column but those in ``undamped`` (a bias column). Columns neither removed nor updated keep their weights and
-    need no term: they are the same before and after. Returns ``[out, len(update)]`` float64.
+    need no term: they are the same before and after. The errors come from the solve (module docstring).
     """
     P = torch.as_tensor(list(removed), dtype=torch.long, device=H.device)
     U = torch.as_tensor(list(update), dtype=torch.long, device=H.device)
     W = W.to(torch.float64)
-    if len(P) == 0 or len(U) == 0:
-        return W[:, U].clone()
     H = H.to(torch.float64)
-    H_UU = H[U][:, U]
-    lam_cols = [i for i, u in enumerate(U.tolist()) if u not in set(undamped)]
-    H_UU = dampen(H_UU, damp, lam_cols) if lam_cols else H_UU
-    rhs = W[:, P] @ H[P][:, U]  # [out, |U|]
+    W_P = W[:, P]
+    before = float(torch.einsum("oi,ij,oj->", W_P, H[P][:, P], W_P)) if len(P) else 0.0
+    if len(P) == 0 or len(U) == 0:
+        return Refit(W[:, U].clone(), before, before)
+    H_UU = H[U][:, U]  # a copy: dampened in place
+    skip = set(undamped)
+    lam_cols = torch.as_tensor([i for i, u in enumerate(U.tolist()) if u not in skip], dtype=torch.long,
+                               device=H.device)
+    lam = damp * float(H_UU[lam_cols, lam_cols].mean().clamp_min(1e-12)) if damp > 0 and len(lam_cols) else 0.0
+    if lam:
+        H_UU[lam_cols, lam_cols] += lam
+    rhs = W_P @ H[P][:, U]  # [out, |U|]
     L, info = torch.linalg.cholesky_ex(H_UU)
     if int(info) == 0:
         delta = torch.cholesky_solve(rhs.T, L).T
-    else:  # singular even with dampening (dead inputs): the minimum-norm solution
+        after = before - float((rhs * delta).sum()) - lam * float((delta[:, lam_cols] ** 2).sum())
+        after = max(after, 0.0)
+    else:  # singular even with dampening (dead inputs): the minimum-norm solution, its error measured directly
         delta = rhs @ torch.linalg.pinv(H_UU, hermitian=True)
-    return W[:, U] + delta
+        after = None
+    new = W[:, U] + delta
+    if after is None:
+        after = output_error(W, H, removed, new, update)
+    return Refit(new, before, after)
+
+
+def refit(W: torch.Tensor, H: torch.Tensor, removed, update, damp: float = 0.01, undamped=()) -> torch.Tensor:
+    """:func:`refit_solve`'s new columns only: ``[out, len(update)]`` float64."""
+    return refit_solve(W, H, removed, update, damp, undamped).new
 
 
 def mean_fill(W: torch.Tensor, mean: torch.Tensor, removed) -> torch.Tensor:
@@ -115,4 +148,6 @@ def output_error(W: torch.Tensor, H: torch.Tensor, removed, new_update=None, upd
     if new_update is not None and len(update):
         U = torch.as_tensor(list(update), dtype=torch.long, device=W.device)
         D[:, U] = W[:, U] - new_update.to(torch.float64)
-    return float(torch.einsum("oi,ij,oj->", D, H.to(torch.float64), D))
+    S = torch.nonzero(D.abs().sum(0)).flatten()  # only the columns that change: H[S, S] instead of all of H
+    D = D[:, S]
+    return float(torch.einsum("oi,ij,oj->", D, H.to(torch.float64)[S][:, S], D))

@@ -77,6 +77,8 @@ def test_refit_equals_lstsq_on_the_pruned_predecessors_outputs(setup):
         info = next(r["consumers"][path] for r in report["layers"] if path in r["consumers"])
         assert info["error_after"] <= info["error_before"]
         assert info["error_after"] == pytest.approx(float(err_new), rel=1e-3)
+        assert info["error_before"] == pytest.approx(float(((X[:, removed] @ W[:, removed].T) ** 2).sum()), rel=1e-6)
+        assert info["signal"] == pytest.approx(float(((X @ W.T) ** 2).sum()), rel=1e-6)  # ||W X||^2, bias left out
 
 
 def test_removal_equals_masking_of_the_reconstructed_model(setup):

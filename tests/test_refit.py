@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from depgraph.refit import augment, mean_fill, obs_costs, output_error, refit
+from depgraph.refit import augment, mean_fill, obs_costs, output_error, refit, refit_solve
 
 
 @pytest.fixture
@@ -71,3 +71,25 @@ def test_obs_cost_is_the_error_left_after_the_optimal_refit(data):
             S = _kept(G)
             err = output_error(W, H, G, refit(W, H, G, S, damp=0.0), S)
             assert costs[u] == pytest.approx(err, rel=1e-6)
+
+
+@pytest.mark.parametrize("damp", [0.0, 0.05, 3.0])
+def test_errors_from_the_solve_equal_the_direct_errors(data, damp):
+    """refit_solve's closed-form errors (dampened, with an undamped bias column) are the measured ones."""
+    X, W, b, P = data
+    S = _kept(P)
+    Ha = augment(X.T @ X, X.sum(0), X.shape[0])
+    Wa = torch.cat([W, b[:, None]], 1)
+    for update, undamped in ((S, ()), (S + [12], (12,)), ([12], (12,))):
+        fit = refit_solve(Wa, Ha, P, update, damp=damp, undamped=undamped)
+        assert torch.equal(fit.new, refit(Wa, Ha, P, update, damp=damp, undamped=undamped))
+        assert fit.error_before == pytest.approx(output_error(Wa, Ha, P), rel=1e-9)
+        assert fit.error_after == pytest.approx(output_error(Wa, Ha, P, fit.new, update), rel=1e-7, abs=1e-9)
+        ones = torch.ones(X.shape[0], 1, dtype=torch.float64)
+        Xa = torch.cat([X, ones], 1)
+        kept = [j for j in range(13) if j not in P]
+        Wn = Wa.clone()
+        Wn[:, P] = 0
+        Wn[:, update] = fit.new
+        assert fit.error_after == pytest.approx(float(((Xa @ Wa.T - Xa[:, kept] @ Wn[:, kept].T) ** 2).sum()),
+                                                rel=1e-7)
