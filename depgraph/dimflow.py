@@ -80,6 +80,7 @@ class DimFlow:
     aligned: list = field(default_factory=list)  # layouts grouped_mm needs in multiples of rules.moe.GROUPED_MM_ALIGN
     moe_modules: set = field(default_factory=set)  # module paths of top-k routing and the ops reading expert indices
     env: dict = field(default_factory=dict)  # fx node -> its dims' layouts (read by depgraph.blocks)
+    pending: list = field(default_factory=list)  # fills.Pending: created dims blocked unless fills.prove proves them
 
 
 class _NoRule(Exception):
@@ -263,6 +264,7 @@ class _Runner:
         self.outer: dict = {}  # placeholder of a higher-order op's body -> the op's argument it stands for
         self.module_inputs: dict = {}  # module path -> size -> layouts of tensors entering it from outside
         self._paths: dict = {}  # node -> its module path
+        self.pending: list = []  # fills.Pending records
 
     def inputs_of_size(self, where: str, layout, value: int) -> list:
         """Layouts of size ``value`` of tensors entering module ``where`` from outside it (activations and
@@ -327,7 +329,8 @@ class _Runner:
                 self.env[node] = None
         return DimFlow(self.store, self.param_layouts, set(self.cap.buffers.values()), self.attention,
                        self.unsupported, self.notes, self.literals,
-                       routing=self.routing, aligned=self.aligned, moe_modules=self.moe_modules, env=self.env)
+                       routing=self.routing, aligned=self.aligned, moe_modules=self.moe_modules, env=self.env,
+                       pending=self.pending)
 
     def _placeholder(self, node):
         val = node.meta.get("val")

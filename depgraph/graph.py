@@ -12,6 +12,7 @@ import torch
 
 from .capture import Capture, capture
 from .dimflow import DimFlow, propagate
+from .fills import prove as prove_fills
 from .groups import Group, Member
 from .layout import Prod, Space
 from .reads import Reads, follows_call, tagged_reads
@@ -445,6 +446,7 @@ def trace(model, example_inputs=None, strict: bool = False) -> DependencyGraph:
     """
     cap = capture(model, example_inputs)
     flow = propagate(cap, strict=strict)
+    prove_fills(model, example_inputs, flow)
     flow.stale = read_attributes(model, example_inputs, cap, flow)
     return DependencyGraph(cap, flow, type(model).__name__)
 

@@ -1,13 +1,25 @@
 """Ops that create tensors from sizes: their dims are fixed by the model code, never prunable."""
 from __future__ import annotations
 
+from ..fills import FILLS, Pending
 from . import rule
 
 
-@rule("arange", "zeros", "ones", "full", "empty", "scalar_tensor", "rand", "randn", "randint", "linspace",
-      "eye", "new_zeros", "new_ones", "new_full", "empty_strided", "new_empty_strided", "tensor", "randperm")
+@rule("arange", "empty", "scalar_tensor", "rand", "randn", "randint", "linspace", "eye", "empty_strided",
+      "new_empty_strided", "tensor", "randperm")
 def create(ctx):
     return ctx.fresh(ctx.out_shape, "tensor created from a fixed size")
+
+
+@rule(*FILLS)
+def fill(ctx):
+    """A tensor filled with one value: its dims may join the spaces they meet, pending the proof in
+    :mod:`depgraph.fills` that each size is read off the dims it meets (blocked otherwise)."""
+    out = ctx.fresh(ctx.out_shape)
+    for d, lay in enumerate(out):
+        if lay is not None:
+            ctx.flow.pending.append(Pending(lay, ctx.node, d, ctx.reason("tensor created from a fixed size")))
+    return out
 
 
 @rule("new_empty")

@@ -1,0 +1,204 @@
+"""Tensors created filled with one value whose sizes are read off the tensors they meet.
+
+``torch.zeros(b * h, t, s)`` added to (or used as the ``input`` of ``baddbmm`` with) a product sized ``[b * h, t, s]``
+has dims of fixed size in the exported graph. Such a dim may join a prunable space only when its size follows that
+space: the rule in :mod:`depgraph.rules.creation` gives it a *pending* space (:class:`Pending`), and :func:`prove`
+settles it after the propagation by one export with every size a tensor reports tagged (:class:`depgraph.reads.Tagged`).
+A dim is proved when, at every call of its model line, its size is the product of the very tensor dims that size the
+dim it meets in each of its consumers (the output dim of ``baddbmm``/``addmm``, the aligned dim of an elementwise
+operand), so after any shrink both are computed from the same shrunk sizes; values need nothing, since a tensor
+filled with one value is the same tensor of the smaller size once sliced. Anything else (a consumer outside the
+table, a size computed otherwise, a creation whose output escapes into another op) leaves the dim blocked.
+
+Symbols: a dim's symbol is a sorted tuple of ``(tensor id, dim)`` factors, the base dims whose sizes multiply to it;
+a reshape's or a creation's output dim sized by a tagged product takes that product's symbol, a same-shape copy
+(``contiguous``, ``to``, ``float``, ``clone``) its input's symbols; any other tensor's dim is its own base.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from .capture import capture
+from .reads import Tagged, source_line
+
+FILLS = ("zeros", "ones", "full", "new_zeros", "new_ones", "new_full")  # aten ops filling with one value
+_SIZE_GETTERS = (torch.Tensor.size, torch.Tensor.shape.__get__)
+_RESHAPES = ("view", "reshape")
+_COPIES = ("contiguous", "to", "float", "clone", "type_as")
+_ADDMM = {"baddbmm": ((1, 0), (1, 1), (2, 2)), "addmm": ((1, 0), (2, 1)), "addbmm": ((1, 1), (2, 2))}
+_ELEMENTWISE = ("add", "sub", "mul", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__")
+
+
+@dataclass
+class Pending:
+    """A created dim that joins a space only if :func:`prove` shows its size follows: the layout, the fx node, the
+    dim, and the reason it is blocked with otherwise."""
+
+    layout: object
+    node: torch.fx.Node
+    dim: int
+    reason: object
+
+
+def _flat(obj):
+    if isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _flat(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _flat(o)
+    else:
+        yield obj
+
+
+class _Recorder(TorchFunctionMode):
+    """Tags reported sizes, follows dims' symbols, and checks every consumer of a created tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.keep: dict = {}  # id -> tensor (kept alive: no id is reused)
+        self.syms: dict = {}  # id -> per-dim symbols
+        self.created: dict = {}  # id -> [line, shape, per-dim proved, consumers seen]
+        self.calls: list = []  # the ``created`` entries, in call order
+
+    def sym(self, t, d):
+        s = self.syms.get(id(t))
+        if s is not None and self.keep.get(id(t)) is t and s[d] is not None:
+            return s[d]
+        self.keep[id(t)] = t
+        return ((id(t), d),)
+
+    def _of_tag(self, v):
+        """The symbol of a tagged size (a product of reported dims), None for any other int."""
+        if not isinstance(v, Tagged):
+            return None
+        out = []
+        for f in v.attribute.split("*"):
+            if not f.startswith("@"):
+                return None
+            key, _, d = f[1:].partition(":")
+            t = self.keep.get(int(key))
+            if t is None:
+                return None
+            out.extend(self.sym(t, int(d)))
+        return tuple(sorted(out))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _SIZE_GETTERS and args and isinstance(args[0], torch.Tensor):
+            return self._tag(args[0], func(*args, **kwargs), args[1:], kwargs)
+        name = getattr(func, "__name__", "")
+        tensors = [a for a in _flat((args, kwargs)) if isinstance(a, torch.Tensor)]
+        for t in tensors:
+            if id(t) in self.created and self.keep.get(id(t)) is t:
+                self._consumed(name, t, args)
+        out = func(*args, **kwargs)
+        if not isinstance(out, torch.Tensor):
+            return out
+        self.keep[id(out)] = out
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if name in FILLS:
+            self._create(out, args[1:] if first is not None else args)
+        elif name in _RESHAPES and first is not None:
+            sizes = [v for v in _flat(args[1:]) if isinstance(v, int) and not isinstance(v, bool)]
+            if len(sizes) == out.dim():
+                self.syms[id(out)] = tuple(self._of_tag(v) for v in sizes)
+        elif name in _COPIES and first is not None and tuple(first.shape) == tuple(out.shape):
+            self.syms[id(out)] = tuple(self.sym(first, d) for d in range(out.dim()))
+        return out
+
+    def _tag(self, t, out, args, kwargs):
+        self.keep[id(t)] = t
+        if isinstance(out, int):
+            d = (args[0] if args else kwargs.get("dim", 0)) % t.dim()
+            return Tagged(out, f"@{id(t)}:{d}")
+        return torch.Size([Tagged(int(n), f"@{id(t)}:{d}") for d, n in enumerate(out)])
+
+    def _create(self, out, args):
+        sizes = [v for v in _flat(args) if isinstance(v, int) and not isinstance(v, bool)][:out.dim()]
+        frames = _model_frames()
+        if len(sizes) != out.dim() or not frames:
+            return
+        self.syms[id(out)] = syms = tuple(self._of_tag(v) for v in sizes)
+        entry = [tuple(dict.fromkeys(frames)), tuple(out.shape), [s is not None for s in syms], 0]
+        self.created[id(out)] = entry
+        self.calls.append(entry)
+
+    def _consumed(self, name, t, args):
+        """A created tensor ``t`` enters the call ``name(*args)``: keep the dims whose size the call's other
+        operands size the same way; a call outside the table proves nothing."""
+        entry = self.created[id(t)]
+        entry[3] += 1
+        mine = self.syms[id(t)]
+        if name in _ADDMM and args and args[0] is t:
+            wants = _ADDMM[name]
+            if not all(len(args) > i and isinstance(args[i], torch.Tensor) for i, _ in wants):
+                entry[2] = [False] * len(mine)
+                return
+            out = [self.sym(args[i], d) for i, d in wants]
+            off = len(out) - len(mine)
+            entry[2] = [ok and off + d >= 0 and mine[d] == out[off + d] for d, ok in enumerate(entry[2])]
+        elif name in _ELEMENTWISE:
+            others = [a for a in args[:2] if isinstance(a, torch.Tensor) and a is not t]
+            keep = []
+            for d, ok in enumerate(entry[2]):
+                k = d - len(mine)
+                keep.append(ok and any(o.dim() >= -k and o.shape[k] == t.shape[d] and self.sym(o, o.dim() + k) == mine[d]
+                                       for o in others))
+            entry[2] = keep
+        else:
+            entry[2] = [False] * len(mine)
+
+
+def _model_frames():
+    """(file, line) of every frame outside torch and this module, innermost first."""
+    import inspect
+    import os
+
+    tdir = os.path.dirname(torch.__file__)
+    out, f = [], inspect.currentframe()
+    while f is not None:
+        name = f.f_code.co_filename
+        if not name.startswith(tdir) and name != __file__:
+            out.append((name, f.f_lineno))
+        f = f.f_back
+    return out
+
+
+def proved_dims(model, example_inputs) -> dict | None:
+    """{(model line, shape): [per-dim proved, one list per call]} over one export with reported sizes tagged, filed
+    under every model line of the call's stack (the exported node names only its forward's line); None when that
+    export fails."""
+    rec = _Recorder()
+    quiet = logging.getLogger("torch._subclasses.fake_tensor")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        with rec:
+            capture(model, example_inputs)
+    except Exception:  # noqa: BLE001 - no evidence: nothing is proved
+        return None
+    finally:
+        quiet.setLevel(level)
+    out: dict = {}
+    for lines, shape, dims, consumers in rec.calls:
+        for line in lines:
+            out.setdefault((line, shape), []).append(dims if consumers else [False] * len(dims))
+    return out
+
+
+def prove(model, example_inputs, flow) -> None:
+    """Block every pending created dim of ``flow`` whose size is not proved to follow the space it joined."""
+    store = flow.store
+    open_ = [p for p in flow.pending if p.layout is not None and
+             any(not s.blocked for s in store.leaves(p.layout))]
+    proved = proved_dims(model, example_inputs) if open_ else None
+    for p in open_:
+        shape = tuple(int(s) for s in p.node.meta["val"].shape)
+        calls = (proved or {}).get((source_line(p.node), shape))
+        if not calls or not all(c[p.dim] for c in calls):
+            store.block(p.layout, p.reason)
