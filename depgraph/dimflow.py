@@ -58,6 +58,7 @@ class LiteralSize:
     source: tuple | None = None  # (file, line) of the model code emitting the op
     unread: bool = False  # set by graph.read_attributes: the literal did not follow its attribute when it changed
     proved: bool = False  # set by graph.read_attributes: every call making the op passed a size that follows
+    counted: bool = False  # proved as its module's head count plus fixed slots: owned only by that module's heads
 
     def __str__(self) -> str:
         names = ", ".join(a.replace(":", ".") for a in self.attributes[:3]) or "no module attribute"
@@ -81,6 +82,7 @@ class DimFlow:
     moe_modules: set = field(default_factory=set)  # module paths of top-k routing and the ops reading expert indices
     env: dict = field(default_factory=dict)  # fx node -> its dims' layouts (read by depgraph.blocks)
     pending: list = field(default_factory=list)  # fills.Pending: created dims blocked unless fills.prove proves them
+    const_index: list = field(default_factory=list)  # indices.ConstIndex: dims read at positions indices.prove finds
 
 
 class _NoRule(Exception):
@@ -265,6 +267,7 @@ class _Runner:
         self.module_inputs: dict = {}  # module path -> size -> layouts of tensors entering it from outside
         self._paths: dict = {}  # node -> its module path
         self.pending: list = []  # fills.Pending records
+        self.const_index: list = []  # indices.ConstIndex records
 
     def inputs_of_size(self, where: str, layout, value: int) -> list:
         """Layouts of size ``value`` of tensors entering module ``where`` from outside it (activations and
@@ -330,7 +333,7 @@ class _Runner:
         return DimFlow(self.store, self.param_layouts, set(self.cap.buffers.values()), self.attention,
                        self.unsupported, self.notes, self.literals,
                        routing=self.routing, aligned=self.aligned, moe_modules=self.moe_modules, env=self.env,
-                       pending=self.pending)
+                       pending=self.pending, const_index=self.const_index)
 
     def _placeholder(self, node):
         val = node.meta.get("val")

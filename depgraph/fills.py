@@ -120,7 +120,7 @@ class _Recorder(TorchFunctionMode):
 
     def _create(self, out, args):
         sizes = [v for v in _flat(args) if isinstance(v, int) and not isinstance(v, bool)][:out.dim()]
-        frames = _model_frames()
+        frames = model_frames()
         if len(sizes) != out.dim() or not frames:
             return
         self.syms[id(out)] = syms = tuple(self._of_tag(v) for v in sizes)
@@ -154,8 +154,8 @@ class _Recorder(TorchFunctionMode):
             entry[2] = [False] * len(mine)
 
 
-def _model_frames():
-    """(file, line) of every frame outside torch and this module, innermost first."""
+def model_frames(own: str = __file__) -> list:
+    """(file, line) of every frame outside torch and the module ``own`` (a recorder's file), innermost first."""
     import inspect
     import os
 
@@ -163,10 +163,26 @@ def _model_frames():
     out, f = [], inspect.currentframe()
     while f is not None:
         name = f.f_code.co_filename
-        if not name.startswith(tdir) and name != __file__:
+        if not name.startswith(tdir) and name != own and name != __file__:
             out.append((name, f.f_lineno))
         f = f.f_back
     return out
+
+
+def recorded(mode, model, example_inputs) -> bool:
+    """Run one export of ``model`` under the torch-function ``mode`` (a recorder); False when that export fails (no
+    evidence: whatever it was to prove stays blocked)."""
+    quiet = logging.getLogger("torch._subclasses.fake_tensor")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        with mode:
+            capture(model, example_inputs)
+        return True
+    except Exception:  # noqa: BLE001 - the forward may break under tagged sizes
+        return False
+    finally:
+        quiet.setLevel(level)
 
 
 def proved_dims(model, example_inputs) -> dict | None:
@@ -174,16 +190,8 @@ def proved_dims(model, example_inputs) -> dict | None:
     under every model line of the call's stack (the exported node names only its forward's line); None when that
     export fails."""
     rec = _Recorder()
-    quiet = logging.getLogger("torch._subclasses.fake_tensor")
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)
-    try:
-        with rec:
-            capture(model, example_inputs)
-    except Exception:  # noqa: BLE001 - no evidence: nothing is proved
+    if not recorded(rec, model, example_inputs):
         return None
-    finally:
-        quiet.setLevel(level)
     out: dict = {}
     for lines, shape, dims, consumers in rec.calls:
         for line in lines:

@@ -13,6 +13,7 @@ import torch
 from .capture import Capture, capture
 from .dimflow import DimFlow, propagate
 from .fills import prove as prove_fills
+from .indices import prove as prove_indices
 from .groups import Group, Member
 from .layout import Prod, Space
 from .reads import Reads, follows_call, tagged_reads
@@ -37,8 +38,8 @@ def unowned_literals(lits, attention_module, stale=frozenset()) -> list:
     does a literal that also equals an attribute the forward was seen to read (``stale``)."""
     out = []
     for lit in lits:
-        owned = lit.proved or any(_owned(a, attention_module) for a in lit.attributes) and \
-            not any(a in stale for a in lit.attributes)
+        owned = lit.proved and (not lit.counted or attention_module == lit.module) or \
+            any(_owned(a, attention_module) for a in lit.attributes) and not any(a in stale for a in lit.attributes)
         if owned and lit.unread:
             reason = f"{lit}: read off a tensor's shape, not the attribute (it did not follow the attribute)"
             if reason not in out:
@@ -447,6 +448,7 @@ def trace(model, example_inputs=None, strict: bool = False) -> DependencyGraph:
     cap = capture(model, example_inputs)
     flow = propagate(cap, strict=strict)
     prove_fills(model, example_inputs, flow)
+    prove_indices(model, example_inputs, flow)
     flow.stale = read_attributes(model, example_inputs, cap, flow)
     return DependencyGraph(cap, flow, type(model).__name__)
 
@@ -476,6 +478,8 @@ def read_attributes(model, example_inputs, cap, flow) -> set:
                     ambiguous.setdefault(a.rpartition(":")[2], []).append(lit)
         if lit.witnesses and (owned or not lit.strict):  # owned or not, a merge may be read off its witnesses
             confirm.append(lit)
+    counted = [lit for lit in flow.literals or () if lit.strict and not lit.attributes and
+               _fixed_slots(flow.store, lit.layout)]
     nodes = _top_level_nodes(cap)
     stale, failed = set(), []
     for name, lits in ambiguous.items():
@@ -498,8 +502,12 @@ def read_attributes(model, example_inputs, cap, flow) -> set:
                 failed.append((name, lit))
             elif n is None or lit.node not in nodes or repr(n.args) != repr(nodes[lit.node].args):
                 stale.update(a for a in lit.attributes if a.rpartition(":")[2] == name)
-    paths = {lit.module for lit in confirm} | {lit.module for _, lit in failed}
+    paths = {lit.module for lit in confirm} | {lit.module for _, lit in failed} | {lit.module for lit in counted}
     reads = (tagged_reads(model, example_inputs, paths) or Reads()) if paths else Reads()
+    for lit in counted:  # ``view(b, t, self.num_heads + 2, d)`` over (heads ++ 2 blocked slots)
+        slots = _fixed_slots(flow.store, lit.layout)
+        lit.counted = lit.proved = lit.node in nodes and follows_call(reads, nodes[lit.node], lit.value,
+                                                                      _counts_plus(lit, slots))
     for name, lit in failed:  # settled when every call making the op passed a rewritten attribute there
         lit.proved = lit.node in nodes and follows_call(reads, nodes[lit.node], lit.value, _owns(lit))
         if not lit.proved:
@@ -560,6 +568,25 @@ def _accepts(lit):
     names = {a.rpartition(":")[2] for a in lit.attributes if _owned(a, lit.module)} or \
         {a.rpartition(":")[2] for a in lit.attributes}
     return lambda name: name in names or _follows_counts(name)
+
+
+def _fixed_slots(store, layout) -> int:
+    """The size of the blocked segments of a concatenation with exactly one other (prunable) segment, else 0."""
+    segs = store.segments(layout) if layout is not None else []
+    free = [s for s in segs if any(not leaf.blocked for leaf in store.leaves(s))]
+    return sum(s.size for s in segs) - free[0].size if len(segs) > 1 and len(free) == 1 else 0
+
+
+def _counts_plus(lit, slots: int):
+    """Which tag names follow a dim of one head segment plus ``slots`` blocked ones: ``count+slots`` of a head
+    count of the literal's own module."""
+    from .shrink import ATTENTION_ATTRIBUTES
+
+    def accept(name):
+        attr, plus, extra = name.partition("+")
+        return bool(plus) and extra == str(slots) and ATTENTION_ATTRIBUTES.get(attr) in ("heads", "kv") and \
+            _owned(f"{lit.module}:{attr}", lit.module)
+    return accept
 
 
 def _follows_counts(product: str) -> bool:

@@ -40,11 +40,19 @@ class Tagged(int):
         return out
 
     def __mul__(self, other):  # ``self.num_heads * self.head_dim``: the product remembers its factors
-        if isinstance(other, int) and not isinstance(other, bool):
+        if isinstance(other, int) and not isinstance(other, bool) and "+" not in self.attribute + \
+                getattr(other, "attribute", ""):
             return Tagged(int(self) * int(other), f"{self.attribute}*{getattr(other, 'attribute', int(other))}")
         return int(self) * other
 
     __rmul__ = __mul__
+
+    def __add__(self, other):  # ``self.num_heads + 2``: an attribute plus fixed slots remembers both
+        if type(other) is int and other > 0 and self.attribute.isidentifier():
+            return Tagged(int(self) + other, f"{self.attribute}+{other}")
+        return int(self) + other
+
+    __radd__ = __add__
 
     def __deepcopy__(self, memo):
         return self

@@ -408,7 +408,10 @@ def _update_config(model, plan: Plan, record: dict) -> None:
             if isinstance(_read(target, f), int):
                 setattr(target, f, v)
     if len(after["head_dim"]) == 1:  # models that derive head_dim from hidden/heads read it when set
-        target.head_dim = next(iter(after["head_dim"]))
+        try:
+            target.head_dim = next(iter(after["head_dim"]))
+        except AttributeError:  # a read-only property (derived from hidden/heads): the rebuild check decides
+            pass
     uniform = _builds_same_shapes(model, candidate)
     record["uniform"] = uniform  # stock from_pretrained rebuilds these shapes
     if uniform:

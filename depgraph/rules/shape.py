@@ -177,12 +177,18 @@ def slice_(ctx):
 
 
 def _slice_literals(ctx, whole, piece, start, end, n) -> None:
-    """A slice at fixed offsets: the offsets must follow the pruned sizes of what lies before them."""
+    """A slice at fixed offsets: an offset counted from the start must follow the pruned sizes of what lies before
+    it. One counted from the end (``x[..., :-2]``, ``x[..., -2:]``) is read off the dim's size when the model runs,
+    so it follows whatever is pruned before it; what lies after it must keep its size: that tail is blocked."""
     raw_start, raw_end = ctx.arg(2, "start"), ctx.arg(3, "end" if ctx.op == "slice" else "length")
-    if start > 0 and whole is not None:
+    from_end = [ctx.op == "slice" and isinstance(raw, int) and raw < 0 for raw in (raw_start, raw_end)]
+    for back, at in zip(from_end, (start, end)):
+        if back and at < n and whole is not None:
+            ctx.block(ctx.slice(whole, at, n), "fixed-size tail after a slice bound counted from the end")
+    if start > 0 and whole is not None and not from_end[0]:
         before = ctx.slice(whole, 0, start)
         ctx.literal(before, raw_start if isinstance(raw_start, int) else start, strict=True)
-    if end < n:
+    if end < n and not from_end[1]:
         ctx.literal(piece, raw_end if isinstance(raw_end, int) else end, strict=True)
 
 
@@ -414,8 +420,11 @@ def index(ctx):
     lay, out_shape = ctx.lay(src), ctx.out_shape
     consumed, tensors = _index_positions(ctx, list(ctx.arg(1, "indices")))
     flat = [d for c in consumed for d in c]
-    for d in flat:
-        ctx.block(lay[d], "dim indexed by a tensor")
+    if len(tensors) == 1 and len(flat) == 1 and _constant_positions(ctx, tensors[0], lay[flat[0]]):
+        pass  # fixed positions: only the part of the dim they read is blocked (depgraph.indices)
+    else:
+        for d in flat:
+            ctx.block(lay[d], "dim indexed by a tensor")
     rest = [d for d in range(len(lay)) if d not in flat]
     bool_mask = any(t.meta["val"].dtype == torch.bool for t in tensors)
     nb = len(out_shape) - len(rest)
@@ -434,6 +443,24 @@ def index(ctx):
     else:
         out = bdims + [lay[d] for d in rest]
     return tuple(out)
+
+
+def _constant_positions(ctx, ix, lay) -> bool:
+    """An index by a 1-D integer constant: block the head/tail of ``lay`` it reads (its values known), or leave
+    that to :func:`depgraph.indices.prove` (a constant made on the meta twin); False for any other index."""
+    import torch
+
+    from ..indices import ConstIndex, block_parts, constant_of, fixed_parts
+
+    t = constant_of(ctx.flow.cap, ix)
+    if t is None or t.dim() != 1 or t.dtype not in (torch.int64, torch.int32) or lay is None:
+        return False
+    n, why = ctx.store.expand(lay).size, ctx.reason("dim indexed by a tensor")
+    if t.device.type == "meta":
+        ctx.flow.const_index.append(ConstIndex(lay, n, ctx.node, why))
+    else:
+        block_parts(ctx.store, lay, fixed_parts([int(v) for v in t.tolist()], n), why)
+    return True
 
 
 def _adjacent(consumed) -> bool:
