@@ -57,7 +57,8 @@ class LiteralSize:
     witnesses: list = field(default_factory=list)  # layouts of the module's inputs of that size: it may be their .size()
     source: tuple | None = None  # (file, line) of the model code emitting the op
     unread: bool = False  # set by graph.read_attributes: the literal did not follow its attribute when it changed
-    proved: bool = False  # set by graph.read_attributes: every call making the op passed a size that follows
+    proved: bool = False  # set by graph.read_attributes: every call making the op passed sizes read off its spaces
+    passed: bool = False  # ... or passed an attribute of this module shrink rewrites (owned by its attention group)
     counted: bool = False  # proved as its module's head count plus fixed slots: owned only by that module's heads
 
     def __str__(self) -> str:
@@ -229,18 +230,16 @@ class Ctx:
     def literal(self, layout, value, strict: bool = False) -> None:
         """Record that a prunable ``layout`` is sized by the literal ``value`` in this op's arguments.
 
-        A reshape's sizes are mostly read off the tensor itself (``view(*x.shape[:-1], -1, d)`` exports as
-        literals), so only a value equal to a module attribute is recorded (with ``witnesses`` when it also equals the
-        size of a dim of a tensor entering the module, whose ``.size()`` it may be: graph.read_attributes then
-        checks the forward passes the attribute itself); ``strict`` (split sizes, slice offsets) records every value: one no rewritten
-        attribute holds blocks its space."""
+        Every value is recorded, with the attributes it equals and ``witnesses`` (dims of that size of tensors
+        entering the module, whose ``.size()`` it may be): graph.read_attributes then checks what the forward
+        passed there (a rewritten attribute, or the very dims of the tensor it reshapes); a literal it cannot prove
+        blocks its space. ``strict``: a split size or slice offset (a merge's size is often read off the tensor)."""
         if layout is None or not isinstance(value, int) or isinstance(value, bool) or value in (-1, 0):
             return
         attrs = self.flow.attributes_equal_to(self.node, value)
-        if attrs or strict:
-            seen = self.flow.inputs_of_size(self.where, layout, value)
-            self.flow.literals.append(LiteralSize(layout, value, attrs, self.op, self.where, self.node.name, strict,
-                                                  seen, source_line(self.node) if seen else None))
+        seen = self.flow.inputs_of_size(self.where, layout, value)
+        self.flow.literals.append(LiteralSize(layout, value, attrs, self.op, self.where, self.node.name, strict,
+                                              seen, source_line(self.node)))
 
     def attention_site(self, heads, num_heads, num_kv_heads, head_dim) -> None:
         self.flow.attention.append(AttentionSite(heads, num_heads, num_kv_heads, head_dim, self.where))

@@ -17,6 +17,7 @@ from .indices import prove as prove_indices
 from .groups import Group, Member
 from .layout import Prod, Space
 from .reads import Reads, follows_call, tagged_reads
+from .sizes import SizeSpaces
 from .rules import op_name
 from .rules.moe import GROUPED_MM_ALIGN
 
@@ -39,6 +40,7 @@ def unowned_literals(lits, attention_module, stale=frozenset()) -> list:
     out = []
     for lit in lits:
         owned = lit.proved and (not lit.counted or attention_module == lit.module) or \
+            lit.passed and lit.module == attention_module or \
             any(_owned(a, attention_module) for a in lit.attributes) and not any(a in stale for a in lit.attributes)
         if owned and lit.unread:
             reason = f"{lit}: read off a tensor's shape, not the attribute (it did not follow the attribute)"
@@ -466,10 +468,16 @@ def read_attributes(model, example_inputs, cap, flow) -> set:
       one export with the attributes tagged (:mod:`depgraph.reads`); a literal whose op's line was not passed the
       attribute is marked ``unread``: not owned, and (a merge, owned or not) its witnesses are blocked, since
       pruning them would change the size the model code reads off them. A merge that a second export, with the
-      sizes tensors report tagged, shows to be the product of its own input's dims follows that input
-      (``proved``)."""
+      sizes tensors report tagged, shows to be the product of its own input's dims, or of tensor dims in exactly
+      the spaces it sizes (:mod:`depgraph.sizes`), follows them (``proved``).
+    - Every other merge (or size kept by ``new_empty``) of a parameter's space, equal to an attribute or not, is
+      confirmed the same way: a literal neither export proves is not owned and blocks its space."""
     ambiguous: dict = {}  # attr name -> literals to test against an unrewritten attribute
     confirm = []  # literals whose owning attribute must be seen to be read
+    param_leaves = _parameter_leaves(flow)
+    counted = [lit for lit in flow.literals or () if lit.strict and not lit.attributes and
+               _fixed_slots(flow.store, lit.layout)]
+    slotted = {id(lit) for lit in counted}
     for lit in flow.literals or ():
         owned = [a for a in lit.attributes if _owned(a, lit.module)]
         if lit.strict and owned:
@@ -478,8 +486,9 @@ def read_attributes(model, example_inputs, cap, flow) -> set:
                     ambiguous.setdefault(a.rpartition(":")[2], []).append(lit)
         if lit.witnesses and (owned or not lit.strict):  # owned or not, a merge may be read off its witnesses
             confirm.append(lit)
-    counted = [lit for lit in flow.literals or () if lit.strict and not lit.attributes and
-               _fixed_slots(flow.store, lit.layout)]
+        elif (not lit.strict or owned or not lit.attributes) and id(lit) not in slotted and \
+                param_leaves.intersection(flow.store.leaves(lit.layout)):
+            confirm.append(lit)  # equal to a rewritten attribute, or to none: proved below, or it blocks
     nodes = _top_level_nodes(cap)
     stale, failed = set(), []
     for name, lits in ambiguous.items():
@@ -503,30 +512,37 @@ def read_attributes(model, example_inputs, cap, flow) -> set:
             elif n is None or lit.node not in nodes or repr(n.args) != repr(nodes[lit.node].args):
                 stale.update(a for a in lit.attributes if a.rpartition(":")[2] == name)
     paths = {lit.module for lit in confirm} | {lit.module for _, lit in failed} | {lit.module for lit in counted}
-    reads = (tagged_reads(model, example_inputs, paths) or Reads()) if paths else Reads()
+    # one export with the attributes and the sizes tensors report tagged answers every literal
+    reads = (tagged_reads(model, example_inputs, paths, sizes=True) or Reads()) if paths else Reads()
+    spaces = SizeSpaces(flow, nodes, cap.module)
+
+    def follows(lit, accept=None):
+        """Sizes read off the spaces they size (no ``accept``), or attributes ``accept`` takes as well."""
+        node = nodes.get(lit.node)
+        return node is not None and follows_call(reads, node, lit.value, accept or (lambda name: False),
+                                                 _repeated(flow, node) if accept else None, spaces)
+
+    def prove(lit):  # an attribute proof holds only for the attention group of the module whose attribute it is
+        lit.proved = follows(lit)
+        lit.passed = not lit.proved and follows(lit, _owns(lit))
     for lit in counted:  # ``view(b, t, self.num_heads + 2, d)`` over (heads ++ 2 blocked slots)
-        slots = _fixed_slots(flow.store, lit.layout)
-        lit.counted = lit.proved = lit.node in nodes and follows_call(reads, nodes[lit.node], lit.value,
-                                                                      _counts_plus(lit, slots))
+        lit.counted = lit.proved = follows(lit, _counts_plus(lit, _fixed_slots(flow.store, lit.layout)))
     for name, lit in failed:  # settled when every call making the op passed a rewritten attribute there
-        lit.proved = lit.node in nodes and follows_call(reads, nodes[lit.node], lit.value, _owns(lit))
-        if not lit.proved:
+        prove(lit)
+        if not (lit.proved or lit.passed):
             stale.update(a for a in lit.attributes if a.rpartition(":")[2] == name)
-    if confirm:
-        for lit in confirm:
-            seen = reads.get(lit.source, ())
-            accept = _accepts(lit)
-            found = lit.node in nodes
-            lit.proved = found and follows_call(reads, nodes[lit.node], lit.value, _owns(lit))
-            lit.unread = not lit.proved and not any(v == lit.value and accept(name) for name, v in seen) and \
-                not (found and follows_call(reads, nodes[lit.node], lit.value, accept))
-        unread = [lit for lit in confirm if lit.unread and lit.node in nodes]
-        sized = tagged_reads(model, example_inputs, paths, sizes=True) if unread else None
-        for lit in unread if sized is not None else ():  # a merge of its own input's dims follows that input
-            node = nodes[lit.node]
-            lit.proved = follows_call(sized, node, lit.value, _owns(lit), _repeated(flow, node))
-            lit.unread = not lit.proved
+    for lit in confirm:
+        accept = _accepts(lit)
+        seen = any(v == lit.value and accept(name) for name, v in reads.get(lit.source, ()))
+        prove(lit)
+        lit.unread = not (lit.proved or lit.passed or seen or follows(lit, accept))
     return stale
+
+
+def _parameter_leaves(flow) -> set:
+    """The leaf spaces some parameter dim uses (only a literal sizing one of them can matter to a plan)."""
+    return {leaf for lays in flow.param_layouts.values() for lay in lays if lay is not None
+            for leaf in flow.store.leaves(lay)}
 
 
 def _repeated(flow, node):

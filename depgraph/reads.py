@@ -109,9 +109,11 @@ _RESHAPES = ("view", "reshape", "_unsafe_view")
 @dataclass
 class Reads:
     """What one tagged export saw. ``lines``: {(file, line): {(attribute, value)}} at the innermost model line of
-    each call; ``calls``: {(file, line): [(ints, tags)]} for every call with int arguments, on every model line of
-    its stack, ``tags`` naming per int the attribute (product) it is or ``self:D`` / ``other`` for a size a
-    tensor reported (``self``: dim D of the call's own first tensor)."""
+    each call; ``calls``: {(file, line): [(ints, tags, own)]} for every call with int arguments, on every model
+    line of its stack, ``tags`` naming per int the attribute (product) it is or ``self:D`` /
+    ``node:NAME:D:SHAPE:OP`` / ``other`` for a size a tensor reported (``self``: dim D of the call's own first
+    tensor; ``node``: dim D of the graph node NAME, of that shape and op), ``own`` the graph node of that first
+    tensor (with sizes tagged, else None)."""
 
     lines: dict = field(default_factory=dict)
     calls: dict = field(default_factory=dict)
@@ -126,6 +128,7 @@ class _Recorder(TorchFunctionMode):
         self.reads = Reads()
         self.sizes = sizes
         self.sized: dict = {}  # id -> tensor whose sizes were tagged (kept alive: no id is reused)
+        self.nodes: dict = {}  # id -> (name, shape) of the exported graph's node that tensor is, when traced
         self.origin: dict = {}  # id(out) -> (out, its input, {out dim: input dim}) of dim-keeping views
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -140,7 +143,9 @@ class _Recorder(TorchFunctionMode):
         ints = _ints(leaves)
         if ints and frames:
             own = next((a for a in args if isinstance(a, torch.Tensor)), None)
-            entry = (tuple(int(v) for v in ints), tuple(self._tag_of(v, own) for v in ints))
+            node = _traced_node(own) if self.sizes and own is not None else None
+            entry = (tuple(int(v) for v in ints), tuple(self._tag_of(v, own) for v in ints),
+                     node.name if node is not None else None)
             for frame in dict.fromkeys(frames):
                 self.reads.calls.setdefault(frame, []).append(entry)
         out = func(*args, **kwargs)
@@ -152,6 +157,9 @@ class _Recorder(TorchFunctionMode):
 
     def _tag_sizes(self, t, out, args, kwargs):
         self.sized[id(t)] = t
+        node = _traced_node(t)
+        if node is not None:
+            self.nodes[id(t)] = (node.name, tuple(t.shape), op_name_of(node))
         if isinstance(out, int):
             d = (args[0] if args else kwargs.get("dim", 0)) % t.dim()
             return Tagged(out, f"@{id(t)}:{d}")
@@ -167,7 +175,9 @@ class _Recorder(TorchFunctionMode):
                 key, _, d = f[1:].partition(":")
                 mine = self._dims_from(own, int(key)) if own is not None else None
                 e = [o for o, a in (mine or {}).items() if a == int(d)]
-                f = f"self:{e[0]}" if e else "other"
+                node = self.nodes.get(int(key))
+                shape = "x".join(map(str, node[1])) if node else ""
+                f = f"self:{e[0]}" if e else f"node:{node[0]}:{d}:{shape}:{node[2]}" if node else "other"
             parts.append(f)
         return "*".join(parts)
 
@@ -184,6 +194,23 @@ class _Recorder(TorchFunctionMode):
             _, t, kept = step
             dims = {o: kept[a] for o, a in dims.items() if a in kept}
         return None
+
+
+def _traced_node(t):
+    """The fx node the export is recording for tensor ``t`` (None outside the export's proxy tracing)."""
+    try:
+        from torch.fx.experimental import proxy_tensor
+
+        mode = proxy_tensor.get_proxy_mode()
+        slot = proxy_tensor.get_proxy_slot(t, mode.tracer, None) if mode is not None else None
+        return getattr(getattr(slot, "proxy", None), "node", None)
+    except Exception:  # noqa: BLE001 - no tracer to ask: the size stays "other" (proves nothing)
+        return None
+
+
+def op_name_of(node) -> str:
+    """A graph node's op, to check a node found again by name is the one a size was read off."""
+    return getattr(node.target, "__name__", str(node.target)).replace(":", "").replace("*", "")
 
 
 def _kept_dims(func, args, out) -> dict | None:
@@ -253,19 +280,24 @@ def merged_dims(in_shape, out_shape, i: int) -> set | None:
     return {d for d, n in enumerate(in_shape) if n > 1 and bounds[d] >= lo and bounds[d + 1] <= hi}
 
 
-def follows_call(reads: Reads, node, value: int, accept, repeated=None) -> bool:
+def follows_call(reads: Reads, node, value: int, accept, repeated=None, spaces=None) -> bool:
     """Whether every torch call on ``node``'s model line with the node's int arguments had, at each position the
     literal ``value`` holds, a size that follows the pruned space: an attribute (product) ``accept`` takes, or,
     for a reshape, the product of the very input dims it merges into that position (read off its own input, or
     a tensor it was viewed from), times at most one attribute ``repeated(name, dim)`` says sizes the one
-    remaining merged dim (``repeat_kv``: ``reshape(b, kv * self.num_key_value_groups, t, d)``)."""
+    remaining merged dim (``repeat_kv``: ``reshape(b, kv * self.num_key_value_groups, t, d)``); or, with
+    ``spaces`` (:class:`depgraph.graph.SizeSpaces`), a product of tensor dims read anywhere whose spaces are
+    exactly those of the output dim it sizes (``view(bsz * self.num_heads, -1, d)``, ``bsz`` off the input)."""
     line = source_line(node)
     sig = signature(node.args)
     where = [i for i, v in enumerate(sig) if v == value]
-    calls = [tags for ints, tags in reads.calls.get(line, ()) if ints == sig] if line else []
+    calls = [tags for ints, tags, _ in reads.calls.get(line, ()) if ints == sig] if line else []
+    src = node.args[0] if node.args else None
+    mine = [tags for ints, tags, own in reads.calls.get(line, ()) if ints == sig and own == getattr(src, "name", 0)]
+    if spaces is not None and mine:  # the export named the tensor each call made the op on: only this node's
+        calls = mine
     if not where or not calls:
         return False
-    src = node.args[0] if node.args else None
     in_shape = tuple(src.meta["val"].shape) if hasattr(src, "meta") and "val" in src.meta else None
     out_val = node.meta.get("val")
     out_shape = tuple(out_val.shape) if hasattr(out_val, "shape") else None
@@ -277,7 +309,7 @@ def follows_call(reads: Reads, node, value: int, accept, repeated=None) -> bool:
     def ok(tag, i):
         if tag is None:
             return False
-        if accept(tag):
+        if accept(tag) or spaces is not None and len(sig) == len(out_shape or ()) and spaces.follows(node, i, tag):
             return True
         factors = tag.split("*")
         own = [int(f[5:]) for f in factors if f.startswith("self:")]

@@ -25,12 +25,14 @@ def fill(ctx):
 @rule("new_empty")
 def new_empty(ctx):
     """``x.new_empty(*x.shape[:-1], n)``, to be written into (MLA builds its keys by ``copy_`` into slices): a dim
-    the size of ``x``'s dim at the same position is read from ``x`` and follows it when ``x`` shrinks; the others
-    are fixed sizes. Uninitialised memory carries no values of its own, so only sizes can differ."""
+    the size of ``x``'s dim at the same position is taken to be read from ``x`` (a literal the tagged export must
+    prove, see :func:`depgraph.graph.read_attributes`); the others are fixed sizes. Uninitialised memory carries no
+    values of its own, so only sizes can differ."""
     src = ctx.arg(0, "self")
     shp, lay = ctx.shape(src), ctx.lay(src)
     out = list(ctx.fresh(ctx.out_shape, "tensor created from a fixed size"))
     for d, n in enumerate(ctx.out_shape):
         if d < len(shp) and shp[d] == n and n > 1 and lay[d] is not None:
             out[d] = lay[d]
+            ctx.literal(lay[d], n)  # equal by value: graph.read_attributes proves it was read off that dim
     return tuple(out)

@@ -91,11 +91,14 @@ def expand(ctx):
     """Dims grown from size 1 are new *broadcast* spaces: no parameter stands behind them."""
     src = ctx.arg(0, "self")
     shp, lay, out_shape = ctx.shape(src), ctx.lay(src), ctx.out_shape
+    sizes = list(ctx.arg(1, "size")) if ctx.op == "expand" else None
     off = len(out_shape) - len(shp)
     out = []
     for d, n in enumerate(out_shape):
         if d >= off and shp[d - off] == n:
             out.append(lay[d - off])
+            if sizes is not None and n > 1 and d < len(sizes):  # a kept dim by a fixed size (not -1): proved
+                ctx.literal(lay[d - off], sizes[d])  # read off that dim, or it blocks (graph.read_attributes)
         else:
             out.append(ctx.fresh((n,), broadcast=True)[0])
     return tuple(out)
