@@ -150,6 +150,51 @@ STUDY = (
     ("depth + width, +reconstruct", {"kinds": ("block", "mlp"), "reconstruct": True}, ("alpaca", 16, 128)),
     ("+reconstruct, obs, adaptive", {"reconstruct": True, "method": "obs", "policy": "adaptive"},
      ("alpaca", 16, 128)),
+    # calibration size and source for the re-fit (the Gram matrix of a down_proj is 1536 wide: the fit wants many
+    # more tokens than that); wikitext2 = the WikiText-2 *validation* split, a different split from the test set
+    # scored here (in-domain calibration, as FLAP and SliceGPT calibrate on the train split)
+    ("+reconstruct, self 128x128, damp 1", {"reconstruct": True, "damp": 1.0}, ("self", 128, 128)),
+    ("+reconstruct, self 256x128, damp 1", {"reconstruct": True, "damp": 1.0}, ("self", 256, 128)),
+    ("+reconstruct, wikitext2 128x128, damp 1", {"reconstruct": True, "damp": 1.0}, ("wikitext2", 128, 128)),
+    ("+reconstruct, wikitext2 256x128, damp 1", {"reconstruct": True, "damp": 1.0}, ("wikitext2", 256, 128)),
+    ("+reconstruct, alpaca 128x128, damp 1", {"reconstruct": True, "damp": 1.0}, ("alpaca", 128, 128)),
+    ("+reconstruct, alpaca 256x128, damp 1", {"reconstruct": True, "damp": 1.0}, ("alpaca", 256, 128)),
+    # the dampening sweep again at the larger sizes
+    ("+reconstruct, wikitext2 256x128, damp 0.1", {"reconstruct": True, "damp": 0.1}, ("wikitext2", 256, 128)),
+    ("+reconstruct, wikitext2 256x128, damp 0.01", {"reconstruct": True, "damp": 0.01}, ("wikitext2", 256, 128)),
+    ("+reconstruct, self 256x128, damp 0.1", {"reconstruct": True, "damp": 0.1}, ("self", 256, 128)),
+    ("+reconstruct, self 256x128, damp 0.01", {"reconstruct": True, "damp": 0.01}, ("self", 256, 128)),
+    ("+reconstruct, self 128x128, damp 0.1", {"reconstruct": True, "damp": 0.1}, ("self", 128, 128)),
+    # within the 2-minute prune bound: 4,096 tokens (still > 1536, the down_proj Gram's width)
+    ("+reconstruct, self 32x128, damp 0.1", {"reconstruct": True, "damp": 0.1}, ("self", 32, 128)),
+    ("+reconstruct, self 32x128, damp 0.3", {"reconstruct": True, "damp": 0.3}, ("self", 32, 128)),
+    ("+reconstruct, wikitext2 32x128, damp 1", {"reconstruct": True, "damp": 1.0}, ("wikitext2", 32, 128)),
+    ("+reconstruct, wikitext2 32x128, damp 0.1", {"reconstruct": True, "damp": 0.1}, ("wikitext2", 32, 128)),
+    ("+reconstruct, wikitext2 10x64, damp 1", {"reconstruct": True, "damp": 1.0}, ("wikitext2", 10, 64)),
+    ("+reconstruct, self 32x128, damp 3", {"reconstruct": True, "damp": 3.0}, ("self", 32, 128)),
+    ("+reconstruct, alpaca 32x128, damp 1", {"reconstruct": True, "damp": 1.0}, ("alpaca", 32, 128)),
+    ("+reconstruct, alpaca 32x128, damp 0.1", {"reconstruct": True, "damp": 0.1}, ("alpaca", 32, 128)),
+    # selection by the OBS cost (consumer re-fitted), then the re-fit
+    ("obs, +reconstruct, self 32x128, damp 0.1", {"reconstruct": True, "damp": 0.1, "method": "obs"},
+     ("self", 32, 128)),
+    ("obs, +reconstruct, wikitext2 32x128, damp 0.1", {"reconstruct": True, "damp": 0.1, "method": "obs"},
+     ("wikitext2", 32, 128)),
+    # units re-chosen per block during the re-fit by greedy OBS on the sequential inputs (select="obs")
+    ("select obs, +reconstruct, self calib, damp 1", {"reconstruct": True, "damp": 1.0, "select": "obs"},
+     ("self", 10, 64)),
+    ("select obs, +reconstruct, self 32x128, damp 0.1", {"reconstruct": True, "damp": 0.1, "select": "obs"},
+     ("self", 32, 128)),
+    ("select obs, +reconstruct, self 32x128, damp 1", {"reconstruct": True, "damp": 1.0, "select": "obs"},
+     ("self", 32, 128)),
+    ("select obs, +reconstruct, wikitext2 32x128, damp 0.1", {"reconstruct": True, "damp": 0.1, "select": "obs"},
+     ("wikitext2", 32, 128)),
+    # heads + MLP neurons under one budget, both re-fitted (o_proj is the heads' consumer)
+    ("heads+mlp, +reconstruct, self 32x128, damp 0.1",
+     {"reconstruct": True, "damp": 0.1, "kinds": ("attention", "mlp")}, ("self", 32, 128)),
+    ("heads+mlp, +reconstruct, wikitext2 32x128, damp 1",
+     {"reconstruct": True, "damp": 1.0, "kinds": ("attention", "mlp")}, ("wikitext2", 32, 128)),
+    ("heads+mlp, +reconstruct, self calib, damp 1",
+     {"reconstruct": True, "damp": 1.0, "kinds": ("attention", "mlp")}, ("self", 10, 64)),
 )
 
 
@@ -363,7 +408,13 @@ def _study_table(st, key: str) -> list:
               "uniform widths, no re-fit); the default now is the row '+reconstruct, self calib, damp 1'; "
               "+reconstruct: kept columns of every down_proj re-fitted by least squares, block by block; obs: OBS "
               "scores; adaptive: per-layer widths (FLAP's standardised scores, min width 25%); damp: the ridge added to the "
-              "Gram matrix as a fraction of its mean diagonal (0.01 unless stated). Prune time includes building the calibration set; peak RSS of "
+              "Gram matrix as a fraction of its mean diagonal (0.01 unless stated). calibration: source and windows x tokens; "
+              "self: sampled from the model (data-free); wikitext2: the WikiText-2 *validation* split "
+              "(wiki.valid.tokens), a different split from the test set scored here, i.e. in-domain calibration as "
+              "FLAP and SliceGPT calibrate on the train split; alpaca: the 5,000-record Alpaca subset. select obs: "
+              "the plan's widths, each layer's neurons re-chosen during the re-fit by greedy OBS on the sequential "
+              "inputs (8 a round, H^-1 downdated). heads+mlp: attention heads and MLP neurons under one budget, "
+              "o_proj and down_proj re-fitted. Prune time includes building the calibration set; peak RSS of "
               "the process during the prune (the dense copy included); load: the machine's 1/5/15-minute load "
               "average at the end of the prune (2 cores shared with other jobs, run under nice); threads: torch's intra-op "
               "threads where recorded (1 under load: 2 threads on 2 shared cores spin at every op's barrier, up to 7x "

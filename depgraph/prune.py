@@ -14,7 +14,7 @@ from .graph import trace
 from .importance import methods, score
 from .plan import Plan, check_ratio, check_round_to, check_target, select_groups
 from .prune_report import PruneReport
-from .reconstruct import ReconstructConfig, reconstruct as refit_consumers
+from .reconstruct import ReconstructConfig, obs_reselector, reconstruct as refit_consumers
 from .shrink import shrink
 
 
@@ -58,6 +58,7 @@ def record_groups(groups: dict, plan, scores: dict) -> None:
 
 
 DEFAULT_TARGET = 0.2
+SELECTS = ("scores", "obs")  # prune(select=...): the plan's units, or re-chosen by greedy OBS during the re-fit
 
 
 def check_args(target, method, steps, compensate, calibration, ratios, reconstruct=False, round_to=8):
@@ -128,7 +129,8 @@ def prune(model, calibration=None, target: float | None = None, method: str = "a
           normalize=None, steps: int = 1, uniform: bool = False, compensate: bool = False,
           ratios: dict | None = None, progress: bool = True, reconstruct: bool | None = None, damp: float = 1.0,
           stream: bool = False, checkpoint=None, output=None,
-          verify: bool = True, block_method: str = "influence", depth_share: float | None = None):
+          verify: bool = True, block_method: str = "influence", depth_share: float | None = None,
+          select: str = "scores"):
     """Shrink ``model`` in place by ``target`` (fraction of *all* parameters, default 0.2); returns (model, report,
     plans). A target that cannot be met (every group at its minimum) is refused with the largest reachable fraction,
     right after the trace; so are layers outside the model.
@@ -164,10 +166,21 @@ def prune(model, calibration=None, target: float | None = None, method: str = "a
     ``"block"`` in ``kinds`` adds depth pruning (whole layers and attention/MLP sub-blocks, depgraph.blocks), scored
     by ``block_method`` (``influence``: ShortGPT's Block Influence, or ``loss``: the calibration-loss increase,
     depgraph.block_scores); ``depth_share`` is the part of the target depth takes (see ``Plan.from_scores``).
+    ``select``: ``"scores"`` (default) removes the units the plan chose from ``method``'s scores; ``"obs"`` keeps
+    the plan's widths but re-chooses each group's units during the re-fit, block by block on the sequential
+    calibration inputs, by greedy Optimal Brain Surgeon on the consumer (ZipLM / SlimGPT: the unit whose removal
+    leaves the least re-fit error, H^-1 downdated after each round of 8; GQA heads and experts keep the plan's
+    units); it needs the re-fit.
     """
     dispatched = isinstance(model, torch.nn.Module) and is_dispatched(model)
     if reconstruct is None:  # the measured default: re-fit whenever there is calibration data to fit on
         reconstruct = calibration is not None and not dispatched
+    if select not in SELECTS:
+        raise PlanError(f"select must be one of {', '.join(SELECTS)}, got {select!r}")
+    if select == "obs" and not reconstruct:
+        raise PlanError("select='obs' re-chooses units during the re-fit: it needs reconstruct and calibration data")
+    if select == "obs" and stream:
+        raise PlanError("select='obs' does not run with stream=True")
     if reconstruct and dispatched:
         raise PlanError("reconstruct=True does not run on an accelerate-dispatched model (the re-fit writes weights "
                         "that live in its offload); pass reconstruct=False, or load the model undispatched")
@@ -220,7 +233,9 @@ def prune(model, calibration=None, target: float | None = None, method: str = "a
         if compensate and not reconstruct and not _has_blocks(model):  # no decoder blocks: one dense pass
             deltas = bias_deltas(model, plan, calibration)
         elif reconstruct or compensate:
-            refit = refit_consumers(model, plan, calibration, refit_config)
+            reselect = obs_reselector(graph, damp) if select == "obs" else None
+            refit = refit_consumers(model, plan, calibration, refit_config, reselect=reselect)
+            plan = refit["plan"]
             deltas = refit["bias"]
             refits.append(refit["layers"])
         times["reconstruct_s"] += time.perf_counter() - t
@@ -230,7 +245,8 @@ def prune(model, calibration=None, target: float | None = None, method: str = "a
         times["shrink_s"] += time.perf_counter() - t
         plans.append(plan)
         record_groups(groups, plan, scores)
-    settings = {"method": method, "target": target, "policy": policy, "steps": steps, "uniform": uniform,
+    settings = {"method": method, "select": select, "target": target, "policy": policy, "steps": steps,
+                "uniform": uniform,
                 "compensate": compensate, "reconstruct": reconstruct, "damp": damp if reconstruct else None,
                 "reconstruction": refit_summary(refits[-1]) if refits else None,
                 "layers": layers, "round_to": round_to, "gqa": gqa, "ratios": ratios,

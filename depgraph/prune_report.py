@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 _UNSET: Any = type("Unset", (), {"__repr__": lambda self: "UNSET", "__bool__": lambda self: False})()
-OPTIONAL = ("block_method", "depth_share", "removed_blocks", "model", "calibration", "stream", "evaluation")
+OPTIONAL = ("select", "block_method", "depth_share", "removed_blocks", "model", "calibration", "stream", "evaluation")
 # written only once set (None counts as set): the in-memory prune sets the depth settings, the streamed one not
 
 
 @dataclass
 class PruneReport:
-    """One pruning run. Settings: ``method``, ``target`` (None with ``ratios``), ``policy``, ``steps``,
+    """One pruning run. Settings: ``method``, ``select`` (in-memory prune), ``target`` (None with ``ratios``), ``policy``, ``steps``,
     ``uniform``, ``compensate``, ``reconstruct``, ``damp``, ``reconstruction`` (per consumer: removed columns and
     relative output errors), ``layers``, ``round_to``, ``gqa``, ``ratios``, and for depth pruning
     ``block_method``, ``depth_share``, ``removed_blocks``. Results: ``params_before``/``after``,
@@ -30,6 +30,7 @@ class PruneReport:
     ``stream`` (the streamed run's per-block log), ``evaluation``."""
 
     method: str | None = None
+    select: Any = _UNSET
     target: float | None = None
     policy: str | None = None
     steps: int | None = None

@@ -27,13 +27,14 @@ from torch import nn
 
 from .errors import PlanError
 from .plan import Plan
-from .refit import augment, mean_fill, refit_solve
+from .refit import augment, mean_fill, obs_select, refit_solve
 from .routing import mask_experts
 from .shrink import mask
 from .sparsify import SparsifyError, batches_of, capture_layer_inputs, find_layers, run_layer
 from .stats import Collector, InputStats, linear_view
 
-__all__ = ["ReconstructConfig", "MODES", "consumers", "reconstruct", "reconstruct_block", "weight_out_in"]
+__all__ = ["ReconstructConfig", "MODES", "block_stats", "consumers", "obs_reselector", "reconstruct", "reconstruct_block",
+           "weight_out_in"]
 
 MODES = ("lstsq", "mean")
 
@@ -88,28 +89,41 @@ def weight_out_in(mod) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reconstruct_block(block: nn.Module, inputs, block_consumers: dict, config: ReconstructConfig | None = None):
+def block_stats(block: nn.Module, inputs, paths, gram: bool = True, with_bias: bool = False):
+    """``({path: InputStats}, {path: signal})`` of the modules ``paths`` inside ``block`` over the block's inputs:
+    count, sum and, with ``gram``, ``X^T X`` (float64; a module no token reached gets zeros), and ``||W x||^2`` of
+    each module's outputs (``||W x + b||^2`` ``with_bias``)."""
+    mods = {p: block.get_submodule(p) for p in paths}
+    signal = dict.fromkeys(mods, 0.0)
+    handles = [m.register_forward_hook(_signal_hook(signal, p, with_bias)) for p, m in mods.items()]
+    try:
+        with Collector(mods, gram=gram) as col:  # float64 count, sum (and X^T X)
+            for item in inputs:
+                run_layer(block, item)
+    finally:
+        for h in handles:
+            h.remove()
+    stats = {p: col.stats.get(p) or InputStats.zeros(weight_out_in(m).shape[1], gram, device=weight_out_in(m).device)
+             for p, m in mods.items()}
+    return stats, signal
+
+
+@torch.no_grad()
+def reconstruct_block(block: nn.Module, inputs, block_consumers: dict, config: ReconstructConfig | None = None,
+                      stats=None):
     """Re-fit the consumers of one decoder block in place, on the block's input hidden states.
 
     ``inputs``: ``[[hidden, args, kwargs], ...]`` as :func:`depgraph.sparsify.capture_layer_inputs` returns them
-    (hidden [batch, seq, width]); ``block_consumers``: ``{module path inside block: removed input indices}``.
+    (hidden [batch, seq, width]); ``block_consumers``: ``{module path inside block: removed input indices}``;
+    ``stats``: their :func:`block_stats` when already gathered on these inputs (before any re-fit).
     Returns ``{"bias": {path: increment [out]}, "consumers": {path: {"removed", "error_before", "error_after",
     "signal"}}}``: errors are ``||W X - W' X||^2`` over the calibration tokens, ``signal`` is ``||W X||^2``.
     The block's outputs are not advanced and no unit is masked: the caller does both (see :func:`reconstruct`).
     """
     config = config or ReconstructConfig()
     mods = {p: block.get_submodule(p) for p in block_consumers}
-    signal = dict.fromkeys(mods, 0.0)
-    handles = [m.register_forward_hook(_signal_hook(signal, p, config.intercept)) for p, m in mods.items()]
-    try:
-        with Collector(mods, gram=config.mode == "lstsq") as col:  # float64 count, sum (and X^T X)
-            for item in inputs:
-                run_layer(block, item)
-    finally:
-        for h in handles:
-            h.remove()
-    stats = {p: col.stats.get(p) or InputStats.zeros(weight_out_in(m).shape[1], config.mode == "lstsq",
-                                                     device=weight_out_in(m).device) for p, m in mods.items()}
+    stats, signal = stats or block_stats(block, inputs, list(block_consumers), config.mode == "lstsq",
+                                         config.intercept)
     bias, info = {}, {}
     for path, removed in block_consumers.items():
         mod, st = mods[path], stats[path]
@@ -147,17 +161,40 @@ def _signal_hook(signal: dict, path: str, with_bias: bool):
     return fn
 
 
+def obs_reselector(graph, damp: float = 1.0, step: int = 8):
+    """A ``reselect`` for :func:`reconstruct`: the same number of units of a group, re-chosen on the block's
+    sequential calibration inputs by greedy OBS (:func:`depgraph.refit.obs_select`, ``step`` units a round, the
+    Gram matrix dampened by ``damp``) on the group's consumer. Groups whose legal removals are constrained
+    beyond a count (GQA heads, routed experts, blocks) keep the plan's units."""
+
+    def reselect(entry, mod, path: str, gram: torch.Tensor):
+        g = graph.group(entry.group)
+        if g.gqa or g.routing or g.block or not entry.units:
+            return entry
+        member = next((m for m in g.members if m.param == f"{path}.weight" and m.dim == _input_dim(mod)), None)
+        if member is None:
+            return entry
+        units = obs_select(weight_out_in(mod), gram, member.unit_of_index, len(entry.units), damp, step)
+        return Plan.from_units(graph, {g.id: units}).entries[0]
+
+    return reselect
+
+
 def _block_entries(plan: Plan, prefix: str) -> list:
     return [e for e in plan.entries if e.removed and all(p.startswith(prefix) for p in e.removed)]
 
 
 @torch.no_grad()
-def reconstruct(model, plan: Plan, calibration, config: ReconstructConfig | None = None, progress: bool = False):
+def reconstruct(model, plan: Plan, calibration, config: ReconstructConfig | None = None, progress: bool = False,
+                reselect=None):
     """Re-fit every consumer of ``plan`` block by block on sequential calibration (see the module docstring).
 
     ``calibration``: token ids [n_samples, seq_len]. Entries that span several blocks (hidden channels) are masked
-    before the first block and their readers are not re-fitted. Returns ``{"bias": {module path: increment},
-    "layers": [{"layer", "consumers": {...}}], "mode", "intercept", "damp"}``; the model keeps its shapes.
+    before the first block and their readers are not re-fitted. ``reselect(entry, module, path, gram) -> entry``
+    (e.g. :func:`obs_reselector`): called for each entry of a block with one consumer, on that consumer's Gram
+    matrix over the block's sequential inputs, it may choose other units of the same group; the re-fit, the
+    masking and the returned ``"plan"`` use its choice. Returns ``{"bias": {module path: increment},
+    "layers": [{"layer", "consumers": {...}}], "plan", "mode", "intercept", "damp"}``; the model keeps its shapes.
     """
     config = config or ReconstructConfig()
     if calibration is None:
@@ -175,6 +212,7 @@ def reconstruct(model, plan: Plan, calibration, config: ReconstructConfig | None
     was_training = model.training
     model.eval()
     out = {"bias": {}, "layers": [], "mode": config.mode, "intercept": config.intercept, "damp": config.damp}
+    replaced = {}  # id(plan entry) -> the entry reselect chose instead
     try:
         dev = next(layers[0].parameters()).device
         inputs = capture_layer_inputs(model, layers, batches_of(calibration, config.batch_size), dev)
@@ -185,7 +223,14 @@ def reconstruct(model, plan: Plan, calibration, config: ReconstructConfig | None
                         item[0] = run_layer(block, item)
                 continue
             cons = {p[len(prefixes[i]):]: idx for p, idx in consumers(model, plan, entries).items()}
-            res = reconstruct_block(block, inputs, cons, config)
+            stats = None
+            if reselect is not None:
+                stats = block_stats(block, inputs, list(cons), gram=True, with_bias=config.intercept)
+                chosen = [_reselect(reselect, model, plan, e, prefixes[i], block, stats) for e in entries]
+                replaced.update({id(e): c for e, c in zip(entries, chosen)})
+                entries = chosen
+                cons = {p[len(prefixes[i]):]: idx for p, idx in consumers(model, plan, entries).items()}
+            res = reconstruct_block(block, inputs, cons, config, stats)
             # removed routed experts leave routing only while the pruned outputs are computed: a router mask left
             # behind would outlive the shrink (its indices point past the shrunk router); their weights need no zeroing
             mask(model, Plan([e for e in entries if not e.experts], plan.shapes))
@@ -208,4 +253,14 @@ def reconstruct(model, plan: Plan, calibration, config: ReconstructConfig | None
                 print(f"reconstruct: block {i + 1}/{len(layers)}", flush=True)
     finally:
         model.train(was_training)
+    out["plan"] = Plan([replaced.get(id(e), e) for e in plan.entries], plan.shapes)
     return out
+
+
+def _reselect(reselect, model, plan: Plan, entry, prefix: str, block, stats: dict):
+    """``reselect``'s choice for one entry with exactly one consumer in the block (else the entry itself)."""
+    cons = consumers(model, plan, [entry])
+    if len(cons) != 1:
+        return entry
+    path = next(iter(cons))[len(prefix):]
+    return reselect(entry, block.get_submodule(path), prefix + path, stats[0][path].gram)

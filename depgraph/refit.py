@@ -15,7 +15,9 @@ the others stay as they are and the fit uses what they leave.
 
 The Optimal Brain Surgeon cost of removing unit ``j`` (one column) with every other column re-fitted is
 ``||W_:,j||^2 / [H^-1]_jj``; for a unit of several columns ``G`` (an attention head) it is
-``tr(W_G ([H^-1]_GG)^-1 W_G^T)`` (:func:`obs_costs`).
+``tr(W_G ([H^-1]_GG)^-1 W_G^T)`` (:func:`obs_costs`). :func:`obs_select` removes units greedily by that cost,
+one step at a time, re-fitting the kept columns and downdating ``H^-1`` after each (ZipLM's structured OBS): the
+cost then accounts for what was already removed.
 
 The output errors come from the solve itself (:class:`Refit`): with ``delta = W'_S - W_S`` and ``R = W_P H_PS`` the
 error left is ``tr(W_P H_PP W_P^T) - tr(R delta^T) - lambda ||delta||^2``, a few products of [out, |S|] instead of
@@ -30,7 +32,7 @@ import torch
 
 from dataclasses import dataclass
 
-__all__ = ["Refit", "augment", "dampen", "refit", "refit_solve", "mean_fill", "obs_costs", "output_error"]
+__all__ = ["Refit", "augment", "dampen", "refit", "refit_solve", "mean_fill", "obs_costs", "obs_select", "output_error"]
 
 
 def augment(gram: torch.Tensor, total: torch.Tensor, count: int) -> torch.Tensor:
@@ -136,6 +138,64 @@ def obs_costs(W: torch.Tensor, H: torch.Tensor, unit_of_index, damp: float = 0.0
         else:
             out[u] = float(torch.trace(WG @ torch.linalg.solve(Hinv[G][:, G], WG.T)))
     return out
+
+
+def _unit_columns(unit_of_index) -> list:
+    """The input columns of each unit: ``[LongTensor, ...]`` indexed by unit (``unit_of_index`` [in], -1: none)."""
+    uoi = np.asarray(unit_of_index)
+    n_units = int(uoi.max()) + 1 if (uoi >= 0).any() else 0
+    return [torch.as_tensor(np.flatnonzero(uoi == u), dtype=torch.long) for u in range(n_units)]
+
+
+def obs_select(W: torch.Tensor, H: torch.Tensor, unit_of_index, count: int, damp: float = 0.01,
+               step: int = 1) -> list:
+    """``count`` units to remove, chosen greedily: each round removes the ``step`` units of least OBS cost
+    (:func:`obs_costs` with the columns removed so far gone and the kept ones re-fitted), then re-fits ``W`` and
+    downdates ``H^-1`` (``W -= W_J [H^-1_JJ]^-1 H^-1_J:``, ``H^-1 -= H^-1_:J [H^-1_JJ]^-1 H^-1_J:``; ``J`` the
+    removed columns). ``step=1``: the unit whose removal leaves the least re-fit error given those already
+    removed, at every round. Returns the unit ids, in removal order.
+
+    The downdates are kept as rows ``V`` (``H^-1 = H0^-1 - V^T V``, ``V_J = L^-1 H^-1_J:`` with
+    ``L L^T = H^-1_JJ``): a round reads the diagonal and the rows ``J`` of ``H^-1``, never the whole matrix."""
+    cols = _unit_columns(unit_of_index)
+    if not 0 <= count < max(len(cols), 1):
+        raise ValueError(f"obs_select: count must be in [0, {len(cols) - 1}], got {count}")
+    W = W.to(torch.float64).clone()
+    H0inv = torch.cholesky_inverse(torch.linalg.cholesky(dampen(H, damp)))
+    diag = torch.diagonal(H0inv).clone()
+    n_cols = sum(len(cols[u]) for u in range(len(cols)))
+    V = torch.empty(min(n_cols, H0inv.shape[0]), H0inv.shape[0], dtype=torch.float64, device=H0inv.device)
+    k = 0  # rows of V in use
+    single = all(len(c) == 1 for c in cols)
+    idx = torch.cat(cols).to(H0inv.device) if single and cols else None
+    alive = torch.ones(len(cols), dtype=torch.bool)
+    gone = torch.zeros(H0inv.shape[0], dtype=torch.bool, device=H0inv.device)
+    order: list = []
+    while len(order) < count:
+        if single:  # one column per unit: ||W_:,j||^2 / [H^-1]_jj, vectorised
+            cost = ((W[:, idx] ** 2).sum(0) / diag[idx].clamp_min(1e-300)).cpu()
+        else:
+            cost = torch.zeros(len(cols), dtype=torch.float64)
+            for u in torch.nonzero(alive).flatten().tolist():
+                c = cols[u].to(H0inv.device)
+                block = H0inv[c][:, c] - V[:k, c].T @ V[:k, c]
+                cost[u] = float(torch.trace(W[:, c] @ torch.linalg.solve(block, W[:, c].T)))
+        cost[~alive] = float("inf")
+        take = torch.argsort(cost, stable=True)[:min(step, count - len(order))].tolist()
+        J = torch.cat([cols[u] for u in take]).to(H0inv.device)
+        rows = H0inv[J] - V[:k, J].T @ V[:k]  # [|J|, in]: the rows J of the current H^-1
+        rows[:, gone] = 0.0
+        L = torch.linalg.cholesky(rows[:, J])
+        new = torch.linalg.solve_triangular(L, rows, upper=False)  # L^-1 H^-1_J:
+        W -= W[:, J] @ torch.cholesky_solve(rows, L)
+        V[k:k + len(J)] = new
+        k += len(J)
+        diag -= (new ** 2).sum(0)
+        gone[J] = True
+        W[:, J] = 0.0
+        alive[take] = False
+        order += take
+    return order
 
 
 def output_error(W: torch.Tensor, H: torch.Tensor, removed, new_update=None, update=()) -> float:

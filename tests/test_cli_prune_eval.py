@@ -40,20 +40,21 @@ def test_prune_end_to_end(tiny_folder, tmp_path, capsys):
     assert "<html" in html.lower() and "http://" not in html
 
 
-@pytest.mark.parametrize("argv,reconstruct,damp", [
-    ([], True, 1.0),  # the measured default: activation scores read calibration, so the consumers are re-fitted
-    (["--no-reconstruct"], False, None),
-    (["--damp", "3"], True, 3.0),
-    (["--method", "l2"], False, None),  # a data-free method reads no calibration: nothing to fit on
+@pytest.mark.parametrize("argv,reconstruct,damp,select", [
+    ([], True, 1.0, "scores"),  # the measured default: activation scores read calibration, so the consumers are re-fitted
+    (["--no-reconstruct"], False, None, "scores"),
+    (["--damp", "3"], True, 3.0, "scores"),
+    (["--method", "l2"], False, None, "scores"),  # a data-free method reads no calibration: nothing to fit on
+    (["--select", "obs"], True, 1.0, "obs"),
 ])
-def test_prune_reconstruct_default(tiny_folder, tmp_path, capsys, argv, reconstruct, damp):
+def test_prune_reconstruct_default(tiny_folder, tmp_path, capsys, argv, reconstruct, damp, select):
     out = tmp_path / "pruned"
     calib = tiny_folder.parent / "calib.txt"
     rc = main(["prune", str(tiny_folder), "--target", "0.1", "--calib", str(calib), "--n-samples", "4",
                "--seq-len", "16", "--round-to", "1", "--no-report", *argv, "-o", str(out)])
     assert rc == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
-    assert report["reconstruct"] is reconstruct and report["damp"] == damp
+    assert report["reconstruct"] is reconstruct and report["damp"] == damp and report["select"] == select
     assert (report["calibration"] is not None) is (reconstruct or "l2" not in argv)
 
 
@@ -63,6 +64,7 @@ def test_prune_reconstruct_default(tiny_folder, tmp_path, capsys, argv, reconstr
     (["--method", "nope"], "invalid choice"),
     (["--calib", "/does/not/exist.txt"], "does not exist"),
     (["--calib", "EMPTY"], "is empty"),
+    (["--select", "obs", "--no-reconstruct"], "--select obs re-chooses units during the re-fit"),
 ])
 def test_prune_bad_arguments_write_nothing(tiny_folder, tmp_path, capsys, argv, message):
     out = tmp_path / "pruned"

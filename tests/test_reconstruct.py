@@ -148,3 +148,38 @@ def test_reconstruction_needs_calibration_and_a_known_mode(setup):
         ReconstructConfig(mode="obs")
     with pytest.raises(depgraph.PlanError, match="reconstruct=True needs calibration"):
         depgraph.prune(copy.deepcopy(model), None, target=0.1, method="l2", reconstruct=True)
+
+
+def test_select_obs_rechooses_units_by_greedy_obs_on_the_sequential_inputs():
+    """select="obs": the plan's widths, each MLP's units re-chosen during the re-fit by greedy OBS
+    (depgraph.refit.obs_select) on the block's sequential calibration inputs; removal equals masking (verify)."""
+    from depgraph.refit import obs_select
+
+    model = ARCHS["llama-gqa"]()
+    calib = torch.cat([ids(s, batch=4, length=16) for s in range(3)])
+    kw = dict(target=0.2, method="l2", layers=None, round_to=1, progress=False)
+    by_scores = copy.deepcopy(model)
+    _, rep_scores, plans_scores = depgraph.prune(by_scores, calib, **kw)
+    pruned = copy.deepcopy(model)
+    _, report, plans = depgraph.prune(pruned, calib, select="obs", **kw)
+    assert report["select"] == "obs" and rep_scores["select"] == "scores"
+    assert report["widths"] == rep_scores["widths"]
+    units = {e.group: sorted(e.units) for e in plans[0].entries}
+    assert units != {e.group: sorted(e.units) for e in plans_scores[0].entries}
+    for i, layer in enumerate(pruned.model.layers):
+        # block i's inputs in the pruned model are the sequential ones: only the blocks before it change them
+        items = _layer_inputs(pruned, layer, calib)
+        dense_mlp = model.model.layers[i].mlp
+        X = _consumer_inputs(model.model.layers[i], dense_mlp.down_proj, items)
+        entry = next(e for e in plans[0].entries if e.layer == i and e.kind == "mlp")
+        want = obs_select(dense_mlp.down_proj.weight.detach(), X.T @ X, range(entry.num_units), len(entry.units),
+                          damp=1.0, step=8)
+        assert units[entry.group] == sorted(want)
+    # on block 0 (the same inputs for both) the re-fit leaves less error than with the l2-chosen units
+    err = {name: sum(r["rel_error_after"] for r in rep["reconstruction"] if r["layer"] == 0)
+           for name, rep in (("obs", report), ("scores", rep_scores))}
+    assert err["obs"] < err["scores"]
+    with pytest.raises(depgraph.PlanError, match="select='obs'.*needs reconstruct"):
+        depgraph.prune(copy.deepcopy(model), calib, select="obs", reconstruct=False, **kw)
+    with pytest.raises(depgraph.PlanError, match="select must be one of"):
+        depgraph.prune(copy.deepcopy(model), calib, select="greedy", **kw)

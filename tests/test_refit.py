@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from depgraph.refit import augment, mean_fill, obs_costs, output_error, refit, refit_solve
+from depgraph.refit import augment, mean_fill, obs_costs, obs_select, output_error, refit, refit_solve
 
 
 @pytest.fixture
@@ -93,3 +93,24 @@ def test_errors_from_the_solve_equal_the_direct_errors(data, damp):
         Wn[:, update] = fit.new
         assert fit.error_after == pytest.approx(float(((Xa @ Wa.T - Xa[:, kept] @ Wn[:, kept].T) ** 2).sum()),
                                                 rel=1e-7)
+
+
+def test_obs_select_is_the_greedy_least_refit_error(data):
+    """step=1: every round removes the unit whose removal, with all kept columns re-fitted, leaves the least output
+    error given the units already removed (brute force over refit + output_error); neurons and 3-column heads."""
+    X, W, _, _ = data
+    H = X.T @ X
+    heads = torch.arange(12) // 3
+    for unit_of_index, count in ((torch.arange(12), 6), (heads, 2)):
+        got = obs_select(W, H, unit_of_index.numpy(), count, damp=0.0)
+        cols = {u: torch.nonzero(unit_of_index == u).flatten().tolist() for u in range(int(unit_of_index.max()) + 1)}
+        gone = []
+        for _ in range(count):
+            def err(u):
+                P = [c for v in gone + [u] for c in cols[v]]
+                return output_error(W, H, P, refit(W, H, P, _kept(P), damp=0.0), _kept(P))
+            gone.append(min((u for u in cols if u not in gone), key=err))
+        assert got == gone
+    assert got[0] == int(obs_costs(W, H, heads.numpy(), damp=0.0).argmin())
+    with pytest.raises(ValueError, match="count"):
+        obs_select(W, H, heads.numpy(), 4)

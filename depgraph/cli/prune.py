@@ -10,6 +10,7 @@ from depgraph.block_scores import BLOCK_METHODS
 from depgraph.errors import DepgraphError
 from depgraph.importance import methods, needs_calibration
 from depgraph.plan import POLICIES, dump_plans
+from depgraph.prune import SELECTS
 
 from .common import (DTYPES, add_calibration, add_model_argument, add_overwrite, add_protocol_argument,
                      calibration_from_args, check_output_args, fraction, load, model_name, torch_dtype)
@@ -83,6 +84,10 @@ def add(subparsers) -> None:
                    help="re-fit the kept input columns of each consumer (down_proj, o_proj) by least squares on the "
                         "calibration inputs, block by block (with --compensate the bias joins the fit); default: "
                         "on whenever calibration data is read (depgraph.prune's reconstruct=None)")
+    p.add_argument("--select", choices=SELECTS, default="scores",
+                   help="scores: remove the units the method scored lowest (default); obs: keep those widths but "
+                        "re-choose each layer's units during the re-fit by greedy OBS on the sequential calibration "
+                        "inputs (measured worse on SmolLM2, bench/results/prune.md)")
     p.add_argument("--damp", type=float, default=1.0,
                    help="with --reconstruct: ridge added to each Gram matrix, a fraction of its mean diagonal "
                         "(default %(default)s, the measured best; 0.01 overfits small calibration sets)")
@@ -119,6 +124,9 @@ def _check_prune_args(args) -> list:
         raise DepgraphError("--ratios and --target: give one (per-kind unit fractions, or a parameter fraction)")
     calib = Path(args.calib).expanduser()
     needs_calib = _needs_calibration(args, kinds)
+    if args.select != "scores" and (args.stream or args.reconstruct is False):
+        raise DepgraphError(f"--select {args.select} re-chooses units during the re-fit: not with --stream or "
+                            "--no-reconstruct")
     if "block" in kinds and args.stream:
         raise DepgraphError("--kinds block: depth pruning does not run with --stream")
     if needs_calib and (calib.suffix or "/" in args.calib):
@@ -148,7 +156,7 @@ def run(args) -> int:
                                           policy=args.policy, layers=args.layers, round_to=args.round_to,
                                           gqa=args.gqa, steps=args.steps, uniform=args.uniform,
                                           compensate=args.compensate, ratios=args.ratios,
-                                          reconstruct=args.reconstruct, damp=args.damp,
+                                          reconstruct=args.reconstruct, damp=args.damp, select=args.select,
                                           block_method=args.block_method,
                                           depth_share=args.depth_share)
     report["times"]["load_s"] = load_s
