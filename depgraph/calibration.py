@@ -18,8 +18,14 @@
   ========== ================================================ ==========================
   alpaca     ``alpaca/alpaca_5000_random_subset.json``        recommended default
   ptb        ``ptb/ptb.test.txt``                             LLM-Pruner scores PTB on
-                                                              the *validation* split, so
-                                                              the test file is held out
+                                                              the *validation* split (the
+                                                              ``ptb`` set of
+                                                              ``recover.evaluate`` and
+                                                              ``depgraph eval``), so the
+                                                              test file is held out; it
+                                                              is the ``ptb-test`` set:
+                                                              never score that after
+                                                              calibrating on ``ptb``
   wikitext2  ``wikitext2/wiki.valid.tokens``                  only test/valid are local;
                                                               the test split is what we
                                                               score, so calibrate on
