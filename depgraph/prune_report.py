@@ -20,17 +20,16 @@ OPTIONAL = ("select", "block_method", "depth_share", "removed_blocks", "model", 
 
 @dataclass
 class PruneReport:
-    """One pruning run. Settings: ``method``, ``select`` (in-memory prune), ``target`` (None with ``ratios``), ``policy``, ``steps``,
+    """One pruning run. Settings: ``method``, ``target`` (None with ``ratios``), ``policy``, ``steps``,
     ``uniform``, ``compensate``, ``reconstruct``, ``damp``, ``reconstruction`` (per consumer: removed columns and
-    relative output errors), ``layers``, ``round_to``, ``gqa``, ``ratios``, and for depth pruning
-    ``block_method``, ``depth_share``, ``removed_blocks``. Results: ``params_before``/``after``,
+    relative output errors), ``layers``, ``round_to``, ``gqa``, ``ratios``, for depth pruning ``block_method``,
+    ``depth_share``, ``removed_blocks``, and ``select`` (in-memory prune). Results: ``params_before``/``after``,
     ``removed_fraction``, ``non_embedding_removed_fraction``, ``stock_loadable``, ``times`` {phase: seconds},
     ``groups`` (per group: kind, layer, units before/after, scores, parameters removed), ``widths``
     {layer: {kind: units kept}}. Optional: ``model`` (what was pruned), ``calibration`` (its source and sizes),
     ``stream`` (the streamed run's per-block log), ``evaluation``."""
 
     method: str | None = None
-    select: Any = _UNSET
     target: float | None = None
     policy: str | None = None
     steps: int | None = None
@@ -46,6 +45,7 @@ class PruneReport:
     block_method: Any = _UNSET
     depth_share: Any = _UNSET
     removed_blocks: Any = _UNSET
+    select: Any = _UNSET
     params_before: int | None = None
     params_after: int | None = None
     removed_fraction: float | None = None
