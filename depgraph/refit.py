@@ -74,30 +74,32 @@ def refit_solve(W: torch.Tensor, H: torch.Tensor, removed, update, damp: float =
     """
     P = torch.as_tensor(list(removed), dtype=torch.long, device=H.device)
     U = torch.as_tensor(list(update), dtype=torch.long, device=H.device)
-    W = W.to(torch.float64)
     H = H.to(torch.float64)
-    W_P = W[:, P]
-    before = float(torch.einsum("oi,ij,oj->", W_P, H[P][:, P], W_P)) if len(P) else 0.0
+    W_P = W[:, P].to(torch.float64)  # float64 copies of the columns in play only (a 7B down_proj: 1.5 GB less peak)
+    before = float(torch.einsum("oi,ij,oj->", W_P, H[P[:, None], P], W_P)) if len(P) else 0.0
     if len(P) == 0 or len(U) == 0:
-        return Refit(W[:, U].clone(), before, before)
-    H_UU = H[U][:, U]  # a copy: dampened in place
+        return Refit(W[:, U].to(torch.float64), before, before)
+    H_UU = H[U[:, None], U]  # a copy (one gather, no [|U|, in] intermediate): dampened in place
     skip = set(undamped)
-    lam_cols = torch.as_tensor([i for i, u in enumerate(U.tolist()) if u not in skip], dtype=torch.long,
-                               device=H.device)
-    lam = damp * float(H_UU[lam_cols, lam_cols].mean().clamp_min(1e-12)) if damp > 0 and len(lam_cols) else 0.0
+    lam_cols = [i for i, u in enumerate(U.tolist()) if u not in skip]
+    every = len(lam_cols) == len(U)
+    lam_idx = torch.as_tensor(lam_cols, dtype=torch.long, device=H.device)
+    lam = damp * float(H_UU[lam_idx, lam_idx].mean().clamp_min(1e-12)) if damp > 0 and len(lam_cols) else 0.0
     if lam:
-        H_UU[lam_cols, lam_cols] += lam
-    rhs = W_P @ H[P][:, U]  # [out, |U|]
+        H_UU[lam_idx, lam_idx] += lam
+    rhs = W_P @ H[P[:, None], U]  # [out, |U|]
+    del W_P
     L, info = torch.linalg.cholesky_ex(H_UU)
     if int(info) == 0:
+        del H_UU
         delta = torch.cholesky_solve(rhs.T, L).T
-        after = before - float((rhs * delta).sum()) - lam * float((delta[:, lam_cols] ** 2).sum())
-        after = max(after, 0.0)
+        del L
+        shrunk = torch.linalg.vector_norm(delta if every else delta[:, lam_idx]) ** 2
+        after = max(before - float(rhs.mul_(delta).sum()) - lam * float(shrunk), 0.0)
+        del rhs
+        new = delta.add_(W[:, U].to(torch.float64))
     else:  # singular even with dampening (dead inputs): the minimum-norm solution, its error measured directly
-        delta = rhs @ torch.linalg.pinv(H_UU, hermitian=True)
-        after = None
-    new = W[:, U] + delta
-    if after is None:
+        new = W[:, U].to(torch.float64) + rhs @ torch.linalg.pinv(H_UU, hermitian=True)
         after = output_error(W, H, removed, new, update)
     return Refit(new, before, after)
 

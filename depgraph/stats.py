@@ -142,7 +142,7 @@ class InputStats:
         self.sum += x.sum(0)
         self.sumsq += x.pow(2).sum(0)
         if self.gram is not None:
-            self.gram += x.t() @ x
+            self.gram.addmm_(x.t(), x)  # in place: no [in, in] temporary (1 GB for a 7B down_proj in float64)
 
     @property
     def mean(self) -> torch.Tensor:
