@@ -1,6 +1,6 @@
 """Benchmark pruning on SmolLM2-135M: quality per method and target, cost of scoring, speed of the result.
 
-    python bench/prune.py [--part quality|cost|speed|all] [--windows 48]
+    python bench/prune.py [--part quality|cost|speed|speed-kinds|study|headline|all] [--windows 48]
 
 Writes bench/results/prune.json (updated after every row, so a partial run keeps its rows) and
 bench/results/prune.md. Perplexity follows LLM-Pruner's protocol (non-overlapping 128-token windows) on the
@@ -314,6 +314,72 @@ def part_speed(res: Results) -> None:
     res.save()
 
 
+SPEED_KINDS = (  # issue 13: decode speed of width, depth and mixed pruning at 20%, each as the study prunes it
+    ("width (the default: MLP neurons, re-fit)", {}, ("self", 10, 64)),
+    ("depth", {"kinds": ("block",)}, ("alpaca", 16, 128)),
+    ("depth + width, +reconstruct", {"kinds": ("block", "mlp"), "reconstruct": True}, ("alpaca", 16, 128)),
+)
+
+
+def part_speed_kinds(res: Results, target: float = 0.2, reps: int = 3) -> None:
+    """Decode tokens/s and 1x512 forward latency of each SPEED_KINDS model against dense: every pruned model in
+    memory at once and measured back to back, alternating with dense in one process (medians of ``reps``)."""
+    import depgraph
+
+    dense, tok = load_smollm2()
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    n_dense = sum(p.numel() for p in dense.parameters())
+    models = {}
+    for name, kw, (src, n, length) in SPEED_KINDS:
+        m = copy.deepcopy(dense)
+        depgraph.prune(m, _calib(tok, m, src, n, length), target=target, progress=False, **kw)
+        models[name] = m
+    tps = {k: [] for k in ["dense", *models]}
+    lat = {k: [] for k in tps}
+    for _ in range(reps):
+        for k, m in [("dense", dense), *models.items()]:
+            tps[k].append(_decode_tps(m, ids))
+            lat[k].append(_latency(m))
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    rows = []
+    for k in tps:
+        m = dense if k == "dense" else models[k]
+        n = sum(p.numel() for p in m.parameters())
+        ideal = n_dense / n
+        r = {"variant": k, "params": n, "ideal_speedup": round(ideal, 3), "decode_tps": round(med(tps[k]), 1),
+             "latency_512_s": round(med(lat[k]), 3)}
+        r["decode_speedup"] = round(r["decode_tps"] / (med(tps["dense"])), 3)
+        r["latency_speedup"] = round(med(lat["dense"]) / r["latency_512_s"], 3)
+        r["decode_share_of_ideal"] = round(r["decode_speedup"] / ideal, 3)
+        r["latency_share_of_ideal"] = round(r["latency_speedup"] / ideal, 3)
+        if k != "dense":
+            r["layers"] = m.config.num_hidden_layers
+        rows.append(r)
+        print(r, flush=True)
+    res.data["speed_kinds"] = {"target": target, "reps": reps, "threads": torch.get_num_threads(),
+                               "load_avg_at_end": _load(), "rows": rows}
+    res.save()
+
+
+def _speed_kinds_table(sk) -> list:
+    if not sk:
+        return []
+    lines = [f"## Speed of width, depth and mixed pruning ({100 * sk['target']:.0f}% of all parameters)", "",
+             f"Each model pruned as in the study rows of the same name, all in memory at once, measured back to back "
+             f"and alternating with dense in one process: medians of {sk['reps']} rounds of greedy decoding (64 "
+             f"new tokens after a 6-token prompt, KV cache on) and of a 1x512 forward; {sk['threads']} torch "
+             f"thread(s), load average {'/'.join(map(str, sk['load_avg_at_end']))} at the end (shared machine: "
+             f"ratios of one round are more reliable than the absolute figures). Share of ideal: the speed-up over "
+             f"the parameter ratio.", "",
+             "| variant | params | layers | decode (tok/s) | decode speed-up | share of ideal | 1x512 forward (s) | "
+             "forward speed-up | share of ideal |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sk["rows"]:
+        lines.append(f"| {r['variant']} | {r['params'] / 1e6:.1f}M | {r.get('layers', 30)} | {r['decode_tps']} | "
+                     f"{r['decode_speedup']} | {r['decode_share_of_ideal']} | {r['latency_512_s']} | "
+                     f"{r['latency_speedup']} | {r['latency_share_of_ideal']} |")
+    return lines + [""]
+
+
 def write_markdown(res: Results) -> None:
     d = res.data
     lines = ["# Pruning benchmark: SmolLM2-135M-Instruct", "",
@@ -360,6 +426,7 @@ def write_markdown(res: Results) -> None:
                   f"{s['decode_speedup']} | {s['decode_share_of_ideal']} |",
                   f"| 1x512 forward (s) | {s['latency_512_dense_s']} | {s['latency_512_pruned_s']} | "
                   f"{s['latency_speedup']} | {s['latency_share_of_ideal']} |", ""]
+    lines += _speed_kinds_table(d.get("speed_kinds"))
     for key in ["headline"] + sorted((k for k in d if k.startswith("study")), key=lambda k: -d[k]["windows"]):
         lines += _study_table(d.get(key), key)
     res.path.with_suffix(".md").write_text("\n".join(lines))
@@ -428,7 +495,8 @@ def _merge(res: Results, other: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("quality", "cost", "speed", "study", "headline", "all", "markdown"),
+    ap.add_argument("--part", choices=("quality", "cost", "speed", "speed-kinds", "study", "headline", "all",
+                                       "markdown"),
                     default="all")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--targets", default="0.2,0.3,0.5", help="study: comma list of parameter targets")
@@ -449,6 +517,8 @@ def main() -> None:
         part_cost(res)
     if args.part in ("speed", "all"):
         part_speed(res)
+    if args.part in ("speed-kinds", "all"):
+        part_speed_kinds(res)
     if args.part in ("quality", "all"):
         part_quality(res, args.windows)
     write_markdown(res)
