@@ -16,14 +16,12 @@ a reshape's or a creation's output dim sized by a tagged product takes that prod
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .capture import capture
-from .reads import Tagged, source_line
+from .reads import Tagged, model_frames, recorded, source_line, tag_size
 
 FILLS = ("zeros", "ones", "full", "new_zeros", "new_ones", "new_full")  # aten ops filling with one value
 _SIZE_GETTERS = (torch.Tensor.size, torch.Tensor.shape.__get__)
@@ -113,14 +111,11 @@ class _Recorder(TorchFunctionMode):
 
     def _tag(self, t, out, args, kwargs):
         self.keep[id(t)] = t
-        if isinstance(out, int):
-            d = (args[0] if args else kwargs.get("dim", 0)) % t.dim()
-            return Tagged(out, f"@{id(t)}:{d}")
-        return torch.Size([Tagged(int(n), f"@{id(t)}:{d}") for d, n in enumerate(out)])
+        return tag_size(t, out, args, kwargs)
 
     def _create(self, out, args):
         sizes = [v for v in _flat(args) if isinstance(v, int) and not isinstance(v, bool)][:out.dim()]
-        frames = model_frames()
+        frames = model_frames(__file__)
         if len(sizes) != out.dim() or not frames:
             return
         self.syms[id(out)] = syms = tuple(self._of_tag(v) for v in sizes)
@@ -152,37 +147,6 @@ class _Recorder(TorchFunctionMode):
             entry[2] = keep
         else:
             entry[2] = [False] * len(mine)
-
-
-def model_frames(own: str = __file__) -> list:
-    """(file, line) of every frame outside torch and the module ``own`` (a recorder's file), innermost first."""
-    import inspect
-    import os
-
-    tdir = os.path.dirname(torch.__file__)
-    out, f = [], inspect.currentframe()
-    while f is not None:
-        name = f.f_code.co_filename
-        if not name.startswith(tdir) and name != own and name != __file__:
-            out.append((name, f.f_lineno))
-        f = f.f_back
-    return out
-
-
-def recorded(mode, model, example_inputs) -> bool:
-    """Run one export of ``model`` under the torch-function ``mode`` (a recorder); False when that export fails (no
-    evidence: whatever it was to prove stays blocked)."""
-    quiet = logging.getLogger("torch._subclasses.fake_tensor")
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)
-    try:
-        with mode:
-            capture(model, example_inputs)
-        return True
-    except Exception:  # noqa: BLE001 - the forward may break under tagged sizes
-        return False
-    finally:
-        quiet.setLevel(level)
 
 
 def proved_dims(model, example_inputs) -> dict | None:

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .fills import model_frames, recorded
-from .reads import source_line
+from .reads import model_frames, recorded, source_line
 
 _DATA_CALLS = ("tensor", "as_tensor", "new_tensor")
 

@@ -85,16 +85,42 @@ def _ints(leaves) -> list:
     return [v for v, in_slice in leaves if not in_slice and isinstance(v, int) and not isinstance(v, bool)]
 
 
-def _model_frames():
-    """(file, line) of every frame outside torch (and this module), innermost first: the model code making a call."""
+def model_frames(*own: str) -> list:
+    """(file, line) of every frame outside torch, this module and the files ``own`` (a recorder's), innermost
+    first: the model code making a call."""
+    skip = {__file__, *own}
     out = []
-    f = inspect.currentframe().f_back.f_back
+    f = inspect.currentframe().f_back
     while f is not None:
         name = f.f_code.co_filename
-        if not name.startswith(_TORCH_DIR) and name != __file__:
+        if not name.startswith(_TORCH_DIR) and name not in skip:
             out.append((name, f.f_lineno))
         f = f.f_back
     return out
+
+
+def tag_size(t: torch.Tensor, out, args, kwargs):
+    """``t.size(...)`` / ``t.shape``'s result ``out`` with every size tagged ``@id(t):dim`` (:class:`Tagged`)."""
+    if isinstance(out, int):
+        d = (args[0] if args else kwargs.get("dim", 0)) % t.dim()
+        return Tagged(out, f"@{id(t)}:{d}")
+    return torch.Size([Tagged(int(n), f"@{id(t)}:{d}") for d, n in enumerate(out)])
+
+
+def recorded(mode, model, example_inputs, prepare=None) -> bool:
+    """Run one export of ``model`` (``prepare`` applied to its twin) under the torch-function ``mode`` (a recorder);
+    False when that export fails: no evidence, so whatever it was to prove stays unproved."""
+    quiet = logging.getLogger("torch._subclasses.fake_tensor")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # the forward may break under tagged sizes; torch logs that loudly
+    try:
+        with mode:
+            capture(model, example_inputs, prepare=prepare)
+        return True
+    except Exception:  # noqa: BLE001 - no evidence
+        return False
+    finally:
+        quiet.setLevel(level)
 
 
 def signature(args) -> tuple:
@@ -137,7 +163,7 @@ class _Recorder(TorchFunctionMode):
             return self._tag_sizes(args[0], func(*args, **kwargs), args[1:], kwargs)
         leaves = list(_leaves((args, kwargs)))  # one walk for the tags and the size signature
         found = _tags(leaves)
-        frames = _model_frames()
+        frames = model_frames()
         if found and frames:
             self.reads.lines.setdefault(frames[0], set()).update(found)
         ints = _ints(leaves)
@@ -160,10 +186,7 @@ class _Recorder(TorchFunctionMode):
         node = _traced_node(t)
         if node is not None:
             self.nodes[id(t)] = (node.name, tuple(t.shape), op_name_of(node))
-        if isinstance(out, int):
-            d = (args[0] if args else kwargs.get("dim", 0)) % t.dim()
-            return Tagged(out, f"@{id(t)}:{d}")
-        return torch.Size([Tagged(int(n), f"@{id(t)}:{d}") for d, n in enumerate(out)])
+        return tag_size(t, out, args, kwargs)
 
     def _tag_of(self, v, own):
         name = getattr(v, "attribute", None)
@@ -257,17 +280,7 @@ def tagged_reads(model, example_inputs, paths, sizes: bool = False) -> Reads | N
                     if type(v) is int:
                         setattr(mod, name, Tagged(v, name))
     rec = _Recorder(sizes)
-    quiet = logging.getLogger("torch._subclasses.fake_tensor")
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)
-    try:
-        with rec:
-            capture(model, example_inputs, prepare=tag)
-    except Exception:  # noqa: BLE001 - no evidence: nothing is confirmed
-        return None
-    finally:
-        quiet.setLevel(level)
-    return rec.reads
+    return rec.reads if recorded(rec, model, example_inputs, prepare=tag) else None
 
 
 def merged_dims(in_shape, out_shape, i: int) -> set | None:
