@@ -41,13 +41,16 @@ from recover.lora import default_target_modules, recover  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 
 
-def evaluate(model, tok, args) -> dict:
+def evaluate(model, tok, args, out: dict, save=lambda: None) -> dict:
+    """Perplexities then zero-shot accuracies into ``out``; ``save()`` after each part (a stop keeps the first)."""
     t0 = time.perf_counter()
-    out = {"ppl": {}, "tasks": {}}
+    out.update({"ppl": {}, "tasks": {}})
     for ds in args.ppl:
         r = perplexity(model, tok, ds, window=args.window, limit=args.ppl_limit, progress=False)
         out["ppl"][ds] = r["ppl"]
         out.setdefault("ppl_windows", {})[ds] = r["windows"]
+    out["eval_s"] = time.perf_counter() - t0
+    save()
     if args.tasks:
         zs = zero_shot(model, tok, args.tasks, limit=args.zs_limit)
         out["tasks"] = {t: {"acc": v.get("acc"), "acc_norm": v.get("acc_norm"), "n": v.get("n")}
@@ -56,6 +59,7 @@ def evaluate(model, tok, args) -> dict:
         out["zs_split"] = zs.get("split")
         out["mean_acc"] = zs["mean_acc"]
     out["eval_s"] = time.perf_counter() - t0
+    save()
     return out
 
 
@@ -164,6 +168,15 @@ def throughput(pruned, tok, args) -> dict:
                     "include_num_input_tokens_seen over the same steps, data and order"}
 
 
+def committed(path: str) -> str:
+    """``path`` and the commit that last wrote it (what a carried figure was read from)."""
+    import subprocess
+
+    sha = subprocess.run(["git", "log", "-1", "--format=%h", "--", path], capture_output=True, text=True,
+                         cwd=ROOT).stdout.strip()
+    return f"{path} as of commit {sha}" if sha else path
+
+
 def fmt(x, nd=2):
     return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
 
@@ -172,8 +185,13 @@ def write_md(res: dict, path: Path) -> None:
     rows = [r for r in ("dense", "pruned", "recovered") if r in res["evals"]]
     a, rec = res["args"], res.get("recovery", {})
     zs = res["evals"]["dense"].get("zs_split") or {}
+    pr = res.get("prune", {})
+    n, L = pr.get("calib_tokens", (10, 64))
+    data = {"alpaca": "Alpaca", "wikitext2": "WikiText-2 validation-split (128-token windows)"}.get(a.get("data",
+                                                                                                       "alpaca"))
+    kd = a.get("distill_alpha") or 0
     lines = [f"# LoRA recovery of SmolLM2-135M-Instruct pruned by {a['target']:.0%} "
-             f"({a['method']}, {a['calib']} calibration)", "",
+             f"({a['method']}, {a['calib']} calibration {n}x{L}, depgraph.prune's defaults)", "",
              f"{res['machine']}; torch {res['torch']}, transformers {res['transformers']}, peft {res['peft']}; "
              f"lm-eval {res['evals']['dense'].get('lm_eval_version')}. Command: `python bench/recovery.py "
              f"{res.get('argv', '')}`.", ""]
@@ -182,10 +200,18 @@ def write_md(res: dict, path: Path) -> None:
         lines += [f"Recovery: LoRA r={rec['rank']}, alpha={rec['alpha']} on {', '.join(rec['target_modules'])} "
                   f"({rec['trainable_params']:,} trainable); {rec['steps']} steps of {a['batch_size']} examples "
                   f"(lr {rec['lr']}, cutoff {a['cutoff_len']} tokens) in {rec['train_runtime_s'] / 60:.1f} min, "
-                  f"{stop} ({rec['epochs']:.2f} epochs of {rec['train_examples']} Alpaca examples, "
-                  f"{rec['val_examples']} held out); {rec['tokens_per_second']:.0f} tokens/s counting the validation passes; "
+                  f"{stop} ({rec['epochs']:.2f} epochs of {rec['train_examples']} {data or a.get('data')} examples, "
+                  f"{rec['val_examples']} held out); loss "
+                  + (f"(1 - {kd:g}) LM + {kd:g} KL(dense || pruned)" if kd else "LM") + "; "
+                  f"{rec['tokens_per_second']:.0f} tokens/s counting the validation passes; "
                   f"validation loss "
                   + " -> ".join(f"{x:.3f}" for x in rec.get("eval_losses", [])) + ".", ""]
+    if res["evals"]["dense"].get("carried_from"):
+        lines += [f"The dense row is carried from `{res['evals']['dense']['carried_from']}` (an earlier run of this "
+                  "script with the same evaluation protocol: the dense model does not change).", ""]
+    missing = [r for r in ("dense", "pruned", "recovered") if r not in res["evals"] or not res["evals"][r].get("tasks")]
+    if missing:
+        lines += [f"**Partial results**: not (fully) evaluated yet: {', '.join(missing)}.", ""]
     lines += [f"Perplexity: LLM-Pruner's protocol, windows of {a['window']} tokens, the first {a['ppl_limit'] or 'all'} "
               f"windows of each test set. Zero-shot: lm-eval, 0-shot, the first {a['zs_limit']} docs of each task "
               f"(splits: " + ", ".join(f"{t} {sp}" for t, sp in zs.items()) + ").", ""]
@@ -226,6 +252,8 @@ def write_md(res: dict, path: Path) -> None:
                       f"{tp['plain_tokens_per_second']:.0f} tokens/s, ratio {tp['ratio']:.3f} "
                       f"(target >= 0.95: {'met' if tp['meets_target'] else 'NOT met'})"
                       + (f"; measured separately with `python bench/recovery.py {tp['argv']}`" if tp.get("argv") else "")
+                      + (f", carried from `{tp['carried_from']}` (measured on the earlier run's pruned model)"
+                         if tp.get("carried_from") else "")
                       + ". Per run: recover() " + ", ".join(f"{r['tokens_per_second']:.0f}" for r in tp["ours"])
                       + "; plain " + ", ".join(f"{r['tokens_per_second']:.0f}" for r in tp["plain"]) + " tokens/s."]
     path.write_text("\n".join(lines) + "\n")
@@ -236,6 +264,21 @@ def main(argv=None) -> int:
     ap.add_argument("--target", type=float, default=0.2)
     ap.add_argument("--method", default="activation", help="importance method (default: depgraph.prune's)")
     ap.add_argument("--calib", default="self", help="calibration source (default: the CLI's, self-generated)")
+    ap.add_argument("--calib-samples", type=int, default=10, help="calibration sequences (default: the library's)")
+    ap.add_argument("--calib-len", type=int, default=64, help="tokens per calibration sequence")
+    ap.add_argument("--pruned", default=None, metavar="DIR", help="load this save_pruned folder (made by "
+                    "bench/distill.py with the same --calib settings) instead of pruning again")
+    ap.add_argument("--data", default="alpaca", help="recovery text: 'alpaca', 'wikitext2' (its validation "
+                                                     "split), 'self', a file (recover.data.load_examples)")
+    ap.add_argument("--distill-alpha", type=float, default=0.0, help="weight of KL to the dense model (0: LM "
+                                                                     "loss only, 1: KL only)")
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--alpha", type=int, default=None, help="LoRA alpha (default: 2 x rank)")
+    ap.add_argument("--warmup-steps", type=int, default=100, help="at most a tenth of the planned run")
+    ap.add_argument("--dense-from", default=None, metavar="JSON", help="reuse the dense evaluation of an earlier "
+                    "recover.json made with the same evaluation protocol (the dense model does not change)")
+    ap.add_argument("--throughput-from", default=None, metavar="JSON", help="carry the throughput comparison of an "
+                    "earlier recover.json (with --skip-throughput)")
     ap.add_argument("--ppl", default="wikitext2,ptb")
     ap.add_argument("--window", type=int, default=128)
     ap.add_argument("--ppl-limit", type=int, default=None, help="windows per perplexity set (default: all)")
@@ -292,36 +335,62 @@ def main(argv=None) -> int:
     import peft
     import transformers
 
+    args.alpha = args.alpha or 2 * args.rank
+    earlier = {k: json.loads(Path(v).read_text()) for k, v in (("dense", args.dense_from),
+                                                                 ("throughput", args.throughput_from)) if v}
     res = {"args": vars(args), "argv": " ".join(sys.argv[1:] if argv is None else argv), "machine": f"{platform.machine()} {os.cpu_count()} CPUs"
            + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
            "evals": {}, "params": {}}
+    def save():  # partial results survive a stop: the JSON and the table say what finished
+        (out / "recover.json").write_text(json.dumps(res, indent=2, default=str))
+        write_md(res, out / "recover.md")
+
+    if "throughput" in earlier:
+        res["throughput"] = {**earlier["throughput"]["throughput"], "carried_from": committed(args.throughput_from)}
     model, tok = load_model()
     res["params"]["dense"] = sum(p.numel() for p in model.parameters())
-    print("== dense", flush=True)
-    res["evals"]["dense"] = evaluate(model, tok, args)
-    (out / "recover.json").write_text(json.dumps(res, indent=2, default=str))  # partial results survive a stop
+    dense = copy.deepcopy(model) if args.distill_alpha else None
+    if "dense" in earlier:
+        e = earlier["dense"]
+        same = ("ppl", "window", "ppl_limit", "tasks", "zs_limit")
+        diff = [k for k in same if e["args"].get(k) != getattr(args, k)]
+        if diff or e["params"]["dense"] != res["params"]["dense"]:
+            raise SystemExit(f"--dense-from {args.dense_from}: its evaluation protocol differs ({', '.join(diff)})")
+        res["evals"]["dense"] = {**e["evals"]["dense"], "carried_from": committed(args.dense_from)}
+    else:
+        print("== dense", flush=True)
+        evaluate(model, tok, args, res["evals"].setdefault("dense", {}), save)
 
     print("== prune", flush=True)
-    calib = load_calibration(args.calib, tok, n_samples=10, seq_len=64, model=model)
-    model, report, _ = depgraph.prune(model, calib, target=args.target, method=args.method, progress=False)
-    res["prune"] = {"method": args.method, "calib": args.calib, "removed_fraction": report.get("removed_fraction")}
+    t = time.perf_counter()
+    res["prune"] = {"method": args.method, "calib": args.calib, "calib_tokens": [args.calib_samples, args.calib_len]}
+    if args.pruned:  # made earlier with the same settings (bench/distill.py caches it with its prune time)
+        model = depgraph.load_pruned(args.pruned)
+        made = Path(args.pruned) / "bench_prune.json"
+        res["prune"].update(loaded_from=args.pruned,
+                            prune_s=json.loads(made.read_text())["prune_s"] if made.exists() else None)
+    else:
+        calib = load_calibration(args.calib, tok, n_samples=args.calib_samples, seq_len=args.calib_len, model=model)
+        model, report, _ = depgraph.prune(model, calib, target=args.target, method=args.method, progress=False)
+        res["prune"].update(removed_fraction=report.get("removed_fraction"), prune_s=time.perf_counter() - t)
     res["params"]["pruned"] = sum(p.numel() for p in model.parameters())
-    res["evals"]["pruned"] = evaluate(model, tok, args)
-    (out / "recover.json").write_text(json.dumps(res, indent=2, default=str))
-    pruned_copy = copy.deepcopy(model)
+    evaluate(model, tok, args, res["evals"].setdefault("pruned", {}), save)
+    pruned_copy = copy.deepcopy(model) if not args.skip_throughput else None
 
     print("== recover", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         merged, summary = recover(
-            model, tok, "alpaca", tmp, max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size,
+            model, tok, args.data, tmp, teacher=dense, distill=bool(args.distill_alpha),
+            distill_alpha=args.distill_alpha, rank=args.rank, alpha=args.alpha, warmup_steps=args.warmup_steps,
+            max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size,
             micro_batch_size=args.micro_batch_size, cutoff_len=args.cutoff_len, lr=args.lr, val_size=args.val_size,
             eval_steps=args.eval_steps, save_steps=args.eval_steps, early_stopping_patience=args.patience,
             max_minutes=args.max_minutes, limit=args.limit, seed=args.seed, save_total_limit=2,
             progress=lambda *a, **k: print(*a, flush=True, **k))
     res["recovery"] = summary
     res["params"]["recovered"] = sum(p.numel() for p in merged.parameters())
-    res["evals"]["recovered"] = evaluate(merged, tok, args)
+    evaluate(merged, tok, args, res["evals"].setdefault("recovered", {}), save)
 
     res["recovered_share"] = recovered_shares(res)
 

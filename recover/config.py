@@ -15,7 +15,8 @@ class RecoverConfig:
     Schedule: ``max_steps`` (overrides ``epochs``), ``epochs``, ``lr``, ``batch_size`` examples per optimizer step
     in micro-batches of ``micro_batch_size``, ``cutoff_len`` tokens per example, ``warmup_steps`` (at most a tenth of
     the run), ``lr_scheduler_type``, ``weight_decay``, ``bf16`` (None: when the GPU supports it),
-    ``gradient_checkpointing``, ``max_minutes`` (stop and checkpoint after that much training).
+    ``gradient_checkpointing``, ``max_minutes`` (stop and checkpoint after that much training; with
+    ``decay_by_time`` and the linear schedule the rate decays to 0 over those minutes).
     Validation: ``val_size`` held-out examples (int or fraction), ``eval_steps`` (default ``save_steps``),
     ``early_stopping_patience``. Checkpoints: ``save_steps``, ``save_total_limit``, ``resume_from_checkpoint``.
     Distillation: ``distill``, ``distill_alpha``, ``temperature``. Data: ``seed``, ``limit``, ``data_dir``,
@@ -53,6 +54,7 @@ class RecoverConfig:
     train_on_inputs: bool = False
     logging_steps: int = 10
     max_minutes: float | None = None
+    decay_by_time: bool = True
     save: bool = True
     overwrite: bool = False
 

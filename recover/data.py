@@ -8,14 +8,19 @@ Sources (:func:`load_examples`):
   (``<data dir>/alpaca/alpaca_5000_random_subset.json``, data dir resolved as in :mod:`recover.datasets`);
 * a plain-text file (``.txt``, ``.raw``, ``.tokens``, ``.text``, ``.md``): one text example per paragraph (blank-line
   separated; one per line when the file has no blank lines) -- for self-distillation on your own text;
+* ``"wikitext2"``: in-domain language-model text, the WikiText-2 **validation** file cut into consecutive windows of
+  ``cutoff_len`` tokens (BOS first when the tokenizer adds one, as evaluation windows are), every token a label,
+  v1's ``<unk>`` markers dropped (the raw test text has none); the test split, which ``recover.evaluate`` scores,
+  is never read;
 * ``"self"`` / ``"generated"``: text sampled from a model (the dense teacher when distilling), one text example per
   sample of ``cutoff_len`` tokens, ``limit`` samples (default 256) -- self-distillation with no data at all;
 * anything else that is not a local path: a Hugging Face dataset name (LLM-Pruner's default is
   ``yahma/alpaca-cleaned``), loaded with ``datasets.load_dataset(name, split="train")`` -- needs the hub;
 * an in-memory list of dicts.
 
-Each example is either an **instruction** example (``instruction``, optional ``input``, ``output``) or a **text**
-example (``text`` only -- plain language-model data, for self-distillation on calibration or generated text).
+Each example is an **instruction** example (``instruction``, optional ``input``, ``output``), a **text**
+example (``text`` only -- plain language-model data, for self-distillation on calibration or generated text) or a
+**token** example (``input_ids`` only: a window already tokenised, trained on as it is).
 
 Tokenisation follows ``LLM-Pruner/post_training.py`` (``generate_and_tokenize_prompt``, ``train_on_inputs=False``):
 the full prompt (template + output) is tokenised with truncation at ``cutoff_len``; an EOS is appended when the
@@ -40,6 +45,8 @@ __all__ = [
     "ALPACA_TEMPLATE",
     "ALPACA_SUBSET",
     "IGNORE_INDEX",
+    "IN_DOMAIN_SOURCES",
+    "in_domain_text",
     "DataCollator",
     "TokenizedDataset",
     "build_datasets",
@@ -64,6 +71,8 @@ ALPACA_TEMPLATE = {
 
 ALPACA_SUBSET = "alpaca/alpaca_5000_random_subset.json"
 _SHORTHANDS = {"alpaca", "alpaca-5000", "alpaca_5000"}
+# in-domain LM text: data name -> depgraph.calibration built-in (a held-out split, never the one evaluation scores)
+IN_DOMAIN_SOURCES = {"wikitext2": "wikitext2"}
 
 
 # ============================================================================ loading
@@ -78,6 +87,12 @@ def validate_examples(rows: Sequence[Any], where: str = "data") -> list[dict]:
         if not isinstance(row, dict):
             raise ValueError(f"{where}: example {i} is a {type(row).__name__}, expected an object with "
                              f"'instruction'/'input'/'output' (or 'text') fields")
+        if "instruction" not in row and "output" not in row and "input_ids" in row:
+            ids = row["input_ids"]
+            if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) for t in ids) or len(ids) < 2:
+                raise ValueError(f"{where}: example {i} field 'input_ids' must be a list of at least 2 token ids")
+            out.append({"input_ids": list(ids)})
+            continue
         if "instruction" not in row and "output" not in row and "text" in row:
             if not isinstance(row["text"], str):
                 raise ValueError(f"{where}: example {i} field 'text' must be a string")
@@ -115,12 +130,40 @@ def _generated_examples(model, tokenizer, n: int, seq_len: int, seed: int) -> li
     return [{"text": t} for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
+def in_domain_text(name: str, data_dir: str | os.PathLike | None = None) -> tuple[str, Path]:
+    """``(text, file)`` of an in-domain source: the built-in calibration file (``"wikitext2"``: the validation
+    split) laid out like the test text evaluation scores -- v1's ``<unk>`` markers, which the raw test text does not
+    have, are dropped; the ``@-@`` escapes stay, as in the raw text."""
+    from depgraph.calibration import BUILTIN_SOURCES, shared_data_dir
+
+    path = shared_data_dir(data_dir) / BUILTIN_SOURCES[IN_DOMAIN_SOURCES[name]]
+    if not path.is_file():
+        raise DataNotFoundError(f"in-domain data {name!r}: file {path} is missing")
+    return path.read_text(encoding="utf-8").replace(" <unk>", ""), path
+
+
+def _window_examples(name: str, tokenizer, seq_len: int, data_dir) -> list[dict]:
+    """One token example per consecutive ``seq_len``-token window of an in-domain text (BOS first when the
+    tokenizer adds one, as evaluation windows are)."""
+    from depgraph.calibration import bos_prefix, bos_windows
+
+    if tokenizer is None:
+        raise ValueError(f"data source {name!r} cuts text into token windows: pass tokenizer=")
+    text, path = in_domain_text(name, data_dir)
+    lines = text.splitlines(keepends=True)
+    ids = [t for enc in tokenizer(lines, add_special_tokens=False)["input_ids"] for t in enc]
+    windows = bos_windows(ids, int(seq_len), bos_prefix(tokenizer))
+    if windows.shape[0] == 0:
+        raise ValueError(f"{path}: {len(ids)} tokens, fewer than one window of {seq_len}")
+    return [{"input_ids": w} for w in windows.tolist()]
+
+
 def load_examples(source, data_dir: str | os.PathLike | None = None, limit: int | None = None, *, model=None,
                   tokenizer=None, seq_len: int = 256, seed: int = 0) -> list[dict]:
     """The validated examples of ``source`` (see the module docstring); ``limit`` keeps the first ones.
 
     ``model``/``tokenizer``/``seq_len``/``seed`` are used only by the ``"self"`` source (``limit`` samples,
-    default 256, of ``seq_len`` tokens)."""
+    default 256, of ``seq_len`` tokens); ``tokenizer``/``seq_len`` by ``"wikitext2"`` (windows of ``seq_len``)."""
     if isinstance(source, (list, tuple)):
         rows, where = list(source), "data"
     else:
@@ -129,6 +172,9 @@ def load_examples(source, data_dir: str | os.PathLike | None = None, limit: int 
         if s.lower() in SELF_SOURCES:
             rows = _generated_examples(model, tokenizer, int(limit or 256), int(seq_len), seed)
             where = "self-generated text"
+        elif s.lower() in IN_DOMAIN_SOURCES:
+            rows = _window_examples(s.lower(), tokenizer, int(seq_len), data_dir)
+            where = f"{s} (validation split)"
         elif path.is_file() and path.suffix.lower() in TEXT_SUFFIXES:
             rows, where = _text_file_examples(path), str(path)
         elif s.lower() in _SHORTHANDS:
@@ -194,6 +240,9 @@ def tokenize_example(example: dict, tokenizer, cutoff_len: int = 256, train_on_i
     """``{"input_ids", "attention_mask", "labels"}`` of one example; prompt tokens carry ``-100`` in labels."""
     if cutoff_len < 2:
         raise ValueError(f"cutoff_len must be >= 2 tokens (got {cutoff_len})")
+    if "input_ids" in example and "instruction" not in example:
+        ids = list(example["input_ids"])[:cutoff_len]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
     if "text" in example and "instruction" not in example:
         ids = _tokenize(tokenizer, example["text"], cutoff_len, add_eos)
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}

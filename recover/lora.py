@@ -113,12 +113,26 @@ def _trainer_cls():
         teacher is given (plain ``Trainer`` loss otherwise).  The KL is normalised exactly like the LM loss: by the
         number of labelled tokens of the whole accumulated batch when the Trainer passes ``num_items_in_batch``."""
 
-        def __init__(self, *args, teacher=None, distill_alpha: float = 0.5, temperature: float = 1.0, **kw):
+        def __init__(self, *args, teacher=None, distill_alpha: float = 0.5, temperature: float = 1.0,
+                     time_budget_s: float | None = None, **kw):
             super().__init__(*args, **kw)
+            self.time_budget_s = time_budget_s
             self.teacher = teacher
             self.distill_alpha = float(distill_alpha)
             self.temperature = float(temperature)
             self.last_losses: dict[str, float] = {}
+
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            """With ``time_budget_s``: linear warm-up over the warm-up steps, then a linear decay that reaches 0 when
+            the time budget is spent (so a run cut by ``max_minutes`` still anneals); else Trainer's scheduler."""
+            if self.time_budget_s is None or self.lr_scheduler is not None:
+                return super().create_scheduler(num_training_steps, optimizer)
+            warm, start, budget = self.args.get_warmup_steps(num_training_steps), time.time(), self.time_budget_s
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer or self.optimizer,
+                lambda step: min(1.0, step / warm if warm else 1.0) * max(0.0, 1.0 - (time.time() - start) / budget))
+            self._created_lr_scheduler = True
+            return self.lr_scheduler
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.teacher is None:
@@ -237,7 +251,8 @@ def recover(
     Settings: ``config`` (a :class:`recover.config.RecoverConfig`, default its defaults) with ``options`` (any of
     its fields by name, e.g. ``rank=16``) replacing fields; the paragraphs below name the fields.
 
-    ``data``: a source for :func:`recover.data.load_examples` (a JSON/JSONL path, ``"alpaca"``, a plain-text file,
+    ``data``: a source for :func:`recover.data.load_examples` (a JSON/JSONL path, ``"alpaca"``, ``"wikitext2"`` --
+    WikiText-2's validation split in ``cutoff_len``-token windows --, a plain-text file,
     ``"self"`` -- ``limit`` texts sampled from the teacher when distilling, else from ``model`` --, a hub dataset
     name, a list of dicts), a tokenised ``Dataset``, or a ``(train, val)`` pair of them.  Defaults follow
     LLM-Pruner's ``post_training.py`` (rank 8, alpha 16, dropout 0.05, lr 1e-4, 2 epochs, batch 64 of micro-batches
@@ -249,7 +264,9 @@ def recover(
     checkpoint.  ``bf16=None`` uses bf16 when the GPU supports it (never fp16: it gave NaN losses in LLM-Pruner).
     ``resume_from_checkpoint=True`` resumes from the last checkpoint in ``output_dir/checkpoints`` (or give a
     path); resuming reproduces an uninterrupted run exactly (same seeds, data order, optimizer and scheduler).
-    ``max_steps`` overrides ``epochs``; ``max_minutes`` stops (and checkpoints) after that much training time.
+    ``max_steps`` overrides ``epochs``; ``max_minutes`` stops (and checkpoints) after that much training time, and
+    (``decay_by_time=True``, the default, with the linear schedule and no ``max_steps``) the learning rate then
+    decays linearly to 0 over those minutes instead of over the planned epochs the budget would cut short.
 
     ``distill=True`` mixes the LM loss with KL to ``teacher``'s logits (a model or a path for
     :func:`depgraph.models.load_model`; the dense model the pruned one came from):
@@ -350,6 +367,8 @@ def recover(
     if c.early_stopping_patience is not None:
         cbs.append(EarlyStoppingCallback(early_stopping_patience=c.early_stopping_patience))
     budget = _time_budget_callback(c.max_minutes) if c.max_minutes else None
+    # a run cut by the time budget decays its rate over that time, not over steps it will never reach
+    time_decay = bool(c.max_minutes and c.max_steps is None and c.decay_by_time and c.lr_scheduler_type == "linear")
     if budget is not None:
         cbs.append(budget)
     if progress:
@@ -366,6 +385,7 @@ def recover(
         teacher=teacher_model,
         distill_alpha=c.distill_alpha,
         temperature=c.temperature,
+        time_budget_s=c.max_minutes * 60 if time_decay else None,
     )
     if not progress:  # Trainer prints every log dict when tqdm is off; progress=False means quiet
         from transformers.trainer_callback import PrinterCallback
@@ -404,7 +424,7 @@ def recover(
         "steps": int(trainer.state.global_step), "planned_steps": int(trainer.state.max_steps),
         "epochs": float(trainer.state.epoch or 0.0),
         "micro_batch_size": c.micro_batch_size, "grad_accum": grad_accum, "world_size": world,
-        "lr": c.lr, "bf16": use_bf16, "gradient_checkpointing": c.gradient_checkpointing,
+        "lr": c.lr, "lr_decay": "time" if time_decay else c.lr_scheduler_type, "bf16": use_bf16, "gradient_checkpointing": c.gradient_checkpointing,
         "distill": teacher_model is not None, "distill_alpha": c.distill_alpha if teacher_model is not None else None,
         "first_loss": train_losses[0] if train_losses else None,
         "final_loss": train_losses[-1] if train_losses else None,

@@ -164,6 +164,34 @@ def test_self_distillation_needs_no_data(tok, tmp_path, monkeypatch):
     assert summary["distill"] and summary["steps"] == 2 and summary["train_examples"] == 4
 
 
+def test_in_domain_source_reads_only_the_validation_split(tok, monkeypatch):
+    """``"wikitext2"`` trains on consecutive windows of the WikiText-2 validation file; the test split, which
+    evaluation scores, is never opened."""
+    from pathlib import Path
+
+    import builtins
+
+    from recover.data import in_domain_text
+    from recover.datasets import ppl_text
+
+    opened = []
+    real_open, real_read = builtins.open, Path.read_text
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: (opened.append(str(f)), real_open(f, *a, **k))[1])
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (opened.append(str(self)), real_read(self, *a, **k))[1])
+    rows = load_examples("wikitext2", tokenizer=tok, seq_len=24, limit=40)
+    assert opened and all(Path(f).name == "wiki.valid.tokens" for f in opened), opened
+    monkeypatch.undo()
+    text, _ = in_domain_text("wikitext2")
+    assert "<unk>" not in text and "@-@" in text  # laid out like the raw test text
+    assert len(rows) == 40 and all(len(r["input_ids"]) == 24 and r["input_ids"][0] == tok.bos_token_id
+                                   for r in rows)
+    body = [t for r in rows for t in r["input_ids"][1:]]  # consecutive windows: BOS + 23 text tokens each
+    start = tok.decode(body)
+    assert start in text and start not in ppl_text("wikitext2").text
+    train, _ = build_datasets("wikitext2", tok, cutoff_len=24, limit=3)
+    assert [x["labels"] for x in train] == [x["input_ids"] for x in train] == [r["input_ids"] for r in rows[:3]]
+
+
 def test_shared_alpaca_subset(tok):
     from recover.datasets import DataNotFoundError
 
@@ -317,6 +345,61 @@ def test_distill_kl_is_zero_for_identical_logits():
     assert distill_kl(x, torch.randn(2, 5, 11), labels).item() > 0
     with pytest.raises(ValueError, match="vocabulary"):
         distill_kl(x, torch.randn(2, 5, 12), labels)
+
+
+def test_trainer_kd_term_vanishes_when_the_student_is_the_teacher(tok, tmp_path):
+    """The Trainer's loss with a teacher equal to the student: KL weight 1 gives 0, weight w gives (1 - w) * LM."""
+    from transformers import TrainingArguments
+
+    from recover.lora import DistillTrainer
+
+    student = _pruned(len(tok))
+    train, _ = build_datasets(EXAMPLES, tok, cutoff_len=256)
+    batch = DataCollator.for_tokenizer(tok)([train[i] for i in range(4)])
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    lm = DistillTrainer(model=student, args=args).compute_loss(student, dict(batch)).item()
+    for w in (1.0, 0.5):
+        t = DistillTrainer(model=student, args=args, teacher=copy.deepcopy(student), distill_alpha=w)
+        assert t.compute_loss(student, dict(batch)).item() == pytest.approx((1 - w) * lm, abs=1e-5)
+    peaked = copy.deepcopy(student)
+    with torch.no_grad():
+        peaked.model.norm.weight.mul_(8.0)
+    other = DistillTrainer(model=student, args=args, teacher=peaked, distill_alpha=1.0)
+    assert other.compute_loss(student, dict(batch)).item() > 0.1  # a different teacher: a real KL term
+
+
+def test_time_budget_decays_the_rate_to_zero_when_it_is_spent(tok, tmp_path, monkeypatch):
+    """With a time budget the linear decay follows the clock: half the budget spent, half the rate; all spent, 0."""
+    from transformers import TrainingArguments
+
+    import recover.lora as rl
+
+    clock = [1000.0]
+    monkeypatch.setattr(rl.time, "time", lambda: clock[0])
+    student = _pruned(len(tok))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, learning_rate=1e-2,
+                             warmup_steps=2)
+    t = rl.DistillTrainer(model=student, args=args, time_budget_s=60.0)
+    t.create_optimizer()
+    sched = t.create_scheduler(num_training_steps=10**6)  # the planned steps play no part
+    lr = lambda: sched.get_last_lr()[0]  # noqa: E731
+    assert lr() == 0.0  # warm-up starts at 0
+    t.optimizer.step()  # no gradients: nothing moves; keeps torch's step-order check quiet
+    sched.step()
+    assert lr() == pytest.approx(0.5e-2)  # warm-up step 1 of 2, no time spent
+    clock[0] += 30.0
+    sched.step()
+    assert lr() == pytest.approx(0.5e-2)  # warm-up done, half the budget spent
+    clock[0] += 45.0
+    sched.step()
+    assert lr() == 0.0
+    monkeypatch.undo()
+    _, summary = recover(_pruned(len(tok)), tok, EXAMPLES, tmp_path / "r", max_minutes=5.0, max_steps=None,
+                         epochs=1.0, save=False, **FAST)
+    assert summary["lr_decay"] == "time"
+    _, summary = recover(_pruned(len(tok)), tok, EXAMPLES, tmp_path / "s", max_minutes=5.0, epochs=1.0,
+                         decay_by_time=False, save=False, **FAST)
+    assert summary["lr_decay"] == "linear"
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI

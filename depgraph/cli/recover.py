@@ -19,7 +19,9 @@ def add(subparsers) -> None:
                                                          "that `depgraph trace` accepts)")
     add_dtype(parser)
     parser.add_argument("--data", required=True, metavar="SOURCE",
-                        help="Alpaca-format .json/.jsonl file, 'alpaca' (the shared 5,000-example subset), a "
+                        help="Alpaca-format .json/.jsonl file, 'alpaca' (the shared 5,000-example subset), "
+                             "'wikitext2' (WikiText-2's validation split in --cutoff-len token windows: in-domain "
+                             "text for WikiText-2 perplexity, never its test split), a "
                              "plain-text file (one example per paragraph), 'self' (--limit texts sampled from the "
                              "--teacher, else from the pruned model: no data needed), or a Hugging Face dataset "
                              "name such as yahma/alpaca-cleaned (needs the hub)")
@@ -29,7 +31,10 @@ def add(subparsers) -> None:
                                                                                 "--epochs)")
     parser.add_argument("--epochs", type=float, default=2.0, metavar="E", help="epochs (default: %(default)s)")
     parser.add_argument("--max-minutes", type=float, default=None, metavar="M",
-                        help="stop (and checkpoint) after M minutes of training")
+                        help="stop (and checkpoint) after M minutes of training; the learning rate then decays "
+                             "linearly to 0 over those minutes (unless --decay-by-steps)")
+    parser.add_argument("--decay-by-steps", action="store_false", dest="decay_by_time",
+                        help="with --max-minutes, decay the learning rate over the planned epochs instead")
     parser.add_argument("--lr", type=float, default=1e-4, help="learning rate (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64, help="examples per optimizer step (default: "
                                                                     "%(default)s)")
