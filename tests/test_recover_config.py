@@ -57,3 +57,18 @@ def test_every_cli_option_is_a_setting_or_named_as_not_one():
     dests = set(vars(_recover_args()))
     fields = {f.name for f in dataclasses.fields(RecoverConfig)}
     assert dests - NOT_SETTINGS <= fields, dests - NOT_SETTINGS - fields
+
+
+def test_defaults_are_what_the_docs_say():
+    """The README states recover()'s measured defaults; they are RecoverConfig's (and so the CLI's, above)."""
+    import re
+    from pathlib import Path
+
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    m = re.search(r"`recover`'s defaults \([^)]*\): LoRA rank (\d+), alpha (\d+), lr ([0-9.e-]+), LM loss "
+                  r"\(no distillation\)", readme)
+    assert m, "README lost the sentence stating recover()'s defaults"
+    c = RecoverConfig()
+    assert (int(m[1]), int(m[2]), float(m[3]), c.distill) == (c.rank, c.alpha, c.lr, False)
+    assert c.decay_by_time and RecoverConfig.from_options(_recover_args()).lr == float(m[3])
+    assert f"lr {m[3]}" in " ".join(recover.__doc__.split())

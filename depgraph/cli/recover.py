@@ -35,7 +35,7 @@ def add(subparsers) -> None:
                              "linearly to 0 over those minutes (unless --decay-by-steps)")
     parser.add_argument("--decay-by-steps", action="store_false", dest="decay_by_time",
                         help="with --max-minutes, decay the learning rate over the planned epochs instead")
-    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64, help="examples per optimizer step (default: "
                                                                     "%(default)s)")
     parser.add_argument("--micro-batch-size", type=int, default=4, help="examples per forward pass per device "
