@@ -6,6 +6,7 @@ weights and the caller's model is never touched.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 
@@ -100,9 +101,10 @@ def _persistent_buffer_names(model: torch.nn.Module) -> set:
     return names
 
 
-def capture(model: torch.nn.Module, example_inputs=None, prepare=None) -> Capture:
+def capture(model: torch.nn.Module, example_inputs=None, prepare=None, mode=None) -> Capture:
     """Export a meta twin of ``model`` (non-strict) and map placeholders to state-dict names.
-    ``prepare(twin)``, if given, edits the twin before the export."""
+    ``prepare(twin)``, if given, edits the twin before the export; ``mode`` (a torch-function mode), if given, is
+    active during the export only."""
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"trace() needs a torch.nn.Module, got {type(model).__name__}")
     inputs = tuple(example_inputs) if example_inputs is not None else default_inputs(model)
@@ -122,7 +124,8 @@ def capture(model: torch.nn.Module, example_inputs=None, prepare=None) -> Captur
         shapes[name] = tuple(b.shape)
 
     try:
-        program = torch.export.export(twin, inputs, strict=False)
+        with mode if mode is not None else contextlib.nullcontext():
+            program = torch.export.export(twin, inputs, strict=False)
     except Exception as e:  # noqa: BLE001 - report what torch.export said, with the model class
         raise TraceError(f"torch.export failed on {type(model).__name__}: {type(e).__name__}: {e}") from e
 

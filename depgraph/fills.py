@@ -3,7 +3,8 @@
 ``torch.zeros(b * h, t, s)`` added to (or used as the ``input`` of ``baddbmm`` with) a product sized ``[b * h, t, s]``
 has dims of fixed size in the exported graph. Such a dim may join a prunable space only when its size follows that
 space: the rule in :mod:`depgraph.rules.creation` gives it a *pending* space (:class:`Pending`), and :func:`prove`
-settles it after the propagation by one export with every size a tensor reports tagged (:class:`depgraph.reads.Tagged`).
+settles it after the propagation from what :class:`Recorder` saw in the trace's export, with every size a tensor
+reports tagged (:class:`depgraph.tags.Tagged`).
 A dim is proved when, at every call of its model line, its size is the product of the very tensor dims that size the
 dim it meets in each of its consumers (the output dim of ``baddbmm``/``addmm``, the aligned dim of an elementwise
 operand), so after any shrink both are computed from the same shrunk sizes; values need nothing, since a tensor
@@ -19,12 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.overrides import TorchFunctionMode
 
-from .reads import Tagged, model_frames, recorded, source_line, tag_size
+from .reads import source_line
+from .tags import name
+from .watch import watched
 
 FILLS = ("zeros", "ones", "full", "new_zeros", "new_ones", "new_full")  # aten ops filling with one value
-_SIZE_GETTERS = (torch.Tensor.size, torch.Tensor.shape.__get__)
 _RESHAPES = ("view", "reshape")
 _COPIES = ("contiguous", "to", "float", "clone", "type_as")
 _ADDMM = {"baddbmm": ((1, 0), (1, 1), (2, 2)), "addmm": ((1, 0), (2, 1)), "addbmm": ((1, 1), (2, 2))}
@@ -53,11 +54,11 @@ def _flat(obj):
         yield obj
 
 
-class _Recorder(TorchFunctionMode):
-    """Tags reported sizes, follows dims' symbols, and checks every consumer of a created tensor."""
+class Recorder:
+    """Over one watched export (:func:`depgraph.watch.watched`, sizes tagged): follows dims' symbols and checks
+    every consumer of a created tensor."""
 
     def __init__(self):
-        super().__init__()
         self.keep: dict = {}  # id -> tensor (kept alive: no id is reused)
         self.syms: dict = {}  # id -> per-dim symbols
         self.created: dict = {}  # id -> [line, shape, per-dim proved, consumers seen]
@@ -71,11 +72,13 @@ class _Recorder(TorchFunctionMode):
         return ((id(t), d),)
 
     def _of_tag(self, v):
-        """The symbol of a tagged size (a product of reported dims), None for any other int."""
-        if not isinstance(v, Tagged):
+        """The symbol of a tagged size (a product of reported dims), None for any other int (attributes are not
+        tagged here: an int made from one is plain)."""
+        tag = name(v)
+        if tag is None:
             return None
         out = []
-        for f in v.attribute.split("*"):
+        for f in tag.split("*"):
             if not f.startswith("@"):
                 return None
             key, _, d = f[1:].partition(":")
@@ -85,37 +88,31 @@ class _Recorder(TorchFunctionMode):
             out.extend(self.sym(t, int(d)))
         return tuple(sorted(out))
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _SIZE_GETTERS and args and isinstance(args[0], torch.Tensor):
-            return self._tag(args[0], func(*args, **kwargs), args[1:], kwargs)
-        name = getattr(func, "__name__", "")
-        tensors = [a for a in _flat((args, kwargs)) if isinstance(a, torch.Tensor)]
-        for t in tensors:
-            if id(t) in self.created and self.keep.get(id(t)) is t:
-                self._consumed(name, t, args)
-        out = func(*args, **kwargs)
+    def sized(self, t):
+        self.keep[id(t)] = t
+
+    def before(self, call):
+        for t in _flat((call.args, call.kwargs)):
+            if isinstance(t, torch.Tensor) and id(t) in self.created and self.keep.get(id(t)) is t:
+                self._consumed(call.name, t, call.args)
+
+    def after(self, call, out):
         if not isinstance(out, torch.Tensor):
-            return out
+            return
+        args, name_ = call.args, call.name
         self.keep[id(out)] = out
         first = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        if name in FILLS:
-            self._create(out, args[1:] if first is not None else args)
-        elif name in _RESHAPES and first is not None:
+        if name_ in FILLS:
+            self._create(out, args[1:] if first is not None else args, call.frames)
+        elif name_ in _RESHAPES and first is not None:
             sizes = [v for v in _flat(args[1:]) if isinstance(v, int) and not isinstance(v, bool)]
             if len(sizes) == out.dim():
                 self.syms[id(out)] = tuple(self._of_tag(v) for v in sizes)
-        elif name in _COPIES and first is not None and tuple(first.shape) == tuple(out.shape):
+        elif name_ in _COPIES and first is not None and tuple(first.shape) == tuple(out.shape):
             self.syms[id(out)] = tuple(self.sym(first, d) for d in range(out.dim()))
-        return out
 
-    def _tag(self, t, out, args, kwargs):
-        self.keep[id(t)] = t
-        return tag_size(t, out, args, kwargs)
-
-    def _create(self, out, args):
+    def _create(self, out, args, frames):
         sizes = [v for v in _flat(args) if isinstance(v, int) and not isinstance(v, bool)][:out.dim()]
-        frames = model_frames(__file__)
         if len(sizes) != out.dim() or not frames:
             return
         self.syms[id(out)] = syms = tuple(self._of_tag(v) for v in sizes)
@@ -148,29 +145,33 @@ class _Recorder(TorchFunctionMode):
         else:
             entry[2] = [False] * len(mine)
 
+    def proved(self) -> dict:
+        """{(model line, shape): [per-dim proved, one list per call]}, filed under every model line of the call's
+        stack (the exported node names only its forward's line)."""
+        out: dict = {}
+        for lines, shape, dims, consumers in self.calls:
+            for line in lines:
+                out.setdefault((line, shape), []).append(dims if consumers else [False] * len(dims))
+        return out
+
 
 def proved_dims(model, example_inputs) -> dict | None:
-    """{(model line, shape): [per-dim proved, one list per call]} over one export with reported sizes tagged, filed
-    under every model line of the call's stack (the exported node names only its forward's line); None when that
-    export fails."""
-    rec = _Recorder()
-    if not recorded(rec, model, example_inputs):
-        return None
-    out: dict = {}
-    for lines, shape, dims, consumers in rec.calls:
-        for line in lines:
-            out.setdefault((line, shape), []).append(dims if consumers else [False] * len(dims))
-    return out
+    """:meth:`Recorder.proved` over an export of ``model`` of its own (reported sizes tagged, no attribute); None
+    when that export fails."""
+    rec = Recorder()
+    return rec.proved() if watched(model, example_inputs, [rec], attributes=None) is not None else None
 
 
-def prove(model, example_inputs, flow) -> None:
-    """Block every pending created dim of ``flow`` whose size is not proved to follow the space it joined."""
+def prove(flow, proved) -> None:
+    """Block every pending created dim of ``flow`` whose size is not proved to follow the space it joined;
+    ``proved()`` gives what the export saw (:meth:`Recorder.proved`, None without evidence), asked only when a
+    dim is pending."""
     store = flow.store
     open_ = [p for p in flow.pending if p.layout is not None and
              any(not s.blocked for s in store.leaves(p.layout))]
-    proved = proved_dims(model, example_inputs) if open_ else None
+    seen = proved() if open_ else None
     for p in open_:
         shape = tuple(int(s) for s in p.node.meta["val"].shape)
-        calls = (proved or {}).get((source_line(p.node), shape))
+        calls = (seen or {}).get((source_line(p.node), shape))
         if not calls or not all(c[p.dim] for c in calls):
             store.block(p.layout, p.reason)

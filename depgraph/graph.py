@@ -12,11 +12,12 @@ import torch
 
 from .capture import Capture, capture
 from .dimflow import DimFlow, propagate
+from .evidence import observe
 from .fills import prove as prove_fills
 from .indices import prove as prove_indices
 from .groups import Group, Member
 from .layout import Prod, Space
-from .reads import Reads, follows_call, tagged_reads
+from .reads import Reads, follows_call
 from .sizes import SizeSpaces
 from .rules import op_name
 from .rules.moe import GROUPED_MM_ALIGN
@@ -447,15 +448,15 @@ def trace(model, example_inputs=None, strict: bool = False) -> DependencyGraph:
     ``example_inputs``: a tuple of tensors for the forward (default for HF causal LMs: token ids [2, 8]).
     ``strict``: raise :class:`UnsupportedOpError` when an op without a rule touches a channel space.
     """
-    cap = capture(model, example_inputs)
+    cap, seen = observe(model, example_inputs)  # one export: the graph, and what the proofs below read off it
     flow = propagate(cap, strict=strict)
-    prove_fills(model, example_inputs, flow)
-    prove_indices(model, example_inputs, flow)
-    flow.stale = read_attributes(model, example_inputs, cap, flow)
+    prove_fills(flow, seen.fills)
+    prove_indices(flow, seen.indices)
+    flow.stale = read_attributes(model, example_inputs, cap, flow, seen.reads)
     return DependencyGraph(cap, flow, type(model).__name__)
 
 
-def read_attributes(model, example_inputs, cap, flow) -> set:
+def read_attributes(model, example_inputs, cap, flow, reads_of) -> set:
     """Which attributes behind a literal size the forward really reads.
 
     - A split/slice size equal to both an attribute shrink rewrites (``split_size``) and one it does not
@@ -465,13 +466,14 @@ def read_attributes(model, example_inputs, cap, flow) -> set:
       export below shows every call making the op pass a rewritten attribute at the literal's place.
     - A literal that equals the size of a tensor entering its module (``reshape(b, t, embed_dim)`` with
       ``embed_dim = x.size(-1)``, equal to ``self.embed_dim`` by value) must be seen to be the attribute it equals:
-      one export with the attributes tagged (:mod:`depgraph.reads`); a literal whose op's line was not passed the
-      attribute is marked ``unread``: not owned, and (a merge, owned or not) its witnesses are blocked, since
-      pruning them would change the size the model code reads off them. A merge that a second export, with the
-      sizes tensors report tagged, shows to be the product of its own input's dims, or of tensor dims in exactly
-      the spaces it sizes (:mod:`depgraph.sizes`), follows them (``proved``).
+      the trace's export with the attributes of the literals' modules tagged (``reads_of(paths)``, a
+      :class:`depgraph.reads.Reads`); a literal whose op's line was not passed the attribute is marked ``unread``:
+      not owned, and (a merge, owned or not) its witnesses are blocked, since pruning them would change the size
+      the model code reads off them. A merge that the same export, with the sizes tensors report tagged, shows to
+      be the product of its own input's dims, or of tensor dims in exactly the spaces it sizes
+      (:mod:`depgraph.sizes`), follows them (``proved``).
     - Every other merge (or size kept by ``new_empty``) of a parameter's space, equal to an attribute or not, is
-      confirmed the same way: a literal neither export proves is not owned and blocks its space."""
+      confirmed the same way: a literal the reads do not prove is not owned and blocks its space."""
     ambiguous: dict = {}  # attr name -> literals to test against an unrewritten attribute
     confirm = []  # literals whose owning attribute must be seen to be read
     param_leaves = _parameter_leaves(flow)
@@ -512,8 +514,8 @@ def read_attributes(model, example_inputs, cap, flow) -> set:
             elif n is None or lit.node not in nodes or repr(n.args) != repr(nodes[lit.node].args):
                 stale.update(a for a in lit.attributes if a.rpartition(":")[2] == name)
     paths = {lit.module for lit in confirm} | {lit.module for _, lit in failed} | {lit.module for lit in counted}
-    # one export with the attributes and the sizes tensors report tagged answers every literal
-    reads = (tagged_reads(model, example_inputs, paths, sizes=True) or Reads()) if paths else Reads()
+    # the export with the attributes and the sizes tensors report tagged answers every literal
+    reads = (reads_of(paths) or Reads()) if paths else Reads()
     spaces = SizeSpaces(flow, nodes, cap.module)
 
     def follows(lit, accept=None):

@@ -1,64 +1,32 @@
 """Which module attributes the forward passes, unchanged, to which line of model code.
 
-Chosen int attributes of the meta twin are replaced by :class:`Tagged` ints (same value, same behaviour, a name
-attached); a torch-function mode active during one export records, for every torch call whose arguments hold a
-tagged int, the model-code line making the call and the ``(name, value)`` pairs it passed. A literal size in the
+The trace's one export (:func:`depgraph.watch.watched`) runs with the int attributes of the meta twin's modules and
+the sizes tensors report (``x.size(-1)``) replaced by :class:`depgraph.tags.Tagged` ints (same value, same
+behaviour, a provenance attached); :class:`Recorder` keeps, for every torch call whose arguments hold an int, the
+model-code line making the call and the ints it passed. :meth:`Recorder.reads` names them as an export tagging
+only the attributes of the modules asked about would have (:func:`depgraph.tags.name`): a literal size in the
 exported graph is then known to *be* that attribute when its op's line shows the pair; arithmetic on a tagged int
-gives a plain int (except a product, which names its factors: ``num_heads*head_dim``), so a value computed
-otherwise or read off a tensor's shape shows nothing.
+gives a plain int (except a product, which names its factors: ``num_heads*head_dim``, and an attribute plus fixed
+slots: ``num_heads+2``), so a value computed otherwise or read off a tensor's shape shows nothing.
 
 A size passed through a helper method (``self._merge_heads(x, self.num_heads, self.head_dim)``) is recorded on
 every model-code line of the call's stack, with the call's int arguments: the exported node names only the
-forward's line, so the op is found again there by its sizes (:func:`follows_call`). A second export can also tag
-the sizes tensors report (``x.size(-1)``): a merge sized by the product of the very dims of the tensor it reshapes
+forward's line, so the op is found again there by its sizes (:func:`follows_call`). A reported size names the
+tensor dim it was read off: a merge sized by the product of the very dims of the tensor it reshapes
 (``x.view(*x.size()[:-2], x.size(-2) * x.size(-1))``) follows that tensor when it shrinks.
 """
 from __future__ import annotations
 
-import inspect
-import logging
-import os
 import re
 from dataclasses import dataclass, field
 from math import prod
 
 import torch
-from torch.overrides import TorchFunctionMode
 
-from .capture import capture
+from .tags import Tagged, name, sizes_in
+from .watch import watched
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
 _FRAME = re.compile(r'File "([^"]+)", line (\d+)')
-
-
-class Tagged(int):
-    """An int that remembers the attribute it was read from."""
-
-    def __new__(cls, value: int, name: str):
-        out = super().__new__(cls, value)
-        out.attribute = name
-        return out
-
-    def __mul__(self, other):  # ``self.num_heads * self.head_dim``: the product remembers its factors
-        if isinstance(other, int) and not isinstance(other, bool) and "+" not in self.attribute + \
-                getattr(other, "attribute", ""):
-            return Tagged(int(self) * int(other), f"{self.attribute}*{getattr(other, 'attribute', int(other))}")
-        return int(self) * other
-
-    __rmul__ = __mul__
-
-    def __add__(self, other):  # ``self.num_heads + 2``: an attribute plus fixed slots remembers both
-        if type(other) is int and other > 0 and self.attribute.isidentifier():
-            return Tagged(int(self) + other, f"{self.attribute}+{other}")
-        return int(self) + other
-
-    __radd__ = __add__
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def __reduce__(self):
-        return (Tagged, (int(self), self.attribute))
 
 
 def _leaves(obj, in_slice: bool = False):
@@ -75,52 +43,9 @@ def _leaves(obj, in_slice: bool = False):
         yield obj, in_slice
 
 
-def _tags(leaves) -> set:
-    """(attribute, value) of every tagged size among ``leaves`` (slice bounds included)."""
-    return {(v.attribute, int(v)) for v, _ in leaves if isinstance(v, Tagged)}
-
-
 def _ints(leaves) -> list:
     """The ints among ``leaves`` outside slices, in order (bools skipped): a call's size signature."""
     return [v for v, in_slice in leaves if not in_slice and isinstance(v, int) and not isinstance(v, bool)]
-
-
-def model_frames(*own: str) -> list:
-    """(file, line) of every frame outside torch, this module and the files ``own`` (a recorder's), innermost
-    first: the model code making a call."""
-    skip = {__file__, *own}
-    out = []
-    f = inspect.currentframe().f_back
-    while f is not None:
-        name = f.f_code.co_filename
-        if not name.startswith(_TORCH_DIR) and name not in skip:
-            out.append((name, f.f_lineno))
-        f = f.f_back
-    return out
-
-
-def tag_size(t: torch.Tensor, out, args, kwargs):
-    """``t.size(...)`` / ``t.shape``'s result ``out`` with every size tagged ``@id(t):dim`` (:class:`Tagged`)."""
-    if isinstance(out, int):
-        d = (args[0] if args else kwargs.get("dim", 0)) % t.dim()
-        return Tagged(out, f"@{id(t)}:{d}")
-    return torch.Size([Tagged(int(n), f"@{id(t)}:{d}") for d, n in enumerate(out)])
-
-
-def recorded(mode, model, example_inputs, prepare=None) -> bool:
-    """Run one export of ``model`` (``prepare`` applied to its twin) under the torch-function ``mode`` (a recorder);
-    False when that export fails: no evidence, so whatever it was to prove stays unproved."""
-    quiet = logging.getLogger("torch._subclasses.fake_tensor")
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)  # the forward may break under tagged sizes; torch logs that loudly
-    try:
-        with mode:
-            capture(model, example_inputs, prepare=prepare)
-        return True
-    except Exception:  # noqa: BLE001 - no evidence
-        return False
-    finally:
-        quiet.setLevel(level)
 
 
 def signature(args) -> tuple:
@@ -128,7 +53,6 @@ def signature(args) -> tuple:
     return tuple(int(v) for v in _ints(list(_leaves(args))))
 
 
-_SIZE_GETTERS = (torch.Tensor.size, torch.Tensor.shape.__get__)
 _RESHAPES = ("view", "reshape", "_unsafe_view")
 
 
@@ -148,61 +72,70 @@ class Reads:
         return self.lines.get(key, default)
 
 
-class _Recorder(TorchFunctionMode):
-    def __init__(self, sizes: bool = False):
-        super().__init__()
-        self.reads = Reads()
-        self.sizes = sizes
-        self.sized: dict = {}  # id -> tensor whose sizes were tagged (kept alive: no id is reused)
-        self.nodes: dict = {}  # id -> (name, shape) of the exported graph's node that tensor is, when traced
+class Recorder:
+    """What :class:`Reads` holds, recorded over one watched export (:func:`depgraph.watch.watched`, sizes tagged)
+    for any set of tagged modules: the tagged ints themselves are kept and named by :meth:`reads`."""
+
+    def __init__(self):
+        self.lines: dict = {}  # (file, line) -> tagged ints passed at that innermost model line
+        self.calls: dict = {}  # (file, line) -> [(ints, the int objects, {size name: what it reads}, own node)]
+        self.kept: dict = {}  # id -> tensor whose sizes were tagged (kept alive: no id is reused)
+        self.nodes: dict = {}  # id -> (name, shape, op) of the exported graph's node that tensor is, when traced
         self.origin: dict = {}  # id(out) -> (out, its input, {out dim: input dim}) of dim-keeping views
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if self.sizes and func in _SIZE_GETTERS and args and isinstance(args[0], torch.Tensor):
-            return self._tag_sizes(args[0], func(*args, **kwargs), args[1:], kwargs)
-        leaves = list(_leaves((args, kwargs)))  # one walk for the tags and the size signature
-        found = _tags(leaves)
-        frames = model_frames()
-        if found and frames:
-            self.reads.lines.setdefault(frames[0], set()).update(found)
-        ints = _ints(leaves)
-        if ints and frames:
-            own = next((a for a in args if isinstance(a, torch.Tensor)), None)
-            node = _traced_node(own) if self.sizes and own is not None else None
-            entry = (tuple(int(v) for v in ints), tuple(self._tag_of(v, own) for v in ints),
-                     node.name if node is not None else None)
-            for frame in dict.fromkeys(frames):
-                self.reads.calls.setdefault(frame, []).append(entry)
-        out = func(*args, **kwargs)
-        if self.sizes and args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
-            dims = _kept_dims(func, args, out)
-            if dims:
-                self.origin[id(out)] = (out, args[0], dims)
-        return out
-
-    def _tag_sizes(self, t, out, args, kwargs):
-        self.sized[id(t)] = t
+    def sized(self, t):
+        self.kept[id(t)] = t
         node = _traced_node(t)
         if node is not None:
             self.nodes[id(t)] = (node.name, tuple(t.shape), op_name_of(node))
-        return tag_size(t, out, args, kwargs)
 
-    def _tag_of(self, v, own):
-        name = getattr(v, "attribute", None)
-        if name is None or "@" not in name:
-            return name
-        parts = []
-        for f in name.split("*"):
-            if f.startswith("@"):
-                key, _, d = f[1:].partition(":")
-                mine = self._dims_from(own, int(key)) if own is not None else None
-                e = [o for o, a in (mine or {}).items() if a == int(d)]
-                node = self.nodes.get(int(key))
-                shape = "x".join(map(str, node[1])) if node else ""
-                f = f"self:{e[0]}" if e else f"node:{node[0]}:{d}:{shape}:{node[2]}" if node else "other"
-            parts.append(f)
-        return "*".join(parts)
+    def before(self, call):
+        leaves = list(_leaves((call.args, call.kwargs)))  # one walk for the tags and the size signature
+        tagged = [v for v, _ in leaves if isinstance(v, Tagged)]
+        ints = _ints(leaves)
+        if not (tagged or ints) or not call.frames:
+            return
+        if tagged:
+            self.lines.setdefault(call.frames[0], []).extend(tagged)
+        if ints:
+            own = next((a for a in call.args if isinstance(a, torch.Tensor)), None)
+            node = _traced_node(own) if own is not None else None
+            where = {f: self._read_off(f, own) for v in ints for f in sizes_in(v)}
+            entry = (tuple(int(v) for v in ints), tuple(ints), where, node.name if node is not None else None)
+            for frame in dict.fromkeys(call.frames):
+                self.calls.setdefault(frame, []).append(entry)
+
+    def after(self, call, out):
+        args = call.args
+        if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+            dims = _kept_dims(call.func, args, out)
+            if dims:
+                self.origin[id(out)] = (out, args[0], dims)
+
+    def reads(self, paths) -> Reads:
+        """What an export with the int attributes of the modules at ``paths`` tagged (and every reported size)
+        passed to torch."""
+        modules = frozenset(paths)
+        out = Reads()
+        for frame, vs in self.lines.items():
+            found = {(n, int(v)) for v in vs if (n := name(v, modules)) is not None}
+            if found:
+                out.lines[frame] = found
+        done: dict = {}
+        for frame, entries in self.calls.items():
+            out.calls[frame] = [done[id(e)] if id(e) in done else done.setdefault(id(e), _named(e, modules))
+                                for e in entries]
+        return out
+
+    def _read_off(self, size: str, own) -> str:
+        """What the reported size ``@ID:D`` is: ``self:E`` (dim E of ``own``, the call's first tensor, or a view
+        of it), ``node:NAME:D:SHAPE:OP`` (dim D of a traced graph node), else ``other``."""
+        key, _, d = size[1:].partition(":")
+        mine = self._dims_from(own, int(key)) if own is not None else None
+        e = [o for o, a in (mine or {}).items() if a == int(d)]
+        node = self.nodes.get(int(key))
+        shape = "x".join(map(str, node[1])) if node else ""
+        return f"self:{e[0]}" if e else f"node:{node[0]}:{d}:{shape}:{node[2]}" if node else "other"
 
     def _dims_from(self, t, key):
         """{dim of ``t``: dim of the tensor with id ``key``} when that tensor is ``t`` or one it was viewed from
@@ -217,6 +150,18 @@ class _Recorder(TorchFunctionMode):
             _, t, kept = step
             dims = {o: kept[a] for o, a in dims.items() if a in kept}
         return None
+
+
+def _named(entry, modules) -> tuple:
+    """A recorded call's (ints, tags, own) with the tags named as ``modules`` alone being tagged shows them."""
+    ints, values, where, own = entry
+
+    def tag(v):
+        n = name(v, modules)
+        if n is None or "@" not in n:
+            return n
+        return "*".join(where.get(f, "other") if f.startswith("@") else f for f in n.split("*"))
+    return ints, tuple(tag(v) for v in values), own
 
 
 def _traced_node(t):
@@ -270,17 +215,11 @@ def _kept_dims(func, args, out) -> dict | None:
     return None
 
 
-def tagged_reads(model, example_inputs, paths, sizes: bool = False) -> Reads | None:
-    """What one export of ``model`` passes to torch with every int attribute of the modules at ``paths`` tagged
-    (and, with ``sizes``, every size a tensor reports); None when that export fails."""
-    def tag(twin):
-        for path, mod in twin.named_modules():
-            if path in paths:
-                for name, v in list(vars(mod).items()):
-                    if type(v) is int:
-                        setattr(mod, name, Tagged(v, name))
-    rec = _Recorder(sizes)
-    return rec.reads if recorded(rec, model, example_inputs, prepare=tag) else None
+def tagged_reads(model, example_inputs, paths) -> Reads | None:
+    """What one export of ``model`` passes to torch with every int attribute of the modules at ``paths`` tagged,
+    and every size a tensor reports; None when that export fails."""
+    rec = Recorder()
+    return rec.reads(paths) if watched(model, example_inputs, [rec], attributes=set(paths)) is not None else None
 
 
 def merged_dims(in_shape, out_shape, i: int) -> set | None:

@@ -1,6 +1,6 @@
 """Does a size read off a tensor follow the space it sizes? (the proof behind a literal size read at run time)
 
-A tagged export (:mod:`depgraph.reads`) names, for each int a torch call was passed, the tensor dims it is the
+The trace's tagged export (:mod:`depgraph.reads`) names, for each int a torch call was passed, the tensor dims it is the
 product of (``self:D``: dim D of the call's own input; ``node:NAME:D:SHAPE:OP``: dim D of the graph node NAME)
 and the attributes among its factors. The size follows the pruning exactly when those dims' channel spaces are
 the spaces of the output dim it sizes, as a multiset of product factors (leaf spaces, or a concatenation of them
@@ -48,7 +48,7 @@ class SizeSpaces:
         val = other.meta.get("val") if other is not None else None
         if not hasattr(val, "shape") or "x".join(str(int(n)) for n in val.shape) != shape or \
                 op_name_of(other) != op:
-            return None  # not the tensor the tagged export saw: proves nothing
+            return None  # not the tensor the export saw: proves nothing
         return self._dim(other, int(d))
 
     def follows(self, node, i: int, tag: str) -> bool:

@@ -1,0 +1,107 @@
+"""The trace runs the model's export once: the literal reads, the fills and the constant indices are all recorded
+while the graph is traced (depgraph.evidence), and the graph is the one a plain export gives."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+from torch import nn
+
+import depgraph
+from archs import ARCHS, VOCAB
+from depgraph import reads
+from depgraph.capture import capture
+from depgraph.evidence import observe
+
+
+@pytest.fixture
+def exports(monkeypatch):
+    """Every torch.export.export call made while the test runs."""
+    calls = []
+    inner = torch.export.export
+
+    def counted(*args, **kwargs):
+        calls.append(type(args[0]).__name__)
+        return inner(*args, **kwargs)
+    monkeypatch.setattr(torch.export, "export", counted)
+    return calls
+
+
+def _falcon():  # multi-query: a constant index (depgraph.indices) and a counted literal (num_heads + 2)
+    torch.manual_seed(0)
+    cfg = tf.FalconConfig(vocab_size=VOCAB, hidden_size=48, num_attention_heads=4, num_hidden_layers=2,
+                          multi_query=True, new_decoder_architecture=False, use_cache=False)
+    return tf.FalconForCausalLM(cfg).eval()
+
+
+def _neox_japanese():  # baddbmm(torch.zeros(b * h, t, s), q, k): a fill sized off the query (depgraph.fills)
+    torch.manual_seed(0)
+    cfg = tf.GPTNeoXJapaneseConfig(vocab_size=VOCAB, hidden_size=48, num_attention_heads=4, num_hidden_layers=2,
+                                   intermediate_multiple_size=2, use_cache=False)
+    return tf.GPTNeoXJapaneseForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("build", [ARCHS["llama-gqa"], _falcon, _neox_japanese], ids=["llama", "falcon", "neox-ja"])
+def test_the_trace_exports_once_and_its_proofs_hold(exports, build):
+    model = build()
+    graph = depgraph.trace(model)
+    assert exports == [type(model).__name__]  # the capture itself: no second, tagged export
+    layers = model.config.num_hidden_layers
+    attention = graph.groups("attention")  # every layer's heads need the recorded proofs to be exact
+    assert len(attention) == layers and all(g.exact for g in attention), [g.id for g in attention]
+    assert len(graph.groups("mlp")) == layers
+
+
+def _nodes(cap):
+    return [(n.op, str(n.target), repr(n.args), repr(n.kwargs)) for n in cap.graph.nodes]
+
+
+def test_the_watched_graph_is_the_plain_exports():
+    model = ARCHS["llama-gqa"]()
+    cap, seen = observe(model)
+    plain = capture(model)
+    assert _nodes(cap) == _nodes(plain)
+    assert not any(type(v) is not int for m in cap.module.modules() for v in vars(m).values()
+                   if isinstance(v, int) and not isinstance(v, bool))  # the attributes are plain again
+    assert seen.reads({"model.layers.0.self_attn"}).lines  # and the recorders saw the forward
+
+
+class Attention(nn.Module):
+    """Heads merged by ``self.embed_dim``: a literal the reads must see passed."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed_dim, self.num_heads = 32, 4
+        self.q, self.k, self.v, self.o = (nn.Linear(32, 32) for _ in range(4))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, self.num_heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(b, t, self.embed_dim))
+
+
+class Picky(nn.Module):
+    """An attention under a root whose forward breaks when its own int attribute is tagged."""
+
+    def __init__(self):
+        super().__init__()
+        self.width, self.attn = 32, Attention()
+
+    def forward(self, x):
+        if type(self.width) is not int:
+            raise TypeError("width must be an int")
+        return x + self.attn(x)
+
+
+def test_a_forward_the_tags_break_falls_back_to_the_old_exports(exports):
+    torch.manual_seed(0)
+    model, x = Picky().eval(), torch.randn(2, 5, 32)
+    graph = depgraph.trace(model, (x,))
+    # the tagged export failed, then the plain capture and the reads' own export (only the attention module tagged)
+    assert len(exports) == 3
+    attention = graph.groups("attention")
+    assert len(attention) == 1 and attention[0].exact
+    with pytest.MonkeyPatch.context() as mp:  # without the reads' own export (no evidence): the merge is blocked
+        mp.setattr(reads, "tagged_reads", lambda *a, **k: None)
+        assert not [g for g in depgraph.trace(model, (x,)).groups("attention") if g.exact]
