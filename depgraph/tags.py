@@ -10,8 +10,10 @@ rules below, so a recorder sees exactly what its own export used to show it:
 * an attribute is its name, a size its ``@ID:D``;
 * a product names its factors (``num_heads*head_dim``, an untagged factor by its value: ``num_heads*64``) unless
   a factor is a sum;
-* a sum of one tagged attribute (or product of them) and a positive untagged int names both (``num_heads+2``);
-* anything else (a difference, a quotient, a sum of two tagged ints...) is a plain int: no name.
+* a sum of a tagged attribute and a positive untagged int names both (``num_heads+2``); when the left operand is
+  tagged but cannot name the sum (it is a product or a size, or the right one is tagged too), the right one names
+  it with the left's value (Python's fallback ``int(a) + b``; a product likewise);
+* anything else (a difference, a quotient, a sum with a size on the right...) is a plain int: no name.
 """
 from __future__ import annotations
 
@@ -77,16 +79,20 @@ def _name(how: tuple, modules) -> str | None:
         return how[1] if how[2] in modules else None
     a, b = how[1], how[2]
     na, nb = name(a, modules), name(b, modules)
-    if na is not None:  # ``a.__op__(b)``
-        own, other, other_name = na, b, nb
-    elif nb is not None:  # ``b.__rop__(a)``: a is a plain int there
-        own, other, other_name = nb, a, None
-    else:
-        return None
+    if na is not None:  # ``a.__op__(b)``, which falls back to ``int(a) op b``: ``b.__rop__(int(a))``
+        out = _combined(kind, na, b, nb, modules)
+        return out if out is not None or nb is None else _combined(kind, nb, int(a), None, modules)
+    if nb is not None:  # ``b.__rop__(a)``: a is a plain int there
+        return _combined(kind, nb, a, None, modules)
+    return None
+
+
+def _combined(kind: str, own: str, other, other_name, modules) -> str | None:
+    """The name of a tagged int named ``own`` times / plus ``other`` (named ``other_name`` or untagged)."""
     if kind == "mul":
         return None if "+" in own + (other_name or "") else \
             f"{own}*{other_name if other_name is not None else int(other)}"
-    ok = _plain_int(other, modules) and int(other) > 0 and own.isidentifier()
+    ok = other_name is None and _plain_int(other, modules) and int(other) > 0 and own.isidentifier()
     return f"{own}+{int(other)}" if ok else None
 
 

@@ -105,3 +105,60 @@ def test_a_forward_the_tags_break_falls_back_to_the_old_exports(exports):
     with pytest.MonkeyPatch.context() as mp:  # without the reads' own export (no evidence): the merge is blocked
         mp.setattr(reads, "tagged_reads", lambda *a, **k: None)
         assert not [g for g in depgraph.trace(model, (x,)).groups("attention") if g.exact]
+
+
+class OnlyTagged(int):
+    """The ints of an export that tagged some attributes only (the rules the separate tagged export ran by)."""
+
+    def __new__(cls, value, attribute):
+        out = super().__new__(cls, value)
+        out.attribute = attribute
+        return out
+
+    def __mul__(self, other):
+        if isinstance(other, int) and not isinstance(other, bool) and \
+                "+" not in self.attribute + getattr(other, "attribute", ""):
+            return OnlyTagged(int(self) * int(other), f"{self.attribute}*{getattr(other, 'attribute', int(other))}")
+        return int(self) * other
+
+    __rmul__ = __mul__
+
+    def __add__(self, other):
+        if type(other) is int and other > 0 and self.attribute.isidentifier():
+            return OnlyTagged(int(self) + other, f"{self.attribute}+{other}")
+        return int(self) + other
+
+    __radd__ = __add__
+
+
+def test_names_are_those_an_export_tagging_only_those_modules_gives():
+    """Random sums, products and differences of attributes (of two modules), sizes and plain ints: every result is
+    named by depgraph.tags.name exactly as the ints of an export tagging only the chosen modules' attributes."""
+    import random
+
+    from depgraph.tags import Tagged, name
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        leaves = [(rng.choice(["attr", "attr", "size", "plain"]), rng.choice([-1, 0, 1, 2, 8]), f"a{i}",
+                   f"m{rng.randint(0, 1)}") for i in range(rng.randint(1, 4))]
+        only = frozenset(m for m in ("m0", "m1") if rng.random() < 0.5)
+        ops = [(rng.choice("*+-"), rng.randrange(1 << 20)) for _ in range(rng.randint(1, 4))]
+
+        def run(every: bool) -> list:
+            vals = []
+            for kind, v, attr, mod in leaves:
+                if kind == "plain":
+                    vals.append(v)
+                elif kind == "size":
+                    vals.append(Tagged(v, ("size", f"@1:{attr}")) if every else OnlyTagged(v, f"@1:{attr}"))
+                else:
+                    vals.append(Tagged(v, ("attr", attr, mod)) if every else
+                                OnlyTagged(v, attr) if mod in only else v)
+            for op, r in ops:
+                x, y = vals[r % len(vals)], vals[(r >> 8) % len(vals)]
+                vals.append(x * y if op == "*" else x + y if op == "+" else x - y)
+            return vals
+        for want, got in zip(run(False), run(True)):
+            assert int(want) == int(got)
+            assert name(got, only) == (want.attribute if isinstance(want, OnlyTagged) else None), (leaves, only, ops)
