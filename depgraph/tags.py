@@ -40,12 +40,12 @@ class Tagged(int):
         return int(self) * other
 
     def __add__(self, other):
-        if isinstance(other, int) and not isinstance(other, bool):
+        if isinstance(other, int) and not isinstance(other, bool) and _attribute(self, other):
             return Tagged(int(self) + int(other), ("add", self, other))
-        return int(self) + other
+        return int(self) + int(other) if isinstance(other, Tagged) else int(self) + other
 
     def __radd__(self, other):
-        if isinstance(other, int) and not isinstance(other, bool):
+        if isinstance(other, int) and not isinstance(other, bool) and _attribute(self, other):
             return Tagged(int(other) + int(self), ("add", other, self))
         return int(self) + other
 
@@ -54,6 +54,12 @@ class Tagged(int):
 
     def __reduce__(self):
         return (Tagged, (int(self), self.how))
+
+
+def _attribute(*vs) -> bool:
+    """Whether one of ``vs`` is a tagged attribute itself: a sum is named only through one (the rules below), so
+    any other sum is a plain int in every export."""
+    return any(isinstance(v, Tagged) and v.how[0] == "attr" for v in vs)
 
 
 def name(v, modules: frozenset = frozenset()) -> str | None:
