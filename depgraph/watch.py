@@ -7,9 +7,9 @@ recorder sees the same model lines (:attr:`Call.frames`).
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
-import sys
 from functools import cached_property
 
 import torch
@@ -58,7 +58,7 @@ class Watch(TorchFunctionMode):
             for r in self.recorders:
                 r.sized(args[0])
             return out
-        call = Call(func, args, kwargs, sys._getframe())
+        call = Call(func, args, kwargs, inspect.currentframe())
         for r in self.recorders:
             r.before(call)
         out = func(*args, **kwargs)
