@@ -33,7 +33,7 @@ from .shrink import mask
 from .sparsify import SparsifyError, batches_of, capture_layer_inputs, find_layers, run_layer
 from .stats import Collector, InputStats, linear_view
 
-__all__ = ["ReconstructConfig", "MODES", "block_stats", "consumers", "obs_reselector", "reconstruct", "reconstruct_block",
+__all__ = ["ReconstructConfig", "MODES", "block_stats", "consumers", "gram_dtype_for", "obs_reselector", "reconstruct", "reconstruct_block",
            "weight_out_in"]
 
 MODES = ("lstsq", "mean")
@@ -43,12 +43,14 @@ MODES = ("lstsq", "mean")
 class ReconstructConfig:
     """How consumers are re-fitted: ``mode`` (``"lstsq"`` or ``"mean"``), ``intercept`` (the bias joins the
     least-squares fit), ``damp`` (fraction of the mean Gram diagonal added to it), ``batch_size`` (calibration
-    rows per forward)."""
+    rows per forward), ``gram_dtype`` (of the accumulated ``X^T X``; None: :func:`gram_dtype_for` the block,
+    float32 for a half-precision block, float64 otherwise; the solve runs in float64 on gathered blocks either way)."""
 
     mode: str = "lstsq"
     intercept: bool = False
     damp: float = 0.01
     batch_size: int = 8
+    gram_dtype: torch.dtype | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -83,27 +85,38 @@ def consumers(model, plan: Plan, entries=None) -> dict:
     return {p: sorted(s) for p, s in out.items()}
 
 
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def gram_dtype_for(block: nn.Module) -> torch.dtype:
+    """float32 when ``block`` computes in half precision (its inputs carry 8-11 bits: a float32 sum of their products
+    loses nothing they hold, at half the memory: 0.5 GB instead of 1 GB for a 7B ``down_proj``), float64 otherwise."""
+    dtype = next((p.dtype for p in block.parameters() if p.is_floating_point()), torch.float32)
+    return torch.float32 if dtype in HALF_DTYPES else torch.float64
+
+
 def weight_out_in(mod) -> torch.Tensor:
     """[out, in] view of a linear-like weight."""
     return linear_view(mod).weight()
 
 
 @torch.no_grad()
-def block_stats(block: nn.Module, inputs, paths, gram: bool = True, with_bias: bool = False):
+def block_stats(block: nn.Module, inputs, paths, gram: bool = True, with_bias: bool = False, dtype=None):
     """``({path: InputStats}, {path: signal})`` of the modules ``paths`` inside ``block`` over the block's inputs:
-    count, sum and, with ``gram``, ``X^T X`` (float64; a module no token reached gets zeros), and ``||W x||^2`` of
-    each module's outputs (``||W x + b||^2`` ``with_bias``)."""
+    count, sum and, with ``gram``, ``X^T X`` (in ``dtype``, default :func:`gram_dtype_for` the block; a module no
+    token reached gets zeros), and ``||W x||^2`` of each module's outputs (``||W x + b||^2`` ``with_bias``)."""
+    dtype = dtype or gram_dtype_for(block)
     mods = {p: block.get_submodule(p) for p in paths}
     signal = dict.fromkeys(mods, 0.0)
     handles = [m.register_forward_hook(_signal_hook(signal, p, with_bias)) for p, m in mods.items()]
     try:
-        with Collector(mods, gram=gram) as col:  # float64 count, sum (and X^T X)
+        with Collector(mods, gram=gram, dtype=dtype) as col:
             for item in inputs:
                 run_layer(block, item)
     finally:
         for h in handles:
             h.remove()
-    stats = {p: col.stats.get(p) or InputStats.zeros(weight_out_in(m).shape[1], gram, device=weight_out_in(m).device)
+    stats = {p: col.stats.get(p) or InputStats.zeros(weight_out_in(m).shape[1], gram, dtype, weight_out_in(m).device)
              for p, m in mods.items()}
     return stats, signal
 
@@ -123,7 +136,7 @@ def reconstruct_block(block: nn.Module, inputs, block_consumers: dict, config: R
     config = config or ReconstructConfig()
     mods = {p: block.get_submodule(p) for p in block_consumers}
     stats, signal = stats or block_stats(block, inputs, list(block_consumers), config.mode == "lstsq",
-                                         config.intercept)
+                                         config.intercept, config.gram_dtype)
     bias, info = {}, {}
     for path, removed in block_consumers.items():
         mod, st = mods[path], stats[path]
@@ -225,7 +238,8 @@ def reconstruct(model, plan: Plan, calibration, config: ReconstructConfig | None
             cons = {p[len(prefixes[i]):]: idx for p, idx in consumers(model, plan, entries).items()}
             stats = None
             if reselect is not None:
-                stats = block_stats(block, inputs, list(cons), gram=True, with_bias=config.intercept)
+                stats = block_stats(block, inputs, list(cons), gram=True, with_bias=config.intercept,
+                                    dtype=config.gram_dtype)
                 chosen = [_reselect(reselect, model, plan, e, prefixes[i], block, stats) for e in entries]
                 replaced.update({id(e): c for e, c in zip(entries, chosen)})
                 entries = chosen

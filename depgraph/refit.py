@@ -23,7 +23,8 @@ The output errors come from the solve itself (:class:`Refit`): with ``delta = W'
 error left is ``tr(W_P H_PP W_P^T) - tr(R delta^T) - lambda ||delta||^2``, a few products of [out, |S|] instead of
 the [out, in] x [in, in] one that :func:`output_error` pays (seconds instead of a minute on a 7B ``down_proj``).
 
-Everything runs in float64. Shapes: ``W`` [out, in], ``H`` [in, in], index lists into ``in``.
+Everything runs in float64 (``H`` may be accumulated in float32: only the blocks a solve reads are copied to float64).
+Shapes: ``W`` [out, in], ``H`` [in, in], index lists into ``in``.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ __all__ = ["Refit", "augment", "dampen", "refit", "refit_solve", "mean_fill", "o
 def augment(gram: torch.Tensor, total: torch.Tensor, count: int) -> torch.Tensor:
     """Gram matrix of ``[X, 1]``: ``[[X^T X, X^T 1], [1^T X, n]]`` [in + 1, in + 1] (the last column is the bias)."""
     n = gram.shape[0]
-    out = torch.empty(n + 1, n + 1, dtype=torch.float64, device=gram.device)
+    out = torch.empty(n + 1, n + 1, dtype=gram.dtype, device=gram.device)
     out[:n, :n] = gram
     out[:n, n] = total
     out[n, :n] = total
@@ -74,12 +75,11 @@ def refit_solve(W: torch.Tensor, H: torch.Tensor, removed, update, damp: float =
     """
     P = torch.as_tensor(list(removed), dtype=torch.long, device=H.device)
     U = torch.as_tensor(list(update), dtype=torch.long, device=H.device)
-    H = H.to(torch.float64)
     W_P = W[:, P].to(torch.float64)  # float64 copies of the columns in play only (a 7B down_proj: 1.5 GB less peak)
-    before = float(torch.einsum("oi,ij,oj->", W_P, H[P[:, None], P], W_P)) if len(P) else 0.0
+    before = float(torch.einsum("oi,ij,oj->", W_P, H[P[:, None], P].to(torch.float64), W_P)) if len(P) else 0.0
     if len(P) == 0 or len(U) == 0:
         return Refit(W[:, U].to(torch.float64), before, before)
-    H_UU = H[U[:, None], U]  # a copy (one gather, no [|U|, in] intermediate): dampened in place
+    H_UU = H[U[:, None], U].to(torch.float64)  # a copy (one gather, no [|U|, in] intermediate): dampened in place
     skip = set(undamped)
     lam_cols = [i for i, u in enumerate(U.tolist()) if u not in skip]
     every = len(lam_cols) == len(U)
@@ -87,7 +87,7 @@ def refit_solve(W: torch.Tensor, H: torch.Tensor, removed, update, damp: float =
     lam = damp * float(H_UU[lam_idx, lam_idx].mean().clamp_min(1e-12)) if damp > 0 and len(lam_cols) else 0.0
     if lam:
         H_UU[lam_idx, lam_idx] += lam
-    rhs = W_P @ H[P[:, None], U]  # [out, |U|]
+    rhs = W_P @ H[P[:, None], U].to(torch.float64)  # [out, |U|]
     del W_P
     L, info = torch.linalg.cholesky_ex(H_UU)
     if int(info) == 0:
@@ -212,4 +212,4 @@ def output_error(W: torch.Tensor, H: torch.Tensor, removed, new_update=None, upd
         D[:, U] = W[:, U] - new_update.to(torch.float64)
     S = torch.nonzero(D.abs().sum(0)).flatten()  # only the columns that change: H[S, S] instead of all of H
     D = D[:, S]
-    return float(torch.einsum("oi,ij,oj->", D, H.to(torch.float64)[S][:, S], D))
+    return float(torch.einsum("oi,ij,oj->", D, H[S[:, None], S].to(torch.float64), D))

@@ -183,3 +183,27 @@ def test_select_obs_rechooses_units_by_greedy_obs_on_the_sequential_inputs():
         depgraph.prune(copy.deepcopy(model), calib, select="obs", reconstruct=False, **kw)
     with pytest.raises(depgraph.PlanError, match="select must be one of"):
         depgraph.prune(copy.deepcopy(model), calib, select="greedy", **kw)
+
+
+def test_half_precision_blocks_accumulate_their_gram_matrix_in_float32(setup):
+    """bf16 blocks: X^T X in float32 (half the memory of float64, nothing lost from 8-bit inputs); fp32 blocks keep
+    float64; an explicit ``gram_dtype`` wins. The float32 sums equal the float64 ones to float32 precision."""
+    from depgraph.reconstruct import block_stats, gram_dtype_for
+    from depgraph.sparsify import batches_of, capture_layer_inputs, find_layers
+
+    model, _, calib = setup
+    _, layers = find_layers(model)
+    inputs = capture_layer_inputs(model, layers, batches_of(calib, 4), torch.device("cpu"))
+    block = layers[1]
+    assert gram_dtype_for(block) == torch.float64
+    assert gram_dtype_for(copy.deepcopy(block).to(torch.bfloat16)) == torch.float32
+    wide, _ = block_stats(block, inputs, ["mlp.down_proj"])
+    narrow, _ = block_stats(block, inputs, ["mlp.down_proj"], dtype=torch.float32)
+    assert wide["mlp.down_proj"].gram.dtype == torch.float64 and narrow["mlp.down_proj"].gram.dtype == torch.float32
+    assert torch.allclose(narrow["mlp.down_proj"].gram.double(), wide["mlp.down_proj"].gram, rtol=1e-5, atol=1e-5)
+    half_model = copy.deepcopy(model).to(torch.bfloat16)
+    _, half_layers = find_layers(half_model)
+    half_inputs = capture_layer_inputs(half_model, half_layers, batches_of(calib, 4), torch.device("cpu"))
+    stats, _ = block_stats(half_layers[1], half_inputs, ["mlp.down_proj"])
+    assert stats["mlp.down_proj"].gram.dtype == torch.float32
+    assert ReconstructConfig(gram_dtype=torch.float64).gram_dtype == torch.float64
