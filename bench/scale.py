@@ -12,8 +12,9 @@ checkpoints are generated once (seeded, N(0, 0.02) weights, unit norms, bf16 saf
 Protocol: 20% of all parameters, the default method (activation scores, MLP neurons, every layer but the first and the
 last, uniform policy), without the least-squares re-fit (``reconstruct=False``: the re-fit became the default after the
 first rows) or, in the rows marked "+ re-fit", with it (``reconstruct=True``, damp 1: every block's ``down_proj``
-re-fitted on the hidden states of the already-pruned blocks before it, the Gram matrix in float64), 10 x 64 calibration tokens (random ids, seeded: no Llama tokenizer is available offline;
-SmolLM2 uses its WikiText-2 windows), block math in fp32 on the CPU (``compute_dtype=float32``: bf16 matmuls are
+re-fitted on the hidden states of the already-pruned blocks before it; the Gram matrix in float32 for these bf16
+checkpoints since 7a20766, float64 before), 10 x 64 calibration tokens (random ids, seeded: no Llama tokenizer is
+available offline; SmolLM2 uses its WikiText-2 windows), block math in fp32 on the CPU (``compute_dtype=float32``: bf16 matmuls are
 ~10x slower on this CPU), output weights bf16. Checks: the output's safetensors headers give exactly the shapes in
 its config record (the model builds on the meta device with them), and block 1 (block 0 is left whole by
 ``layers="auto"``) pruned in memory from the same checkpoint (a 2-block model in fp32 on the same calibration rows)
@@ -257,7 +258,8 @@ def job_check(key: str, out: str, refit: str = "") -> dict:
     if refit:  # block 1's down_proj re-fitted in memory on the same rows (block 0 is whole: the same inputs)
         from depgraph.reconstruct import ReconstructConfig, reconstruct
 
-        reconstruct(small, sub, calib, ReconstructConfig(damp=float(report["damp"])))
+        gram = getattr(torch, str(report["stream"]["gram_dtype"]).removeprefix("torch."))  # the streamed run's
+        reconstruct(small, sub, calib, ReconstructConfig(damp=float(report["damp"]), gram_dtype=gram))
     item = capture_layer_inputs(small, small.model.layers, [calib[:1]], torch.device("cpu"))[0]
     item[0] = run_layer(small.model.layers[0], item)
     depgraph.shrink(small, sub)

@@ -43,8 +43,8 @@ MODES = ("lstsq", "mean")
 class ReconstructConfig:
     """How consumers are re-fitted: ``mode`` (``"lstsq"`` or ``"mean"``), ``intercept`` (the bias joins the
     least-squares fit), ``damp`` (fraction of the mean Gram diagonal added to it), ``batch_size`` (calibration
-    rows per forward), ``gram_dtype`` (of the accumulated ``X^T X``; None: :func:`gram_dtype_for` the block,
-    float32 for a half-precision block, float64 otherwise; the solve runs in float64 on gathered blocks either way)."""
+    rows per forward), ``gram_dtype`` (of the accumulated ``X^T X``; None: :func:`gram_dtype_for` the block's
+    weights, float32 for half precision, float64 otherwise; the solve runs in float64 on gathered blocks either way)."""
 
     mode: str = "lstsq"
     intercept: bool = False
@@ -88,11 +88,15 @@ def consumers(model, plan: Plan, entries=None) -> dict:
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def gram_dtype_for(block: nn.Module) -> torch.dtype:
-    """float32 when ``block`` computes in half precision (its inputs carry 8-11 bits: a float32 sum of their products
-    loses nothing they hold, at half the memory: 0.5 GB instead of 1 GB for a 7B ``down_proj``), float64 otherwise."""
-    dtype = next((p.dtype for p in block.parameters() if p.is_floating_point()), torch.float32)
-    return torch.float32 if dtype in HALF_DTYPES else torch.float64
+def gram_dtype_for(weights: torch.dtype) -> torch.dtype:
+    """The Gram dtype for weights stored in ``weights``: float32 for half precision (the weights and the hidden states
+    they make carry 8-11 bits: a float32 sum of their products loses nothing they hold, at half the memory: 0.5 GB
+    instead of 1 GB for a 7B ``down_proj``), float64 otherwise."""
+    return torch.float32 if weights in HALF_DTYPES else torch.float64
+
+
+def _weights_dtype(block: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in block.parameters() if p.is_floating_point()), torch.float32)
 
 
 def weight_out_in(mod) -> torch.Tensor:
@@ -103,9 +107,9 @@ def weight_out_in(mod) -> torch.Tensor:
 @torch.no_grad()
 def block_stats(block: nn.Module, inputs, paths, gram: bool = True, with_bias: bool = False, dtype=None):
     """``({path: InputStats}, {path: signal})`` of the modules ``paths`` inside ``block`` over the block's inputs:
-    count, sum and, with ``gram``, ``X^T X`` (in ``dtype``, default :func:`gram_dtype_for` the block; a module no
+    count, sum and, with ``gram``, ``X^T X`` (in ``dtype``, default :func:`gram_dtype_for` the block's weights; a module no
     token reached gets zeros), and ``||W x||^2`` of each module's outputs (``||W x + b||^2`` ``with_bias``)."""
-    dtype = dtype or gram_dtype_for(block)
+    dtype = dtype or gram_dtype_for(_weights_dtype(block))
     mods = {p: block.get_submodule(p) for p in paths}
     signal = dict.fromkeys(mods, 0.0)
     handles = [m.register_forward_hook(_signal_hook(signal, p, with_bias)) for p, m in mods.items()]

@@ -51,7 +51,7 @@ from .outdir import check_output
 from .plan import Plan, dump_plans
 from .prune import (DEFAULT_KINDS, auto_layers, build_report, check_args, check_graph, record_groups, refit_summary,
                     step_target)
-from .reconstruct import ReconstructConfig, consumers, reconstruct_block
+from .reconstruct import ReconstructConfig, consumers, gram_dtype_for, reconstruct_block
 from .shrink import mask, shrink
 from .sparsify import batches_of, capture_layer_inputs, find_layers, run_layer
 from .stats import check_token_ids
@@ -89,6 +89,8 @@ class StreamSettings:
     dtype: torch.dtype | None = None  # None: the checkpoint's dtype (that of the output weights)
     compute_dtype: torch.dtype | None = None  # the block math's dtype; None: ``dtype``. float32 on CPUs without
     # native bf16 matmuls is ~10x faster than bf16 (bench/results/scale.md) and exact to upcast/downcast
+    gram_dtype: torch.dtype | None = None  # the re-fit's X^T X; None: by the checkpoint's dtype (float32 for bf16 or
+    # fp16 weights, float64 otherwise: reconstruct.gram_dtype_for), whatever ``compute_dtype`` is
 
 
 # -- the checkpoint on disk ---------------------------------------------------------------------
@@ -338,7 +340,7 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
     shard = "model-{:05d}-of-{:05d}.safetensors".format
     weight_map, total_size = {}, 0
     refits, sequential = [], None
-    config = ReconstructConfig(mode="lstsq", damp=settings.damp)
+    config = ReconstructConfig(mode="lstsq", damp=settings.damp, gram_dtype=settings.gram_dtype or gram_dtype_for(dtype))
     if settings.reconstruct:  # the pruned blocks' outputs feed the next block, batched as in memory
         t = time.perf_counter()
         sequential = _capture(model, ckpt, embed, aliases, blocks, batches_of(calibration, config.batch_size),
@@ -401,6 +403,7 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
         report["stream"] = {"checkpoint": str(folder), "blocks": block_log, "peak_rss_gb": round(_peak_rss_gb(), 3),
                             "wall_s": round(time.perf_counter() - t_start, 3), "dtype": str(model.dtype),
                             "compute_dtype": str(compute),
+                            "gram_dtype": str(config.gram_dtype) if settings.reconstruct else None,
                             "calibration_rows": int(rows.shape[0]) if needs_stats else 0}
         (tmp / "plan.json").write_text(dump_plans(plan))
         (tmp / "report.json").write_text(report.to_json())

@@ -103,10 +103,14 @@ def test_streamed_from_a_meta_model_keeps_bf16(tmp_path):
     assert model.dtype == torch.bfloat16
     for k, v in model.state_dict().items():
         assert torch.equal(v, out.state_dict()[k]), k
-    # the block math in fp32 (fast on CPUs): the in-memory prune of the fp32 upcast, written back in bf16
-    settings = StreamSettings(layers=None, round_to=1, progress=False, compute_dtype=torch.float32)
+    assert report["stream"]["gram_dtype"] == "torch.float32"  # a bf16 checkpoint's re-fit sums in float32
+    # the block math in fp32 (fast on CPUs): the in-memory prune of the fp32 upcast (its Gram in float64), written
+    # back in bf16
+    settings = StreamSettings(layers=None, round_to=1, progress=False, compute_dtype=torch.float32,
+                              gram_dtype=torch.float64)
     _, report32, plans32 = prune_streamed(tmp_path / "src", calib, tmp_path / "out32", settings)
     assert report32["stream"]["compute_dtype"] == "torch.float32"
+    assert report32["stream"]["gram_dtype"] == "torch.float64"
     model32, _, plans = _in_memory(tmp_path / "src", calib, layers=None, round_to=1, dtype=torch.float32)
     assert plans32[0].to_json() == plans[0].to_json()
     out32 = load_pruned(tmp_path / "out32")

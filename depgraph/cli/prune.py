@@ -98,6 +98,9 @@ def add(subparsers) -> None:
     p.add_argument("--compute-dtype", choices=("auto",) + DTYPES, default="auto",
                    help="with --stream: dtype of the per-block math (default auto: the weights' dtype; float32 is "
                         "~10x faster than bf16 on CPUs without bf16 matmuls); the written weights keep their dtype")
+    p.add_argument("--gram-dtype", choices=("auto", "float32", "float64"), default="auto",
+                   help="with --stream and the re-fit: dtype of each consumer's accumulated X^T X (default auto: "
+                        "float32 for a bf16/fp16 checkpoint, half the memory; float64 otherwise); solves run in float64")
     p.add_argument("--no-report", action="store_true", help="do not write report.html into the output folder")
     p.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
     add_overwrite(p)
@@ -200,7 +203,8 @@ def run_streamed(args, kinds) -> int:
                               layers=args.layers, round_to=args.round_to, gqa=args.gqa, steps=args.steps,
                               uniform=args.uniform, compensate=args.compensate, ratios=args.ratios,
                               reconstruct=args.reconstruct, damp=args.damp, overwrite=args.overwrite,
-                              dtype=torch_dtype(args.dtype), compute_dtype=torch_dtype(args.compute_dtype))
+                              dtype=torch_dtype(args.dtype), compute_dtype=torch_dtype(args.compute_dtype),
+                              gram_dtype=torch_dtype(args.gram_dtype))
     check_settings(settings)
     needs_calib = needs_calibration(args.method) or args.reconstruct
     if needs_calib and args.calib in SELF_SOURCES:
