@@ -33,16 +33,21 @@ def test_refit_equals_lstsq_and_never_worse(data):
     assert before == pytest.approx(float(((X[:, P] @ W[:, P].T) ** 2).sum()), rel=1e-8)
 
 
-def test_dampened_refit_is_ridge_towards_the_old_weights(data):
+@pytest.mark.parametrize("outputs", [2, 3, 5])
+def test_dampened_refit_is_ridge_towards_the_old_weights(data, outputs):
+    """Fewer outputs than removed columns (2: the solve against ``W_P H_PS``), as many (3) and more (5: the solve
+    against ``H_SP``): both forms give the ridge least-squares fit and its exact error."""
     X, W, _, P = data
+    W = W[:outputs]
     S = _kept(P)
     H = X.T @ X
     damp = 0.05
     lam = damp * float(torch.diagonal(H)[S].mean())
-    new = refit(W, H, P, S, damp=damp)
+    fit = refit_solve(W, H, P, S, damp=damp)
     A = torch.cat([X[:, S], lam ** 0.5 * torch.eye(len(S), dtype=torch.float64)])
     B = torch.cat([X @ W.T, lam ** 0.5 * W[:, S].T])
-    assert torch.allclose(new, torch.linalg.lstsq(A, B).solution.T, atol=1e-5)
+    assert torch.allclose(fit.new, torch.linalg.lstsq(A, B).solution.T, atol=1e-8)
+    assert fit.error_after == pytest.approx(output_error(W, H, P, fit.new, S), rel=1e-8)
 
 
 def test_intercept_and_mean_only_case(data):
@@ -134,3 +139,4 @@ def test_a_float32_gram_matrix_solves_in_float64_to_the_same_fit(data):
         assert fit.error_after == pytest.approx(ref.error_after, rel=1e-3, abs=1e-6)
     assert torch.equal(H32, kept32)
     assert augment(X.T.float() @ X.float(), X.sum(0).float(), X.shape[0]).dtype == torch.float32
+
