@@ -13,7 +13,7 @@ Protocol: 20% of all parameters, the default method (activation scores, MLP neur
 last, uniform policy), without the least-squares re-fit (``reconstruct=False``: the re-fit became the default after the
 first rows) or, in the rows marked "+ re-fit", with it (``reconstruct=True``, damp 1: every block's ``down_proj``
 re-fitted on the hidden states of the already-pruned blocks before it; the Gram matrix in float32 for these bf16
-checkpoints since 7a20766, float64 before), 10 x 64 calibration tokens (random ids, seeded: no Llama tokenizer is
+checkpoints, ``gram_dtype`` by the checkpoint; float64 before this session), 10 x 64 calibration tokens (random ids, seeded: no Llama tokenizer is
 available offline; SmolLM2 uses its WikiText-2 windows), block math in fp32 on the CPU (``compute_dtype=float32``: bf16 matmuls are
 ~10x slower on this CPU), output weights bf16. Checks: the output's safetensors headers give exactly the shapes in
 its config record (the model builds on the meta device with them), and block 1 (block 0 is left whole by
