@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .reads import source_line
+from .reads import leaves, size_ints, source_line
 from .tags import name
 from .watch import watched
 
@@ -41,17 +41,6 @@ class Pending:
     node: torch.fx.Node
     dim: int
     reason: object
-
-
-def _flat(obj):
-    if isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from _flat(o)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            yield from _flat(o)
-    else:
-        yield obj
 
 
 class Recorder:
@@ -92,7 +81,9 @@ class Recorder:
         self.keep[id(t)] = t
 
     def before(self, call):
-        for t in _flat((call.args, call.kwargs)):
+        for t, in_slice in leaves((call.args, call.kwargs)):
+            if in_slice:
+                continue
             if isinstance(t, torch.Tensor) and id(t) in self.created and self.keep.get(id(t)) is t:
                 self._consumed(call.name, t, call.args)
 
@@ -105,14 +96,14 @@ class Recorder:
         if name_ in FILLS:
             self._create(out, args[1:] if first is not None else args, call.frames)
         elif name_ in _RESHAPES and first is not None:
-            sizes = [v for v in _flat(args[1:]) if isinstance(v, int) and not isinstance(v, bool)]
+            sizes = size_ints(leaves(args[1:]))
             if len(sizes) == out.dim():
                 self.syms[id(out)] = tuple(self._of_tag(v) for v in sizes)
         elif name_ in _COPIES and first is not None and tuple(first.shape) == tuple(out.shape):
             self.syms[id(out)] = tuple(self.sym(first, d) for d in range(out.dim()))
 
     def _create(self, out, args, frames):
-        sizes = [v for v in _flat(args) if isinstance(v, int) and not isinstance(v, bool)][:out.dim()]
+        sizes = size_ints(leaves(args))[:out.dim()]
         if len(sizes) != out.dim() or not frames:
             return
         self.syms[id(out)] = syms = tuple(self._of_tag(v) for v in sizes)
