@@ -44,7 +44,7 @@ class ReconstructConfig:
     """How consumers are re-fitted: ``mode`` (``"lstsq"`` or ``"mean"``), ``intercept`` (the bias joins the
     least-squares fit), ``damp`` (fraction of the mean Gram diagonal added to it), ``batch_size`` (calibration
     rows per forward), ``gram_dtype`` (of the accumulated ``X^T X``; None: :func:`gram_dtype_for` the block's
-    weights, float32 for half precision, float64 otherwise; the solve runs in float64 on gathered blocks either way)."""
+    weights, float32 for half precision, float64 otherwise); the solve runs in the same dtype, on gathered blocks."""
 
     mode: str = "lstsq"
     intercept: bool = False
@@ -149,16 +149,16 @@ def reconstruct_block(block: nn.Module, inputs, block_consumers: dict, config: R
             bias[path] = mean_fill(W, st.sum / max(st.count, 1), removed).to(W.dtype)
             info[path] = {"removed": len(removed)}
             continue
-        width = W.shape[1]
+        width, solve = W.shape[1], st.gram.dtype  # the solve runs in the Gram matrix's dtype
         gone = set(removed)
         kept = [j for j in range(width) if j not in gone]
         if config.intercept:
             b = mod.bias.data if mod.bias is not None else torch.zeros(W.shape[0], dtype=W.dtype, device=W.device)
-            Wa, H = torch.cat([W.double(), b.double()[:, None]], 1), augment(st.gram, st.sum, st.count)
+            Wa, H = torch.cat([W.to(solve), b.to(solve)[:, None]], 1), augment(st.gram, st.sum, st.count)
             update, undamped = kept + [width], (width,)
         else:
-            Wa, H, update, undamped = W.double(), st.gram, kept, ()
-        fit = refit_solve(Wa, H, removed, update, config.damp, undamped)
+            Wa, H, update, undamped = W.to(solve), st.gram, kept, ()
+        fit = refit_solve(Wa, H, removed, update, config.damp, undamped, solve)
         new = fit.new
         info[path] = {"removed": len(removed), "signal": signal[path],
                       "error_before": fit.error_before, "error_after": fit.error_after}

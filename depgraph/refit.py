@@ -25,7 +25,8 @@ the [out, in] x [in, in] one that :func:`output_error` pays (seconds instead of 
 When fewer columns are removed than the layer has outputs the solve takes ``H_SP``'s |P| right-hand sides instead
 of ``R``'s ``out`` (``delta = W_P (H_SS^-1 H_SP)^T``): 47 s instead of 60 s on a 7B ``down_proj`` at 20%.
 
-Everything runs in float64 (``H`` may be accumulated in float32: only the blocks a solve reads are copied to float64).
+The solve runs in float64 by default, or in the ``dtype`` asked (float32 when ``H`` was accumulated in float32 for
+half-precision weights: :mod:`depgraph.reconstruct`); only the blocks a solve reads are copied to that dtype.
 Shapes: ``W`` [out, in], ``H`` [in, in], index lists into ``in``.
 """
 from __future__ import annotations
@@ -60,7 +61,7 @@ def dampen(H: torch.Tensor, damp: float, columns=None) -> torch.Tensor:
 
 @dataclass
 class Refit:
-    """One consumer's re-fit: ``new`` [out, len(update)] float64, and ``||W X^T - W' X^T||^2`` over the calibration
+    """One consumer's re-fit: ``new`` [out, len(update)] in the solve's dtype, and ``||W X^T - W' X^T||^2`` over the calibration
     tokens before (the removed columns zeroed, nothing re-fitted) and after."""
 
     new: torch.Tensor
@@ -68,20 +69,23 @@ class Refit:
     error_after: float
 
 
-def refit_solve(W: torch.Tensor, H: torch.Tensor, removed, update, damp: float = 0.01, undamped=()) -> Refit:
+def refit_solve(W: torch.Tensor, H: torch.Tensor, removed, update, damp: float = 0.01, undamped=(),
+                dtype: torch.dtype = torch.float64) -> Refit:
     """New values of the columns ``update`` of ``W`` [out, in] after the columns ``removed`` are deleted.
 
     ``W'_U = W_U + W_P H_PU (H_UU + lambda I)^-1`` with ``lambda = damp * mean(diag H_UU)`` on every updated
     column but those in ``undamped`` (a bias column). Columns neither removed nor updated keep their weights and
     need no term: they are the same before and after. The errors come from the solve (module docstring).
+    ``dtype``: of the gathered blocks, the Cholesky factor and the solve (float32 halves the time and memory of a
+    7B ``down_proj``; the dampening keeps ``H_UU`` well conditioned).
     """
     P = torch.as_tensor(list(removed), dtype=torch.long, device=H.device)
     U = torch.as_tensor(list(update), dtype=torch.long, device=H.device)
-    W_P = W[:, P].to(torch.float64)  # float64 copies of the columns in play only (a 7B down_proj: 1.5 GB less peak)
-    before = float(torch.einsum("oi,ij,oj->", W_P, H[P[:, None], P].to(torch.float64), W_P)) if len(P) else 0.0
+    W_P = W[:, P].to(dtype)  # copies of the columns in play only (a 7B down_proj: 1.5 GB less peak than all of W)
+    before = float(torch.einsum("oi,ij,oj->", W_P, H[P[:, None], P].to(dtype), W_P)) if len(P) else 0.0
     if len(P) == 0 or len(U) == 0:
-        return Refit(W[:, U].to(torch.float64), before, before)
-    H_UU = H[U[:, None], U].to(torch.float64)  # a copy (one gather, no [|U|, in] intermediate): dampened in place
+        return Refit(W[:, U].to(dtype), before, before)
+    H_UU = H[U[:, None], U].to(dtype)  # a copy (one gather, no [|U|, in] intermediate): dampened in place
     skip = set(undamped)
     lam_cols = [i for i, u in enumerate(U.tolist()) if u not in skip]
     every = len(lam_cols) == len(U)
@@ -89,7 +93,7 @@ def refit_solve(W: torch.Tensor, H: torch.Tensor, removed, update, damp: float =
     lam = damp * float(H_UU[lam_idx, lam_idx].mean().clamp_min(1e-12)) if damp > 0 and len(lam_cols) else 0.0
     if lam:
         H_UU[lam_idx, lam_idx] += lam
-    H_PU = H[P[:, None], U].to(torch.float64)  # [|P|, |U|]
+    H_PU = H[P[:, None], U].to(dtype)  # [|P|, |U|]
     L, info = torch.linalg.cholesky_ex(H_UU)
     if int(info) == 0:
         del H_UU
@@ -108,16 +112,17 @@ def refit_solve(W: torch.Tensor, H: torch.Tensor, removed, update, damp: float =
         del W_P, H_PU
         shrunk = torch.linalg.vector_norm(delta if every else delta[:, lam_idx]) ** 2
         after = max(before - gain - lam * float(shrunk), 0.0)
-        new = delta.add_(W[:, U].to(torch.float64))
+        new = delta.add_(W[:, U].to(dtype))
     else:  # singular even with dampening (dead inputs): the minimum-norm solution, its error measured directly
-        new = W[:, U].to(torch.float64) + (W_P @ H_PU) @ torch.linalg.pinv(H_UU, hermitian=True)
+        new = W[:, U].to(dtype) + (W_P @ H_PU) @ torch.linalg.pinv(H_UU, hermitian=True)
         after = output_error(W, H, removed, new, update)
     return Refit(new, before, after)
 
 
-def refit(W: torch.Tensor, H: torch.Tensor, removed, update, damp: float = 0.01, undamped=()) -> torch.Tensor:
-    """:func:`refit_solve`'s new columns only: ``[out, len(update)]`` float64."""
-    return refit_solve(W, H, removed, update, damp, undamped).new
+def refit(W: torch.Tensor, H: torch.Tensor, removed, update, damp: float = 0.01, undamped=(),
+          dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """:func:`refit_solve`'s new columns only: ``[out, len(update)]`` in ``dtype``."""
+    return refit_solve(W, H, removed, update, damp, undamped, dtype).new
 
 
 def mean_fill(W: torch.Tensor, mean: torch.Tensor, removed) -> torch.Tensor:

@@ -207,3 +207,29 @@ def test_half_precision_blocks_accumulate_their_gram_matrix_in_float32(setup):
     stats, _ = block_stats(half_layers[1], half_inputs, ["mlp.down_proj"])
     assert stats["mlp.down_proj"].gram.dtype == torch.float32
     assert ReconstructConfig(gram_dtype=torch.float64).gram_dtype == torch.float64
+
+
+def test_half_precision_blocks_solve_in_their_float32_gram_dtype(setup):
+    """A bf16 block's re-fit: the Gram matrix and the solve in float32 (half the time of float64 on a 7B
+    ``down_proj``); the new bf16 weights are exactly the float32 solve's, and within bf16 rounding of float64's."""
+    from depgraph.reconstruct import block_stats, reconstruct_block
+    from depgraph.refit import refit_solve
+    from depgraph.sparsify import batches_of, capture_layer_inputs, find_layers
+
+    model, _, calib = setup
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    _, layers = find_layers(half)
+    inputs = capture_layer_inputs(half, layers, batches_of(calib, 4), torch.device("cpu"))
+    block, removed = layers[1], list(range(1, 64, 3))
+    gathered = block_stats(block, inputs, ["mlp.down_proj"])
+    stats = gathered[0]
+    W = block.mlp.down_proj.weight.data.clone()
+    kept = [j for j in range(W.shape[1]) if j not in set(removed)]
+    gram = stats["mlp.down_proj"].gram
+    fit32 = refit_solve(W.float(), gram, removed, kept, damp=0.01, dtype=torch.float32)
+    fit64 = refit_solve(W.double(), gram, removed, kept, damp=0.01)
+    reconstruct_block(block, inputs, {"mlp.down_proj": removed}, ReconstructConfig(damp=0.01), gathered)
+    new = block.mlp.down_proj.weight.data[:, kept]
+    assert fit32.new.dtype == torch.float32 and new.dtype == torch.bfloat16
+    assert torch.equal(new, fit32.new.to(torch.bfloat16))
+    assert torch.allclose(new.double(), fit64.new, rtol=1e-2, atol=1e-2)

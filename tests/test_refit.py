@@ -121,9 +121,10 @@ def test_obs_select_is_the_greedy_least_refit_error(data):
         obs_select(W, H, heads.numpy(), 4)
 
 
-def test_a_float32_gram_matrix_solves_in_float64_to_the_same_fit(data):
-    """H accumulated in float32 (half-precision blocks) is read in gathered float64 blocks: the fit and its errors
-    agree with the float64 solve to float32's precision, and the float32 input is not modified."""
+def test_a_float32_gram_matrix_gives_the_float64_fit_in_either_solve_dtype(data):
+    """H accumulated in float32 (half-precision blocks), read in gathered float64 blocks or solved in float32 (what
+    half-precision blocks get): the fit and its errors agree with the float64 solve to float32's precision, the
+    result comes in the solve's dtype, and the float32 input is not modified."""
     X, W, b, P = data
     S = _kept(P)
     Ha = augment(X.T @ X, X.sum(0), X.shape[0])
@@ -132,11 +133,12 @@ def test_a_float32_gram_matrix_solves_in_float64_to_the_same_fit(data):
     Wa = torch.cat([W, b[:, None]], 1)
     for update, undamped in ((S, ()), (S + [12], (12,))):
         ref = refit_solve(Wa, Ha, P, update, damp=0.01, undamped=undamped)
-        fit = refit_solve(Wa, H32, P, update, damp=0.01, undamped=undamped)
-        assert fit.new.dtype == torch.float64
-        assert torch.allclose(fit.new, ref.new, rtol=1e-4, atol=1e-4)
-        assert fit.error_before == pytest.approx(ref.error_before, rel=1e-5)
-        assert fit.error_after == pytest.approx(ref.error_after, rel=1e-3, abs=1e-6)
+        for dtype in (torch.float64, torch.float32):
+            fit = refit_solve(Wa.to(dtype), H32, P, update, damp=0.01, undamped=undamped, dtype=dtype)
+            assert fit.new.dtype == dtype
+            assert torch.allclose(fit.new.double(), ref.new, rtol=1e-4, atol=1e-4)
+            assert fit.error_before == pytest.approx(ref.error_before, rel=1e-5)
+            assert fit.error_after == pytest.approx(ref.error_after, rel=1e-3, abs=1e-5)
     assert torch.equal(H32, kept32)
     assert augment(X.T.float() @ X.float(), X.sum(0).float(), X.shape[0]).dtype == torch.float32
 
