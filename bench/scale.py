@@ -12,8 +12,9 @@ checkpoints are generated once (seeded, N(0, 0.02) weights, unit norms, bf16 saf
 Protocol: 20% of all parameters, the default method (activation scores, MLP neurons, every layer but the first and the
 last, uniform policy), without the least-squares re-fit (``reconstruct=False``: the re-fit became the default after the
 first rows) or, in the rows marked "+ re-fit", with it (``reconstruct=True``, damp 1: every block's ``down_proj``
-re-fitted on the hidden states of the already-pruned blocks before it; the Gram matrix in float32 for these bf16
-checkpoints, ``gram_dtype`` by the checkpoint; float64 before this session), 10 x 64 calibration tokens (random ids, seeded: no Llama tokenizer is
+re-fitted on the hidden states of the already-pruned blocks before it; the Gram matrix and the solve in float32 for
+these bf16 checkpoints, ``gram_dtype`` by the checkpoint; float64 Gram matrices in the 4.12 GB row of session 6, a
+float64 solve in the 3.59 GB / 2363 s row of session 7), 10 x 64 calibration tokens (random ids, seeded: no Llama tokenizer is
 available offline; SmolLM2 uses its WikiText-2 windows), block math in fp32 on the CPU (``compute_dtype=float32``: bf16 matmuls are
 ~10x slower on this CPU), output weights bf16. Checks: the output's safetensors headers give exactly the shapes in
 its config record (the model builds on the meta device with them), and block 1 (block 0 is left whole by
