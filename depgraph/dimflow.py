@@ -60,6 +60,7 @@ class LiteralSize:
     proved: bool = False  # set by graph.read_attributes: every call making the op passed sizes read off its spaces
     passed: bool = False  # ... or passed an attribute of this module shrink rewrites (owned by its attention group)
     counted: bool = False  # proved as its module's head count plus fixed slots: owned only by that module's heads
+    held: bool = False  # ... or passed its module's attribute that the module's fixer reads off a dim of this space
 
     def __str__(self) -> str:
         names = ", ".join(a.replace(":", ".") for a in self.attributes[:3]) or "no module attribute"

@@ -40,7 +40,7 @@ def unowned_literals(lits, attention_module, stale=frozenset()) -> list:
     does a literal that also equals an attribute the forward was seen to read (``stale``)."""
     out = []
     for lit in lits:
-        owned = lit.proved and (not lit.counted or attention_module == lit.module) or \
+        owned = lit.proved and (not lit.counted or attention_module == lit.module) or lit.held or \
             lit.passed and lit.module == attention_module or \
             any(_owned(a, attention_module) for a in lit.attributes) and not any(a in stale for a in lit.attributes)
         if owned and lit.unread:
@@ -537,8 +537,31 @@ def read_attributes(model, example_inputs, cap, flow, reads_of) -> set:
         accept = _accepts(lit)
         seen = any(v == lit.value and accept(name) for name, v in reads.get(lit.source, ()))
         prove(lit)
-        lit.unread = not (lit.proved or lit.passed or seen or follows(lit, accept))
+        lit.held = not (lit.proved or lit.passed) and any(follows(lit, lambda n, a=a: n == a)
+                                                          for a in _fixed_by(lit, cap.module, flow))
+        lit.unread = not (lit.proved or lit.passed or lit.held or seen or follows(lit, accept))
     return stale
+
+
+def _fixed_by(lit, root, flow) -> list:
+    """The attributes ``lit`` equals on its own module that the module's fixer rewrites from a parameter dim whose
+    layout is the literal's (``Conv1D``'s ``view(size_out)`` with ``size_out[-1] = self.nf``): they follow it."""
+    from .shrink import fixer_dims
+
+    try:
+        dims = fixer_dims(root.get_submodule(lit.module)) if root is not None else {}
+    except AttributeError:
+        return []
+    out = []
+    for a in lit.attributes:
+        path, _, name = a.rpartition(":")
+        if path != lit.module or name not in dims:
+            continue
+        pname, d = dims[name]
+        lays = flow.param_layouts.get(f"{path}.{pname}" if path else pname)
+        if lays is not None and lays[d] is not None and flow.store.expand(lays[d]) == flow.store.expand(lit.layout):
+            out.append(name)
+    return out
 
 
 def _parameter_leaves(flow) -> set:

@@ -272,7 +272,8 @@ def follows_call(reads: Reads, node, value: int, accept, repeated=None, spaces=N
         rest = merged - {d for d in own if in_shape[d] > 1}
         if not named:
             return not rest and set(own) <= merged | {d for d in own if in_shape[d] == 1}
-        return len(named) == 1 and len(rest) == 1 and repeated is not None and set(own) <= merged and \
+        return len(named) == 1 and len(rest) == 1 and repeated is not None and \
+            set(own) <= merged | {d for d in own if in_shape[d] == 1} and \
             repeated(named[0], next(iter(rest)))
     return all(ok(tags[i], i) for tags in calls for i in where)
 

@@ -308,6 +308,34 @@ def held_attributes(mod) -> set:
         return set()
 
 
+def fixer_dims(mod) -> dict:
+    """{attribute: (parameter name, dim)} for the attributes of :func:`held_attributes` that ``mod``'s fixer reads
+    off one parameter dim alone: each dim of each own parameter is grown by one on a meta copy and the values that
+    move are that dim's (``Conv1D.nf``: ``("weight", 1)``)."""
+    fix, held = module_fixer(mod), held_attributes(mod)
+    if fix is None or not held:
+        return {}
+    before = fix(mod)
+    moved: dict = {}
+    for pname, p in mod._parameters.items():
+        if p is None:
+            continue
+        for d in range(p.dim()):
+            twin = copy.copy(mod)
+            twin._parameters = dict(mod._parameters)
+            shape = list(p.shape)
+            shape[d] += 1
+            twin._parameters[pname] = torch.empty(shape, device="meta")
+            try:
+                after = fix(twin)
+            except Exception:  # noqa: BLE001 - a fixer that cannot read the grown copy proves nothing
+                continue
+            for k in held:
+                if after.get(k) != before.get(k):
+                    moved.setdefault(k, []).append((pname, d))
+    return {k: dims[0] for k, dims in moved.items() if len(dims) == 1 and isinstance(before.get(k), int)}
+
+
 def _shrink(model, plan: Plan, aliases: dict, undo: "_Undo") -> None:
     record = records.get(model)
     changed_modules = {}

@@ -45,8 +45,9 @@ def reshape_layouts(ctx, in_shape, in_lay, out_shape, literals=None) -> tuple:
             parts = ctx.fresh([n for _, n in co], "reshape that does not align with the channel structure")
         for (d, _), p in zip(co, parts):
             out[d] = p
-            if literals is not None and (len(ci) > 1 or len(co) > 1) and d < len(literals):
-                # a split into fixed factors must be owned; a merge's size is mostly read off the tensor
+            if literals is not None and d < len(literals):
+                # a split into fixed factors must be owned; a merge's size (or a dim kept whole) is mostly read
+                # off the tensor: each is proved by graph.read_attributes, or it blocks
                 ctx.literal(p, literals[d], strict=len(co) > 1)
     return tuple(out)
 
