@@ -61,6 +61,7 @@ class LiteralSize:
     passed: bool = False  # ... or passed an attribute of this module shrink rewrites (owned by its attention group)
     counted: bool = False  # proved as its module's head count plus fixed slots: owned only by that module's heads
     held: bool = False  # ... or passed its module's attribute that the module's fixer reads off a dim of this space
+    at: int | None = None  # its position among the op's int arguments, when the op names one size per piece
 
     def __str__(self) -> str:
         names = ", ".join(a.replace(":", ".") for a in self.attributes[:3]) or "no module attribute"
@@ -228,19 +229,20 @@ class Ctx:
             self.flow.notes.append(Note(self.op, self.where, str(e)))
             return None
 
-    def literal(self, layout, value, strict: bool = False) -> None:
+    def literal(self, layout, value, strict: bool = False, at: int | None = None) -> None:
         """Record that a prunable ``layout`` is sized by the literal ``value`` in this op's arguments.
 
         Every value is recorded, with the attributes it equals and ``witnesses`` (dims of that size of tensors
         entering the module, whose ``.size()`` it may be): graph.read_attributes then checks what the forward
         passed there (a rewritten attribute, or the very dims of the tensor it reshapes); a literal it cannot prove
-        blocks its space. ``strict``: a split size or slice offset (a merge's size is often read off the tensor)."""
+        blocks its space. ``strict``: a split size or slice offset (a merge's size is often read off the tensor);
+        ``at``: the value's position among the op's int arguments (a split's sizes: one per piece)."""
         if layout is None or not isinstance(value, int) or isinstance(value, bool) or value in (-1, 0):
             return
         attrs = self.flow.attributes_equal_to(self.node, value)
         seen = self.flow.inputs_of_size(self.where, layout, value)
         self.flow.literals.append(LiteralSize(layout, value, attrs, self.op, self.where, self.node.name, strict,
-                                              seen, source_line(self.node)))
+                                              seen, source_line(self.node), at=at))
 
     def attention_site(self, heads, num_heads, num_kv_heads, head_dim) -> None:
         self.flow.attention.append(AttentionSite(heads, num_heads, num_kv_heads, head_dim, self.where))

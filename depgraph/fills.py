@@ -68,7 +68,7 @@ class Recorder:
             return None
         out = []
         for f in tag.split("*"):
-            if not f.startswith("@"):
+            if not f.startswith("@") or "/" in f:  # not a product of reported dims (a quotient of one)
                 return None
             key, _, d = f[1:].partition(":")
             t = self.keep.get(int(key))

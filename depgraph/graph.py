@@ -472,8 +472,10 @@ def read_attributes(model, example_inputs, cap, flow, reads_of) -> set:
       the model code reads off them. A merge that the same export, with the sizes tensors report tagged, shows to
       be the product of its own input's dims, or of tensor dims in exactly the spaces it sizes
       (:mod:`depgraph.sizes`), follows them (``proved``).
-    - Every other merge (or size kept by ``new_empty``) of a parameter's space, equal to an attribute or not, is
-      confirmed the same way: a literal the reads do not prove is not owned and blocks its space."""
+    - Every other merge, kept dim, split size or slice bound (or size kept by ``new_empty``) of a parameter's space,
+      equal to an attribute or not, is confirmed the same way (a split size or slice bound against the layout it
+      sizes: ``h.split(h.size(-1) // 2, -1)`` over gate ++ up); a literal the reads do not prove is not owned and
+      blocks its space; one its module's fixer rewrites from a parameter dim of that very space is ``held``."""
     ambiguous: dict = {}  # attr name -> literals to test against an unrewritten attribute
     confirm = []  # literals whose owning attribute must be seen to be read
     param_leaves = _parameter_leaves(flow)
@@ -488,9 +490,8 @@ def read_attributes(model, example_inputs, cap, flow, reads_of) -> set:
                     ambiguous.setdefault(a.rpartition(":")[2], []).append(lit)
         if lit.witnesses and (owned or not lit.strict):  # owned or not, a merge may be read off its witnesses
             confirm.append(lit)
-        elif (not lit.strict or owned or not lit.attributes) and id(lit) not in slotted and \
-                param_leaves.intersection(flow.store.leaves(lit.layout)):
-            confirm.append(lit)  # equal to a rewritten attribute, or to none: proved below, or it blocks
+        elif id(lit) not in slotted and param_leaves.intersection(flow.store.leaves(lit.layout)):
+            confirm.append(lit)  # proved below (read off its spaces, or a rewritten attribute), or it blocks
     nodes = _top_level_nodes(cap)
     stale, failed = set(), []
     for name, lits in ambiguous.items():
@@ -522,7 +523,8 @@ def read_attributes(model, example_inputs, cap, flow, reads_of) -> set:
         """Sizes read off the spaces they size (no ``accept``), or attributes ``accept`` takes as well."""
         node = nodes.get(lit.node)
         return node is not None and follows_call(reads, node, lit.value, accept or (lambda name: False),
-                                                 _repeated(flow, node) if accept else None, spaces)
+                                                 _repeated(flow, node) if accept else None, spaces,
+                                                 lit.layout if lit.strict else None, lit.at)
 
     def prove(lit):  # an attribute proof holds only for the attention group of the module whose attribute it is
         lit.proved = follows(lit)

@@ -160,6 +160,9 @@ def _named(entry, modules) -> tuple:
         n = name(v, modules)
         if n is None or "@" not in n:
             return n
+        if "/" in n:  # a reported size's quotient: what it was read off, over the same divisor
+            size, _, k = n.partition("/")
+            return f"{where.get(size, 'other')}/{k}"
         return "*".join(where.get(f, "other") if f.startswith("@") else f for f in n.split("*"))
     return ints, tuple(tag(v) for v in values), own
 
@@ -232,17 +235,20 @@ def merged_dims(in_shape, out_shape, i: int) -> set | None:
     return {d for d, n in enumerate(in_shape) if n > 1 and bounds[d] >= lo and bounds[d + 1] <= hi}
 
 
-def follows_call(reads: Reads, node, value: int, accept, repeated=None, spaces=None) -> bool:
+def follows_call(reads: Reads, node, value: int, accept, repeated=None, spaces=None, part=None,
+                 at=None) -> bool:
     """Whether every torch call on ``node``'s model line with the node's int arguments had, at each position the
     literal ``value`` holds, a size that follows the pruned space: an attribute (product) ``accept`` takes, or,
     for a reshape, the product of the very input dims it merges into that position (read off its own input, or
     a tensor it was viewed from), times at most one attribute ``repeated(name, dim)`` says sizes the one
     remaining merged dim (``repeat_kv``: ``reshape(b, kv * self.num_key_value_groups, t, d)``); or, with
     ``spaces`` (:class:`depgraph.graph.SizeSpaces`), a product of tensor dims read anywhere whose spaces are
-    exactly those of the output dim it sizes (``view(bsz * self.num_heads, -1, d)``, ``bsz`` off the input)."""
+    exactly those of the output dim it sizes (``view(bsz * self.num_heads, -1, d)``, ``bsz`` off the input), or,
+    for a split size or slice bound sizing the layout ``part``, tensor dims that size exactly ``part``
+    (:meth:`depgraph.sizes.SizeSpaces.sizes_part`). ``at``: the one position the literal holds, when known."""
     line = source_line(node)
     sig = signature(node.args)
-    where = [i for i, v in enumerate(sig) if v == value]
+    where = [i for i, v in enumerate(sig) if v == value and (at is None or i == at)]
     calls = [tags for ints, tags, _ in reads.calls.get(line, ()) if ints == sig] if line else []
     src = node.args[0] if node.args else None
     mine = [tags for ints, tags, own in reads.calls.get(line, ()) if ints == sig and own == getattr(src, "name", 0)]
@@ -263,6 +269,10 @@ def follows_call(reads: Reads, node, value: int, accept, repeated=None, spaces=N
             return False
         if accept(tag) or spaces is not None and len(sig) == len(out_shape or ()) and spaces.follows(node, i, tag):
             return True
+        if part is not None and spaces is not None and spaces.sizes_part(node, tag, part):
+            return True
+        if "/" in tag:  # a quotient follows only the part it halves (above)
+            return False
         factors = tag.split("*")
         own = [int(f[5:]) for f in factors if f.startswith("self:")]
         named = [f for f in factors if not f.startswith("self:")]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from math import prod
 
-from .layout import Prod
+from .layout import Cat, Prod
 from .dimflow import module_path
 from .reads import op_name_of
 
@@ -38,23 +38,28 @@ class SizeSpaces:
             return None
         return self._leaves(lays[d])
 
-    def _factor(self, node, f: str) -> list | None:
-        """Factors of the tensor dim a ``self:D`` / ``node:NAME:D:SHAPE:OP`` factor names; None if unknown here."""
+    def _source(self, node, f: str):
+        """(graph node, dim) a ``self:D`` / ``node:NAME:D:SHAPE:OP`` factor names; None if unknown here."""
         if f.startswith("self:"):
             src = node.args[0] if node.args else None
-            return self._dim(src, int(f[5:])) if hasattr(src, "meta") else None
+            return (src, int(f[5:])) if hasattr(src, "meta") else None
         _, name, d, shape, op = f.split(":")
         other = self.nodes.get(name)
         val = other.meta.get("val") if other is not None else None
         if not hasattr(val, "shape") or "x".join(str(int(n)) for n in val.shape) != shape or \
                 op_name_of(other) != op:
             return None  # not the tensor the export saw: proves nothing
-        return self._dim(other, int(d))
+        return other, int(d)
+
+    def _factor(self, node, f: str) -> list | None:
+        """Factors of the tensor dim a ``self:D`` / ``node:...`` factor names; None if unknown here."""
+        src = self._source(node, f)
+        return self._dim(*src) if src is not None else None
 
     def follows(self, node, i: int, tag: str) -> bool:
         """Whether size ``tag`` at position ``i`` of ``node``'s sizes (its output dim ``i``) follows that dim."""
         target = self._dim(node, i)
-        if target is None:
+        if target is None or "/" in tag:
             return False
         got, named = Counter(), []
         for f in tag.split("*"):
@@ -94,3 +99,35 @@ class SizeSpaces:
                 return True
         return False
 
+
+    def sizes_part(self, node, tag: str, part) -> bool:
+        """Whether size ``tag`` (a split size or slice bound of ``node``) follows ``part``, the layout it sizes: a
+        product of tensor dims whose factors are exactly ``part``'s, or one dim's size over ``k`` where that dim is
+        ``k`` copies of ``part`` concatenated (``h.split(h.size(-1) // 2, -1)`` over gate ++ up, one space): after
+        pruning, each copy keeps the same units, so the quotient is the pruned part's size."""
+        size, _, k = tag.partition("/")
+        factors = size.split("*")
+        if not all(f.startswith(("self:", "node:")) for f in factors):
+            return False
+        mine = self.flow.store.expand(part)
+        if not k:
+            got = []
+            for f in factors:
+                lv = self._factor(node, f)
+                if lv is None:
+                    return False
+                got += lv
+            return bool(got) and Counter(got) == Counter(self._leaves(part))
+        whole = self._layout(node, size) if len(factors) == 1 and k.isdigit() else None
+        if whole is None or int(k) < 2:
+            return False
+        parts = mine.parts if isinstance(mine, Cat) else (mine,)
+        return isinstance(whole, Cat) and whole.parts == parts * int(k)
+
+    def _layout(self, node, f: str):
+        """The expanded layout of the one tensor dim a ``self:D`` / ``node:...`` factor names, or None."""
+        src = self._source(node, f)
+        lays = self.flow.env.get(src[0]) if src is not None else None
+        if not isinstance(lays, tuple) or not 0 <= src[1] < len(lays) or lays[src[1]] is None:
+            return None
+        return self.flow.store.expand(lays[src[1]])

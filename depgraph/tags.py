@@ -13,7 +13,9 @@ rules below, so a recorder sees exactly what its own export used to show it:
 * a sum of a tagged attribute and a positive untagged int names both (``num_heads+2``); when the left operand is
   tagged but cannot name the sum (it is a product or a size, or the right one is tagged too), the right one names
   it with the left's value (Python's fallback ``int(a) + b``; a product likewise);
-* anything else (a difference, a quotient, a sum with a size on the right...) is a plain int: no name.
+* a reported size floor-divided by a positive untagged int names both (``@ID:D/2``: half of that dim); such a
+  quotient names nothing made from it (a product or sum of it is a plain int);
+* anything else (a difference, another quotient, a sum with a size on the right...) is a plain int: no name.
 """
 from __future__ import annotations
 
@@ -49,6 +51,11 @@ class Tagged(int):
             return Tagged(int(other) + int(self), ("add", other, self))
         return int(self) + other
 
+    def __floordiv__(self, other):
+        if type(other) is int and other > 0 and self.how[0] == "size":
+            return Tagged(int(self) // other, ("div", self, other))
+        return int(self) // other
+
     def __deepcopy__(self, memo):
         return self
 
@@ -83,6 +90,8 @@ def _name(how: tuple, modules) -> str | None:
         return how[1]
     if kind == "attr":
         return how[1] if how[2] in modules else None
+    if kind == "div":
+        return f"{how[1].how[1]}/{how[2]}"
     a, b = how[1], how[2]
     na, nb = name(a, modules), name(b, modules)
     if na is not None:  # ``a.__op__(b)``, which falls back to ``int(a) op b``: ``b.__rop__(int(a))``
@@ -95,6 +104,8 @@ def _name(how: tuple, modules) -> str | None:
 
 def _combined(kind: str, own: str, other, other_name, modules) -> str | None:
     """The name of a tagged int named ``own`` times / plus ``other`` (named ``other_name`` or untagged)."""
+    if "/" in own + (other_name or ""):  # a quotient is named alone
+        return None
     if kind == "mul":
         return None if "+" in own + (other_name or "") else \
             f"{own}*{other_name if other_name is not None else int(other)}"
@@ -110,7 +121,7 @@ def sizes_in(v) -> set:
         if isinstance(x, Tagged):
             if x.how[0] == "size":
                 out.add(x.how[1])
-            elif x.how[0] in ("mul", "add"):
+            elif x.how[0] in ("mul", "add", "div"):
                 todo += [x.how[1], x.how[2]]
     return out
 

@@ -228,9 +228,9 @@ def split(ctx):
     sizes = [int(v.shape[dim]) for v in ctx.out_val]
     out = _pieces(ctx, src, sizes, dim)
     if ctx.op in ("split", "split_with_sizes") or (ctx.op == "tensor_split" and ctx.has_arg("indices")):
-        for piece, n in zip(out, sizes):  # fixed split sizes (chunk/sections split evenly: nothing fixed)
+        for i, (piece, n) in enumerate(zip(out, sizes)):  # fixed split sizes (chunk/sections: nothing fixed)
             if n != shp[dim]:
-                ctx.literal(piece[dim], n, strict=True)
+                ctx.literal(piece[dim], n, strict=True, at=i if ctx.op == "split_with_sizes" else None)
     return out
 
 
