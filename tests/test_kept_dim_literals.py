@@ -12,6 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import depgraph
+from masking import blocked_reasons, groups_of, removal_is_masking
 
 OPS = {  # op -> how it reshapes [b*t... , n] keeping the last dim n whole
     "view": lambda u, n: u.view(-1, n),
@@ -38,29 +39,13 @@ def _model_and_input(block):
     return nn.Sequential(block(), block()).eval(), torch.randn(2, 5, 32)
 
 
-def _neurons(graph, param="0.up.weight"):
-    return [g for g in graph.groups() if any(m.param == param for m in g.members)]
-
-
-def _blocked_reasons(graph, param="0.up.weight"):
-    return [r for b in graph.blocked if any(p.startswith(param) for p in b["params"]) for r in b["reasons"]]
-
-
-def _removal_is_masking(model, x, graph, group, units):
-    plan = depgraph.Plan.from_units(graph, {group.id: units})
-    with torch.no_grad():
-        masked = depgraph.mask(copy.deepcopy(model), plan)(x)
-        shrunk = depgraph.shrink(copy.deepcopy(model), plan, verify=False)(x)
-    torch.testing.assert_close(shrunk, masked, rtol=0, atol=1e-5)
-
-
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_a_kept_dim_sized_off_itself_stays_exact(op):
     model, x = _model_and_input(lambda: Block("read", op))
     graph = depgraph.trace(model, (x,))
-    neurons = _neurons(graph)
+    neurons = groups_of(graph, "0.up.weight")
     assert len(neurons) == 1 and neurons[0].exact and neurons[0].num_units == 64
-    _removal_is_masking(model, x, graph, neurons[0], [0, 5, 9, 63])
+    removal_is_masking(model, x, graph, {neurons[0].id: [0, 5, 9, 63]})
 
 
 def test_a_flatten_keeping_the_dim_whole_stays_exact():
@@ -71,9 +56,9 @@ def test_a_flatten_keeping_the_dim_whole_stays_exact():
 
     model, x = _model_and_input(lambda: Flat("read"))
     graph = depgraph.trace(model, (x,))
-    neurons = _neurons(graph)
+    neurons = groups_of(graph, "0.up.weight")
     assert len(neurons) == 1 and neurons[0].exact
-    _removal_is_masking(model, x, graph, neurons[0], [1, 2, 40])
+    removal_is_masking(model, x, graph, {neurons[0].id: [1, 2, 40]})
 
 
 @pytest.mark.parametrize("op", sorted(OPS))
@@ -81,22 +66,22 @@ def test_a_flatten_keeping_the_dim_whole_stays_exact():
 def test_a_kept_dim_sized_by_a_number_nothing_rewrites_blocks_the_neurons(size, op):
     model, x = _model_and_input(lambda: Block(size, op))
     graph = depgraph.trace(model, (x,))
-    assert not _neurons(graph)
-    reasons = _blocked_reasons(graph)
+    assert not groups_of(graph, "0.up.weight")
+    reasons = blocked_reasons(graph, "0.up.weight")
     assert any("literal size 64 in aten." in r and " at 0 " in r for r in reasons), reasons
     if size == "attribute":
         assert any("(= 0.inter)" in r and "not an attribute shrink rewrites" in r for r in reasons), reasons
     # what the graph still calls exact removes as masking does (the hidden space, fed by x)
     for g in graph.groups():
         if g.exact:
-            _removal_is_masking(model, x, graph, g, [0, 3])
+            removal_is_masking(model, x, graph, {g.id: [0, 3]})
 
 
 def test_the_shrunk_model_of_a_fixed_kept_dim_would_not_even_run():
     """Why the neurons must be blocked: pruning them anyway (as the old graph allowed) breaks the view."""
     model, x = _model_and_input(lambda: Block("fixed"))
     graph = depgraph.trace(_model_and_input(lambda: Block("read"))[0], (x,))
-    plan = depgraph.Plan.from_units(graph, {_neurons(graph)[0].id: [0, 1]})
+    plan = depgraph.Plan.from_units(graph, {groups_of(graph, "0.up.weight")[0].id: [0, 1]})
     with pytest.raises(RuntimeError):
         depgraph.shrink(copy.deepcopy(model), plan, verify=False)(x)
 
@@ -115,9 +100,9 @@ class MLP(nn.Module):
 def test_a_kept_dim_sized_by_an_attribute_the_fixer_rewrites_is_exact():
     model, x = _model_and_input(MLP)
     graph = depgraph.trace(model, (x,))
-    neurons = _neurons(graph, "0.c_fc.weight")
+    neurons = groups_of(graph, "0.c_fc.weight")
     assert len(neurons) == 1 and neurons[0].exact and neurons[0].num_units == 64
-    _removal_is_masking(model, x, graph, neurons[0], [0, 7, 33])
+    removal_is_masking(model, x, graph, {neurons[0].id: [0, 7, 33]})
     plan = depgraph.Plan.from_units(graph, {neurons[0].id: [0, 7, 33]})
     shrunk = depgraph.shrink(copy.deepcopy(model), plan, verify=False)
     assert shrunk[0].c_fc.nf == 61 and shrunk[0].c_proj.nx == 61
@@ -138,8 +123,8 @@ def test_an_attribute_the_fixer_reads_off_another_dim_blocks():
     model[0].c_proj = Conv1D(32, 32)
     x = torch.randn(2, 5, 32)
     graph = depgraph.trace(model, (x,))
-    assert not [g for g in _neurons(graph, "0.c_fc.weight") if g.exact]
-    reasons = _blocked_reasons(graph, "0.c_fc.weight")
+    assert not [g for g in groups_of(graph, "0.c_fc.weight") if g.exact]
+    reasons = blocked_reasons(graph, "0.c_fc.weight")
     assert any("literal size 32 in aten.view at 0.c_fc (= 0.c_fc.nf, 0.c_fc.nx)" in r for r in reasons), reasons
 
 

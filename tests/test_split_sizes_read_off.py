@@ -5,13 +5,12 @@ of two different spaces side by side, whose midpoint moves when only one of them
 (``h[..., :n]``) are not proved this way yet: the export's record skips the ints inside slices."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
 
 import depgraph
+from masking import blocked_reasons, groups_of, removal_is_masking
 
 HALVES = {
     "split": lambda h, n: h.split(n, -1),
@@ -56,46 +55,32 @@ def _traced(block):
     return model, x, depgraph.trace(model, (x,))
 
 
-def _groups_of(graph, param):
-    return [g for g in graph.groups() if any(m.param == param for m in g.members)]
-
-
-def _reasons(graph, param):
-    return [r for b in graph.blocked if any(p.startswith(param) for p in b["params"]) for r in b["reasons"]]
-
-
-def _removal_is_masking(model, x, graph, units: dict):
-    plan = depgraph.Plan.from_units(graph, units)
-    with torch.no_grad():
-        masked = depgraph.mask(copy.deepcopy(model), plan)(x)
-        shrunk = depgraph.shrink(copy.deepcopy(model), plan, verify=False)(x)
-    torch.testing.assert_close(shrunk, masked, rtol=0, atol=1e-5)
-
-
 @pytest.mark.parametrize("how", sorted(HALVES))
 def test_halves_read_off_a_fused_gate_up_are_exact(how):
     model, x, graph = _traced(lambda: GatedMLP(how))
-    neurons = _groups_of(graph, "0.gate_up.weight")
-    assert len(neurons) == 1 and neurons[0].exact and neurons[0].num_units == 64, _reasons(graph, "0.gate_up")
-    _removal_is_masking(model, x, graph, {neurons[0].id: [0, 9, 63]})
+    neurons = groups_of(graph, "0.gate_up.weight")
+    assert len(neurons) == 1 and neurons[0].exact and neurons[0].num_units == 64, \
+        blocked_reasons(graph, "0.gate_up")
+    removal_is_masking(model, x, graph, {neurons[0].id: [0, 9, 63]})
 
 
 @pytest.mark.parametrize("how", sorted(HALVES))
 def test_halves_at_a_fixed_number_block(how):
     model, x, graph = _traced(lambda: GatedMLP(how, fixed=True))
-    assert not _groups_of(graph, "0.gate_up.weight")
-    assert any("literal size 64 in aten." in r and " at 0 " in r for r in _reasons(graph, "0.gate_up")), \
-        _reasons(graph, "0.gate_up")
+    assert not groups_of(graph, "0.gate_up.weight")
+    assert any("literal size 64 in aten." in r and " at 0 " in r for r in blocked_reasons(graph, "0.gate_up")), \
+        blocked_reasons(graph, "0.gate_up")
 
 
 def test_sizes_read_off_each_side_are_exact():
     model, x, graph = _traced(lambda: SideBySide("own"))
-    a, b = _groups_of(graph, "0.a.weight"), _groups_of(graph, "0.b.weight")
+    a, b = groups_of(graph, "0.a.weight"), groups_of(graph, "0.b.weight")
     assert len(a) == len(b) == 1 and a[0].exact and b[0].exact and a[0] is not b[0]
-    _removal_is_masking(model, x, graph, {a[0].id: [0, 1, 2, 3, 4], b[0].id: [7]})
+    removal_is_masking(model, x, graph, {a[0].id: [0, 1, 2, 3, 4], b[0].id: [7]})
 
 
 def test_half_of_two_different_spaces_blocks_both():
     model, x, graph = _traced(lambda: SideBySide("half"))
-    assert not _groups_of(graph, "0.a.weight") and not _groups_of(graph, "0.b.weight")
-    assert any("literal size 48 in aten.split" in r for r in _reasons(graph, "0.a")), _reasons(graph, "0.a")
+    assert not groups_of(graph, "0.a.weight") and not groups_of(graph, "0.b.weight")
+    reasons = blocked_reasons(graph, "0.a")
+    assert any("literal size 48 in aten.split" in r for r in reasons), reasons
