@@ -61,6 +61,7 @@ class LiteralSize:
     passed: bool = False  # ... or passed an attribute of this module shrink rewrites (owned by its attention group)
     counted: bool = False  # proved as its module's head count plus fixed slots: owned only by that module's heads
     held: bool = False  # ... or passed its module's attribute that the module's fixer reads off a dim of this space
+    width: bool = False  # ... or passed a width attribute (hidden_dim) of its module: owned via width_modules
     at: int | None = None  # its position among the op's int arguments, when the op names one size per piece
 
     def __str__(self) -> str:

@@ -34,13 +34,15 @@ def _owned(attr: str, attention_module) -> bool:
     return attention_module is not None and path == attention_module and name in ATTENTION_ATTRIBUTES
 
 
-def unowned_literals(lits, attention_module, stale=frozenset()) -> list:
+def unowned_literals(lits, attention_module, stale=frozenset(), width=()) -> list:
     """Reasons for literal sizes no shrink rewrite follows: only an attention group's own module
-    attributes (``num_heads``, ``split_size``, ...) are rewritten; any other attribute stays stale, and so
-    does a literal that also equals an attribute the forward was seen to read (``stale``)."""
+    attributes (``num_heads``, ``split_size``, ...) are rewritten, and the width attributes of the modules ``width``
+    (a residual group's ``width_modules``); any other attribute stays stale, and so does a literal that also equals
+    an attribute the forward was seen to read (``stale``)."""
     out = []
     for lit in lits:
         owned = lit.proved and (not lit.counted or attention_module == lit.module) or lit.held or \
+            lit.width and lit.module in width or \
             lit.passed and lit.module == attention_module or \
             any(_owned(a, attention_module) for a in lit.attributes) and not any(a in stale for a in lit.attributes)
         if owned and lit.unread:
@@ -98,6 +100,12 @@ def read_off_sizes(flow, store) -> dict:
                 if why not in out.setdefault(leaf, []):
                     out[leaf].append(why)
     return out
+
+
+def _width_modules(moe_modules, params) -> list:
+    """The routers and expert blocks among ``moe_modules`` holding one of ``params`` (a space's members)."""
+    owners = {p.rpartition(".")[0] for p in params}
+    return [p for p in moe_modules if any(o == p or o.startswith(p + ".") for o in owners)]
 
 
 def layer_of(name: str):
@@ -173,6 +181,11 @@ class DependencyGraph:
                     g.routing["top_k"] = max(g.routing["top_k"], site.top_k)
                     g.routing["correction"] = sorted(set(g.routing["correction"]) | set(site.correction))
 
+        by_layer = defaultdict(list)
+        for path in self._flow.moe_modules:
+            by_layer[layer_of(path)].append(path)
+        moe_modules = sorted({p for g in groups if g.routing for p in g.routing["modules"]}
+                             | {p for paths in by_layer.values() for p in _module_chain(paths)})
         aligned = {c for lay in self._flow.aligned for c in store.leaves(lay)}
         for leaf, members in users.items():
             if leaf in taken or leaf.size < 2:
@@ -181,7 +194,9 @@ class DependencyGraph:
             reasons = list(leaf.blocked)
             if leaf.broadcast and not reasons:
                 reasons = ["expanded by aten.expand: its size is fixed in the model code"]
-            reasons += unowned_literals(literals.get(leaf, ()), None) + stale.get(leaf, []) + read_off.get(leaf, [])
+            lits = literals.get(leaf, ())
+            width = _width_modules(moe_modules, (name for name, _ in members))
+            reasons += unowned_literals(lits, None, width=width) + stale.get(leaf, []) + read_off.get(leaf, [])
             if reasons:
                 self._record_blocked(blocked, (leaf,), users, reasons)
                 continue
@@ -190,19 +205,14 @@ class DependencyGraph:
                 self._record_blocked(blocked, (leaf,), users, [f"normalised inside layer {group.layer}, so removing "
                                                                f"a channel is not zeroing it"] + list(leaf.inexact))
                 continue
+            if group.kind in ("hidden", "channels") and group.layer is None:  # routers and expert blocks keep the
+                group.width_modules = width  # residual width as an attribute (reshape(-1, hidden)): rewritten
+            elif unowned_literals(lits, None):  # a width attribute follows only a residual group's shrink
+                self._record_blocked(blocked, (leaf,), users, unowned_literals(lits, None))
+                continue
             groups.append(group)
             if leaf in aligned:  # fused expert weights multiplied by grouped_mm
                 group.align = GROUPED_MM_ALIGN
-
-        by_layer = defaultdict(list)
-        for path in self._flow.moe_modules:
-            by_layer[layer_of(path)].append(path)
-        moe_modules = sorted({p for g in groups if g.routing for p in g.routing["modules"]}
-                             | {p for paths in by_layer.values() for p in _module_chain(paths)})
-        for g in groups:  # routers and expert blocks keep the residual width as an attribute (reshape(-1, hidden))
-            if g.kind in ("hidden", "channels") and g.layer is None:  # those holding a member of this space
-                owners = {m.param.rpartition(".")[0] for m in g.members}
-                g.width_modules = [p for p in moe_modules if any(o == p or o.startswith(p + ".") for o in owners)]
 
         # stable, readable ids
         groups.sort(key=lambda g: (g.layer is not None, g.layer or 0, _KIND_ORDER.get(g.kind, 9)))
@@ -476,6 +486,8 @@ def read_attributes(model, example_inputs, cap, flow, reads_of) -> set:
       equal to an attribute or not, is confirmed the same way (a split size or slice bound against the layout it
       sizes: ``h.split(h.size(-1) // 2, -1)`` over gate ++ up); a literal the reads do not prove is not owned and
       blocks its space; one its module's fixer rewrites from a parameter dim of that very space is ``held``."""
+    from .shrink import WIDTH_ATTRIBUTES
+
     ambiguous: dict = {}  # attr name -> literals to test against an unrewritten attribute
     confirm = []  # literals whose owning attribute must be seen to be read
     param_leaves = _parameter_leaves(flow)
@@ -541,7 +553,12 @@ def read_attributes(model, example_inputs, cap, flow, reads_of) -> set:
         prove(lit)
         lit.held = not (lit.proved or lit.passed) and any(follows(lit, lambda n, a=a: n == a)
                                                           for a in _fixed_by(lit, cap.module, flow))
-        lit.unread = not (lit.proved or lit.passed or lit.held or seen or follows(lit, accept))
+        widths = {a.rpartition(":")[2] for a in lit.attributes if a.rpartition(":")[0] == lit.module} & \
+            set(WIDTH_ATTRIBUTES)  # owned if its module is among its residual group's width_modules
+        whole = flow.store.expand(lit.layout)  # one whole space: the width shrink sets is its units after
+        lit.width = not (lit.proved or lit.passed or lit.held) and bool(widths) and isinstance(whole, Space) and \
+            whole.size == lit.value and follows(lit, lambda n: n in widths)
+        lit.unread = not (lit.proved or lit.passed or lit.held or lit.width or seen or follows(lit, accept))
     return stale
 
 

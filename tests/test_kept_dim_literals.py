@@ -146,3 +146,43 @@ def test_multi_query_repeat_kv_keeps_its_heads():
         masked = depgraph.mask(copy.deepcopy(model), plan)(ids).logits
         shrunk = depgraph.shrink(copy.deepcopy(model), plan, verify=False)(ids).logits
     torch.testing.assert_close(shrunk, masked, rtol=0, atol=1e-5)
+
+
+def test_a_width_attribute_of_an_expert_block_follows_the_residual():
+    """GraniteMoE's expert block views the residual by ``self.input_size``: shrink rewrites it (the residual group's
+    ``width_modules``), so the residual stays prunable and the shrunk model runs with the new width."""
+    from transformers import GraniteMoeConfig, GraniteMoeForCausalLM
+
+    cfg = GraniteMoeConfig(hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=128,
+                           use_cache=False)
+    torch.manual_seed(0)
+    model = GraniteMoeForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (2, 8))
+    graph = depgraph.trace(model, (ids,))
+    (hidden,) = graph.groups("hidden")
+    assert "model.layers.0.block_sparse_moe" in hidden.width_modules
+    shrunk = depgraph.shrink(copy.deepcopy(model), depgraph.Plan.from_units(graph, {hidden.id: list(range(3, 11))}))
+    assert shrunk.model.layers[0].block_sparse_moe.input_size == 56
+    with torch.no_grad():
+        assert shrunk(ids).logits.shape == (2, 8, 128)
+
+
+class WidthView(nn.Module):
+    """A plain block viewing the residual by its own ``hidden_size``: nothing rewrites it there."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden_size, self.proj = 32, nn.Linear(32, 32)
+
+    def forward(self, x):
+        return x + self.proj(x.view(-1, self.hidden_size)).view(x.shape)
+
+
+def test_a_width_attribute_outside_expert_blocks_blocks_the_residual():
+    model, x = _model_and_input(WidthView)
+    graph = depgraph.trace(model, (x,))
+    assert not groups_of(graph, "0.proj.weight") or not any(g.exact for g in groups_of(graph, "0.proj.weight")
+                                                             if any(m.dim == 1 for m in g.members))
+    reasons = blocked_reasons(graph, "0.proj.weight[1]")
+    assert any("literal size 32 in aten.view at 0 (= 0.hidden_size)" in r for r in reasons), reasons

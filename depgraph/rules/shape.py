@@ -21,6 +21,9 @@ def reshape(ctx):
     return reshape_layouts(ctx, ctx.shape(src), ctx.lay(src), ctx.out_shape, sizes)
 
 
+_SIZED = ("view", "reshape", "_unsafe_view")  # ops whose int arguments are the output sizes, in order
+
+
 def reshape_layouts(ctx, in_shape, in_lay, out_shape, literals=None) -> tuple:
     ins = [(d, n) for d, n in enumerate(in_shape) if n != 1]
     outs = [(d, n) for d, n in enumerate(out_shape) if n != 1]
@@ -48,7 +51,7 @@ def reshape_layouts(ctx, in_shape, in_lay, out_shape, literals=None) -> tuple:
             if literals is not None and d < len(literals):
                 # a split into fixed factors must be owned; a merge's size (or a dim kept whole) is mostly read
                 # off the tensor: each is proved by graph.read_attributes, or it blocks
-                ctx.literal(p, literals[d], strict=len(co) > 1)
+                ctx.literal(p, literals[d], strict=len(co) > 1, at=d if ctx.op in _SIZED else None)
     return tuple(out)
 
 
