@@ -167,6 +167,16 @@ STUDY = (
      ("self", 10, 64)),
     ("select obs, +reconstruct, wikitext2 32x128, damp 0.1", {"reconstruct": True, "damp": 0.1, "select": "obs"},
      ("wikitext2", 32, 128)),
+    # greedy OBS selection at the re-fit's best dampening, and with more calibration tokens (issue 13, quality lane)
+    ("select obs, +reconstruct, wikitext2 32x128, damp 1", {"reconstruct": True, "damp": 1.0, "select": "obs"},
+     ("wikitext2", 32, 128)),
+    ("+reconstruct, wikitext2 128x128, damp 1", {"reconstruct": True, "damp": 1.0}, ("wikitext2", 128, 128)),
+    ("select obs, +reconstruct, wikitext2 128x128, damp 1", {"reconstruct": True, "damp": 1.0, "select": "obs"},
+     ("wikitext2", 128, 128)),
+    ("select obs, +reconstruct, self 32x128, damp 1", {"reconstruct": True, "damp": 1.0, "select": "obs"},
+     ("self", 32, 128)),
+    ("shortlist obs, +reconstruct, wikitext2 32x128, damp 1",
+     {"reconstruct": True, "damp": 1.0, "select": "shortlist"}, ("wikitext2", 32, 128)),
     # heads + MLP neurons under one budget, both re-fitted (o_proj is the heads' consumer)
     ("heads+mlp, +reconstruct, wikitext2 32x128, damp 1",
      {"reconstruct": True, "damp": 1.0, "kinds": ("attention", "mlp")}, ("wikitext2", 32, 128)),
@@ -457,7 +467,8 @@ def _study_table(st, key: str) -> list:
               "(wiki.valid.tokens), a different split from the test set scored here, i.e. in-domain calibration as "
               "FLAP and SliceGPT calibrate on the train split; alpaca: the 5,000-record Alpaca subset. select obs: "
               "the plan's widths, each layer's neurons re-chosen during the re-fit by greedy OBS on the sequential "
-              "inputs (8 a round, H^-1 downdated). heads+mlp: attention heads and MLP neurons under one budget, "
+              "inputs (8 a round, H^-1 downdated); shortlist obs: the same, OBS choosing only among twice as many "
+              "neurons of lowest activation score. heads+mlp: attention heads and MLP neurons under one budget, "
               "o_proj and down_proj re-fitted. Prune time includes building the calibration set; peak RSS of "
               "the process during the prune (the dense copy included); load: the machine's 1/5/15-minute load "
               "average at the end of the prune (2 cores shared with other jobs, run under nice); threads: torch's intra-op "

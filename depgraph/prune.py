@@ -58,7 +58,10 @@ def record_groups(groups: dict, plan, scores: dict) -> None:
 
 
 DEFAULT_TARGET = 0.2
-SELECTS = ("scores", "obs")  # prune(select=...): the plan's units, or re-chosen by greedy OBS during the re-fit
+# prune(select=...): the plan's units, re-chosen by greedy OBS during the re-fit, or by OBS among twice as many
+# units of lowest score
+SELECTS = ("scores", "obs", "shortlist")
+SHORTLIST = 2.0
 
 
 def check_args(target, method, steps, compensate, calibration, ratios, reconstruct=False, round_to=8):
@@ -170,17 +173,19 @@ def prune(model, calibration=None, target: float | None = None, method: str = "a
     the plan's widths but re-chooses each group's units during the re-fit, block by block on the sequential
     calibration inputs, by greedy Optimal Brain Surgeon on the consumer (ZipLM / SlimGPT: the unit whose removal
     leaves the least re-fit error, H^-1 downdated after each round of 8; GQA heads and experts keep the plan's
-    units); it needs the re-fit.
+    units); ``"shortlist"``: the same, OBS choosing only among twice as many units of lowest ``method`` score;
+    both need the re-fit.
     """
     dispatched = isinstance(model, torch.nn.Module) and is_dispatched(model)
     if reconstruct is None:  # the measured default: re-fit whenever there is calibration data to fit on
         reconstruct = calibration is not None and not dispatched
     if select not in SELECTS:
         raise PlanError(f"select must be one of {', '.join(SELECTS)}, got {select!r}")
-    if select == "obs" and not reconstruct:
-        raise PlanError("select='obs' re-chooses units during the re-fit: it needs reconstruct and calibration data")
-    if select == "obs" and stream:
-        raise PlanError("select='obs' does not run with stream=True")
+    if select != "scores" and not reconstruct:
+        raise PlanError(f"select={select!r} re-chooses units during the re-fit: it needs reconstruct and "
+                        "calibration data")
+    if select != "scores" and stream:
+        raise PlanError(f"select={select!r} does not run with stream=True")
     if reconstruct and dispatched:
         raise PlanError("reconstruct=True does not run on an accelerate-dispatched model (the re-fit writes weights "
                         "that live in its offload); pass reconstruct=False, or load the model undispatched")
@@ -233,7 +238,8 @@ def prune(model, calibration=None, target: float | None = None, method: str = "a
         if compensate and not reconstruct and not _has_blocks(model):  # no decoder blocks: one dense pass
             deltas = bias_deltas(model, plan, calibration)
         elif reconstruct or compensate:
-            reselect = obs_reselector(graph, damp) if select == "obs" else None
+            reselect = None if select == "scores" else \
+                obs_reselector(graph, damp, scores=scores, shortlist=SHORTLIST if select == "shortlist" else 0.0)
             refit = refit_consumers(model, plan, calibration, refit_config, reselect=reselect)
             plan = refit["plan"]
             deltas = refit["bias"]

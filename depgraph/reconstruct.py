@@ -178,11 +178,12 @@ def _signal_hook(signal: dict, path: str, with_bias: bool):
     return fn
 
 
-def obs_reselector(graph, damp: float = 1.0, step: int = 8):
+def obs_reselector(graph, damp: float = 1.0, step: int = 8, scores: dict | None = None, shortlist: float = 0.0):
     """A ``reselect`` for :func:`reconstruct`: the same number of units of a group, re-chosen on the block's
     sequential calibration inputs by greedy OBS (:func:`depgraph.refit.obs_select`, ``step`` units a round, the
-    Gram matrix dampened by ``damp``) on the group's consumer. Groups whose legal removals are constrained
-    beyond a count (GQA heads, routed experts, blocks) keep the plan's units."""
+    Gram matrix dampened by ``damp``) on the group's consumer. With ``scores`` (``{group id: [num_units]}``) and
+    ``shortlist`` > 1, OBS chooses only among the ``shortlist`` times as many units of lowest score. Groups whose
+    legal removals are constrained beyond a count (GQA heads, routed experts, blocks) keep the plan's units."""
 
     def reselect(entry, mod, path: str, gram: torch.Tensor):
         g = graph.group(entry.group)
@@ -191,7 +192,11 @@ def obs_reselector(graph, damp: float = 1.0, step: int = 8):
         member = next((m for m in g.members if m.param == f"{path}.weight" and m.dim == _input_dim(mod)), None)
         if member is None:
             return entry
-        units = obs_select(weight_out_in(mod), gram, member.unit_of_index, len(entry.units), damp, step)
+        count, candidates = len(entry.units), None
+        if scores is not None and shortlist > 1 and g.id in scores:
+            order = sorted(range(g.num_units), key=lambda u: float(scores[g.id][u]))
+            candidates = order[:min(g.num_units - 1, max(count, round(shortlist * count)))]
+        units = obs_select(weight_out_in(mod), gram, member.unit_of_index, count, damp, step, candidates)
         return Plan.from_units(graph, {g.id: units}).entries[0]
 
     return reselect

@@ -166,18 +166,22 @@ def _unit_columns(unit_of_index) -> list:
 
 
 def obs_select(W: torch.Tensor, H: torch.Tensor, unit_of_index, count: int, damp: float = 0.01,
-               step: int = 1) -> list:
+               step: int = 1, candidates=None) -> list:
     """``count`` units to remove, chosen greedily: each round removes the ``step`` units of least OBS cost
     (:func:`obs_costs` with the columns removed so far gone and the kept ones re-fitted), then re-fits ``W`` and
     downdates ``H^-1`` (``W -= W_J [H^-1_JJ]^-1 H^-1_J:``, ``H^-1 -= H^-1_:J [H^-1_JJ]^-1 H^-1_J:``; ``J`` the
     removed columns). ``step=1``: the unit whose removal leaves the least re-fit error given those already
-    removed, at every round. Returns the unit ids, in removal order.
+    removed, at every round. ``candidates``: the only unit ids that may be removed (None: all; the others stay
+    and are re-fitted). Returns the unit ids, in removal order.
 
     The downdates are kept as rows ``V`` (``H^-1 = H0^-1 - V^T V``, ``V_J = L^-1 H^-1_J:`` with
     ``L L^T = H^-1_JJ``): a round reads the diagonal and the rows ``J`` of ``H^-1``, never the whole matrix."""
     cols = _unit_columns(unit_of_index)
     if not 0 <= count < max(len(cols), 1):
         raise ValueError(f"obs_select: count must be in [0, {len(cols) - 1}], got {count}")
+    allowed = range(len(cols)) if candidates is None else sorted({int(u) for u in candidates})
+    if any(not 0 <= u < len(cols) for u in allowed) or count > len(allowed):
+        raise ValueError(f"obs_select: {count} units to remove from {len(allowed)} candidates among {len(cols)} units")
     W = W.to(torch.float64).clone()
     H0inv = torch.cholesky_inverse(torch.linalg.cholesky(dampen(H, damp)))
     diag = torch.diagonal(H0inv).clone()
@@ -186,7 +190,8 @@ def obs_select(W: torch.Tensor, H: torch.Tensor, unit_of_index, count: int, damp
     k = 0  # rows of V in use
     single = all(len(c) == 1 for c in cols)
     idx = torch.cat(cols).to(H0inv.device) if single and cols else None
-    alive = torch.ones(len(cols), dtype=torch.bool)
+    alive = torch.zeros(len(cols), dtype=torch.bool)
+    alive[list(allowed)] = True
     gone = torch.zeros(H0inv.shape[0], dtype=torch.bool, device=H0inv.device)
     order: list = []
     while len(order) < count:

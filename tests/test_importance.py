@@ -309,3 +309,15 @@ def test_obs_is_the_consumer_error_left_after_the_least_squares_refit(gqa):
     assert (s["mlp.1"] > 0).all()
     with pytest.raises(ValueError, match="'obs' needs calibration"):
         imp.score(model, graph, method="obs")
+
+
+def test_input_stats_are_the_same_whatever_the_batch(gqa):
+    """input_stats runs 8 calibration rows per forward: the same count and sums as one row at a time."""
+    model, graph = gqa
+    x = ids(seed=4, batch=11)
+    one, batched = (imp.input_stats(model, graph, x, progress=False, batch_size=b) for b in (1, 8))
+    assert one.keys() == batched.keys()
+    for w, s in one.items():
+        assert batched[w].count == s.count == 11 * x.shape[1]
+        torch.testing.assert_close(batched[w].sumsq, s.sumsq, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(batched[w].sum, s.sum, rtol=1e-6, atol=1e-6)

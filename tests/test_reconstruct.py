@@ -185,6 +185,32 @@ def test_select_obs_rechooses_units_by_greedy_obs_on_the_sequential_inputs():
         depgraph.prune(copy.deepcopy(model), calib, select="greedy", **kw)
 
 
+def test_select_shortlist_lets_obs_choose_among_the_lowest_scored_units():
+    """select="shortlist": the plan's widths; OBS chooses each MLP's units on the block's sequential inputs, but
+    only among the twice as many units of lowest score (depgraph.refit.obs_select's candidates); removal equals
+    masking (verify)."""
+    from depgraph.importance import score
+    from depgraph.refit import obs_select
+
+    model = ARCHS["llama-gqa"]()
+    calib = torch.cat([ids(s, batch=4, length=16) for s in range(3)])
+    kw = dict(target=0.2, method="l2", layers=None, round_to=1, progress=False)
+    scores = score(model, depgraph.trace(model), calib, method="l2", kinds=("mlp",), progress=False)
+    pruned = copy.deepcopy(model)
+    _, report, plans = depgraph.prune(pruned, calib, select="shortlist", **kw)
+    assert report["select"] == "shortlist"
+    for i, layer in enumerate(pruned.model.layers):
+        items = _layer_inputs(pruned, layer, calib)
+        dense_mlp = model.model.layers[i].mlp
+        X = _consumer_inputs(model.model.layers[i], dense_mlp.down_proj, items)
+        entry = next(e for e in plans[0].entries if e.layer == i and e.kind == "mlp")
+        count = len(entry.units)
+        shortlist = sorted(range(entry.num_units), key=lambda u: float(scores[entry.group][u]))[:2 * count]
+        want = obs_select(dense_mlp.down_proj.weight.detach(), X.T @ X, range(entry.num_units), count,
+                          damp=1.0, step=8, candidates=shortlist)
+        assert sorted(entry.units) == sorted(want) and set(entry.units) <= set(shortlist)
+
+
 def test_half_precision_blocks_accumulate_their_gram_matrix_in_float32(setup):
     """bf16 blocks: X^T X in float32 (half the memory of float64, nothing lost from 8-bit inputs); fp32 blocks keep
     float64; an explicit ``gram_dtype`` wins. The float32 sums equal the float64 ones to float32 precision."""

@@ -121,6 +121,25 @@ def test_obs_select_is_the_greedy_least_refit_error(data):
         obs_select(W, H, heads.numpy(), 4)
 
 
+def test_obs_select_among_candidates_is_the_restricted_greedy(data):
+    """candidates: only those units may go (the others stay and are re-fitted); each round still removes the
+    candidate of least re-fit error given those already removed (brute force); too few candidates is refused."""
+    X, W, _, _ = data
+    H = X.T @ X
+    allowed = [1, 4, 5, 8, 10, 11]
+    got = obs_select(W, H, torch.arange(12).numpy(), 3, damp=0.0, candidates=allowed)
+    gone = []
+    for _ in range(3):
+        def err(u):
+            P = gone + [u]
+            return output_error(W, H, P, refit(W, H, P, _kept(P), damp=0.0), _kept(P))
+        gone.append(min((u for u in allowed if u not in gone), key=err))
+    assert got == gone and set(got) <= set(allowed)
+    assert got != obs_select(W, H, torch.arange(12).numpy(), 3, damp=0.0)  # the restriction changes the choice
+    with pytest.raises(ValueError, match="candidates"):
+        obs_select(W, H, torch.arange(12).numpy(), 3, candidates=[1, 2])
+
+
 def test_a_float32_gram_matrix_gives_the_float64_fit_in_either_solve_dtype(data):
     """H accumulated in float32 (half-precision blocks), read in gathered float64 blocks or solved in float32 (what
     half-precision blocks get): the fit and its errors agree with the float64 solve to float32's precision, the
