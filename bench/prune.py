@@ -180,6 +180,8 @@ STUDY = (
     # heads + MLP neurons under one budget, both re-fitted (o_proj is the heads' consumer)
     ("heads+mlp, +reconstruct, wikitext2 32x128, damp 1",
      {"reconstruct": True, "damp": 1.0, "kinds": ("attention", "mlp")}, ("wikitext2", 32, 128)),
+    ("heads+mlp, +reconstruct, wikitext2 128x128, damp 1",
+     {"reconstruct": True, "damp": 1.0, "kinds": ("attention", "mlp")}, ("wikitext2", 128, 128)),
     ("heads+mlp, +reconstruct, self calib, damp 1",
      {"reconstruct": True, "damp": 1.0, "kinds": ("attention", "mlp")}, ("self", 10, 64)),
 )
