@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .reads import leaves, size_ints, source_line
+from .callargs import leaves, size_ints
+from .reads import source_line
 from .tags import name
 from .watch import watched
 
@@ -81,7 +82,9 @@ class Recorder:
         self.keep[id(t)] = t
 
     def before(self, call):
-        for t, in_slice in leaves((call.args, call.kwargs)):
+        if not self.created:  # nothing filled yet: no argument can be one (most calls of an export)
+            return
+        for t, in_slice in call.walked:
             if in_slice:
                 continue
             if isinstance(t, torch.Tensor) and id(t) in self.created and self.keep.get(id(t)) is t:

@@ -23,34 +23,16 @@ from math import prod
 
 import torch
 
+from .callargs import leaves, size_ints
 from .tags import Tagged, name, sizes_in
 from .watch import watched
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+)')
 
 
-def leaves(obj, in_slice: bool = False):
-    """(value, inside a slice) for every leaf of a call's arguments, in order (lists, tuples, dict values, slices)."""
-    if isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from leaves(o, in_slice)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            yield from leaves(o, in_slice)
-    elif isinstance(obj, slice):
-        yield from leaves((obj.start, obj.stop, obj.step), True)
-    else:
-        yield obj, in_slice
-
-
-def size_ints(walked) -> list:
-    """The ints among ``walked`` (:func:`leaves`) outside slices, in order (bools skipped): a call's size signature."""
-    return [v for v, in_slice in walked if not in_slice and isinstance(v, int) and not isinstance(v, bool)]
-
-
 def signature(args) -> tuple:
     """The ints of an fx node's (or a torch call's) arguments, in order."""
-    return tuple(int(v) for v in size_ints(list(leaves(args))))
+    return tuple(int(v) for v in size_ints(leaves(args)))
 
 
 _RESHAPES = ("view", "reshape", "_unsafe_view")
@@ -90,7 +72,7 @@ class Recorder:
             self.nodes[id(t)] = (node.name, tuple(t.shape), op_name_of(node))
 
     def before(self, call):
-        walked = list(leaves((call.args, call.kwargs)))  # one walk for the tags and the size signature
+        walked = call.walked  # one walk for the tags and the size signature
         tagged = [v for v, _ in walked if isinstance(v, Tagged)]
         ints = size_ints(walked)
         if not (tagged or ints) or not call.frames:

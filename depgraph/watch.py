@@ -15,6 +15,7 @@ from functools import cached_property
 import torch
 from torch.overrides import TorchFunctionMode
 
+from .callargs import leaves
 from .capture import Capture, capture
 from .tags import tag_attributes, tag_size, untag_attributes
 
@@ -29,6 +30,11 @@ class Call:
     def __init__(self, func, args, kwargs, frame):
         self.func, self.args, self.kwargs, self._frame = func, args, kwargs, frame
         self.name = getattr(func, "__name__", "")
+
+    @cached_property
+    def walked(self) -> list:
+        """:func:`depgraph.callargs.leaves` of ``(args, kwargs)``: every leaf once, for every recorder."""
+        return leaves((self.args, self.kwargs))
 
     @cached_property
     def frames(self) -> list:
