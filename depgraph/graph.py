@@ -470,8 +470,9 @@ def read_attributes(model, example_inputs, cap, flow, reads_of) -> set:
     """Which attributes behind a literal size the forward really reads.
 
     - A split/slice size equal to both an attribute shrink rewrites (``split_size``) and one it does not
-      (``embed_dim``) cannot be told apart by value: each such unrewritten attribute is perturbed (+1, on every
-      module that has it) in one extra export; if the op's arguments change the forward reads it, and the literal
+      (``embed_dim``) cannot be told apart by value: when the tagged export (below) shows every call making the op
+      passed the rewritten one at the literal's place (or a size read off the space), that settles it; else each
+      such unrewritten attribute is perturbed (+1, on every module that has it) in one extra export; if the op's arguments change the forward reads it, and the literal
       is not owned (returned, as ``path:attr``); if that export fails, the literal is owned only when the tagged
       export below shows every call making the op pass a rewritten attribute at the literal's place.
     - A literal that equals the size of a tensor entering its module (``reshape(b, t, embed_dim)`` with
@@ -506,7 +507,26 @@ def read_attributes(model, example_inputs, cap, flow, reads_of) -> set:
             confirm.append(lit)  # proved below (read off its spaces, or a rewritten attribute), or it blocks
     nodes = _top_level_nodes(cap)
     stale, failed = set(), []
+    spaces = SizeSpaces(flow, nodes, cap.module)
+
+    def follows(lit, reads, accept=None):
+        """Sizes read off the spaces they size (no ``accept``), or attributes ``accept`` takes as well."""
+        node = nodes.get(lit.node)
+        return node is not None and follows_call(reads, node, lit.value, accept or (lambda name: False),
+                                                 _repeated(flow, node) if accept else None, spaces,
+                                                 lit.layout if lit.strict else None, lit.at)
+
+    def reads_for(paths):  # the export with the attributes of ``paths`` and the sizes tensors report tagged
+        return (reads_of(paths) or Reads()) if paths else Reads()
+    base = {lit.module for lit in confirm} | {lit.module for lit in counted}
+    early = reads_for(base | {lit.module for lits in ambiguous.values() for lit in lits}) if ambiguous else None
     for name, lits in ambiguous.items():
+        # settled without a perturbed export when the tagged export shows every call making the op passed a
+        # rewritten attribute (or sizes read off the space) at the literal's place: the unrewritten one cannot be it
+        lits = [lit for lit in lits if not (follows(lit, early) or follows(lit, early, _owns(lit)))]
+        if not lits:
+            continue
+
         def perturb(twin, name=name):
             for mod in twin.modules():
                 if isinstance(vars(mod).get(name), int):
@@ -526,23 +546,13 @@ def read_attributes(model, example_inputs, cap, flow, reads_of) -> set:
                 failed.append((name, lit))
             elif n is None or lit.node not in nodes or repr(n.args) != repr(nodes[lit.node].args):
                 stale.update(a for a in lit.attributes if a.rpartition(":")[2] == name)
-    paths = {lit.module for lit in confirm} | {lit.module for _, lit in failed} | {lit.module for lit in counted}
-    # the export with the attributes and the sizes tensors report tagged answers every literal
-    reads = (reads_of(paths) or Reads()) if paths else Reads()
-    spaces = SizeSpaces(flow, nodes, cap.module)
-
-    def follows(lit, accept=None):
-        """Sizes read off the spaces they size (no ``accept``), or attributes ``accept`` takes as well."""
-        node = nodes.get(lit.node)
-        return node is not None and follows_call(reads, node, lit.value, accept or (lambda name: False),
-                                                 _repeated(flow, node) if accept else None, spaces,
-                                                 lit.layout if lit.strict else None, lit.at)
+    reads = reads_for(base | {lit.module for _, lit in failed})  # every literal below is answered by it
 
     def prove(lit):  # an attribute proof holds only for the attention group of the module whose attribute it is
-        lit.proved = follows(lit)
-        lit.passed = not lit.proved and follows(lit, _owns(lit))
+        lit.proved = follows(lit, reads)
+        lit.passed = not lit.proved and follows(lit, reads, _owns(lit))
     for lit in counted:  # ``view(b, t, self.num_heads + 2, d)`` over (heads ++ 2 blocked slots)
-        lit.counted = lit.proved = follows(lit, _counts_plus(lit, _fixed_slots(flow.store, lit.layout)))
+        lit.counted = lit.proved = follows(lit, reads, _counts_plus(lit, _fixed_slots(flow.store, lit.layout)))
     for name, lit in failed:  # settled when every call making the op passed a rewritten attribute there
         prove(lit)
         if not (lit.proved or lit.passed):
@@ -551,14 +561,14 @@ def read_attributes(model, example_inputs, cap, flow, reads_of) -> set:
         accept = _accepts(lit)
         seen = any(v == lit.value and accept(name) for name, v in reads.get(lit.source, ()))
         prove(lit)
-        lit.held = not (lit.proved or lit.passed) and any(follows(lit, lambda n, a=a: n == a)
+        lit.held = not (lit.proved or lit.passed) and any(follows(lit, reads, lambda n, a=a: n == a)
                                                           for a in _fixed_by(lit, cap.module, flow))
         widths = {a.rpartition(":")[2] for a in lit.attributes if a.rpartition(":")[0] == lit.module} & \
             set(WIDTH_ATTRIBUTES)  # owned if its module is among its residual group's width_modules
         whole = flow.store.expand(lit.layout)  # one whole space: the width shrink sets is its units after
         lit.width = not (lit.proved or lit.passed or lit.held) and bool(widths) and isinstance(whole, Space) and \
-            whole.size == lit.value and follows(lit, lambda n: n in widths)
-        lit.unread = not (lit.proved or lit.passed or lit.held or lit.width or seen or follows(lit, accept))
+            whole.size == lit.value and follows(lit, reads, lambda n: n in widths)
+        lit.unread = not (lit.proved or lit.passed or lit.held or lit.width or seen or follows(lit, reads, accept))
     return stale
 
 
