@@ -2,6 +2,8 @@
 while the graph is traced (depgraph.evidence), and the graph is the one a plain export gives."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import transformers as tf
@@ -162,3 +164,42 @@ def test_names_are_those_an_export_tagging_only_those_modules_gives():
         for want, got in zip(run(False), run(True)):
             assert int(want) == int(got)
             assert name(got, only) == (want.attribute if isinstance(want, OnlyTagged) else None), (leaves, only, ops)
+
+
+class FusedSplit(nn.Module):
+    """GPT-2-like fused qkv over [b, t, 32], 4 heads of 8, split by ``split_size`` (rewritten by shrink) or by
+    ``width``, an attribute shrink does not rewrite that holds the same value (the ambiguous literal)."""
+
+    def __init__(self, by: str):
+        super().__init__()
+        self.num_heads, self.head_dim, self.split_size, self.width, self.by = 4, 8, 32, 32, by
+        self.qkv, self.o_proj = nn.Linear(32, 96), nn.Linear(32, 32)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).split(self.split_size if self.by == "split_size" else self.width, dim=-1)
+        q, k, v = (z.view(b, t, self.num_heads, self.head_dim).transpose(1, 2) for z in (q, k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
+def test_an_ambiguous_split_the_tagged_export_settles_needs_no_perturbed_export(exports):
+    """``split(self.split_size)`` equals the unrewritten ``width``: the tagged export shows the rewritten attribute
+    at the literal's place, so no perturbed export runs and the heads stay exact (removal == masking); split by
+    ``width`` itself, the perturbed export runs and shows the forward reads it: the heads are blocked."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 32)
+    model = nn.Sequential(FusedSplit("split_size"), FusedSplit("split_size")).eval()
+    graph = depgraph.trace(model, (x,))
+    assert exports == ["Sequential"]
+    attention = graph.groups("attention")
+    assert len(attention) == 2 and all(g.exact for g in attention)
+    plan = depgraph.Plan.random(graph, 0.5, seed=0, kinds=("attention",))
+    with torch.no_grad():
+        masked = depgraph.mask(copy.deepcopy(model), plan)(x)
+        shrunk = depgraph.shrink(copy.deepcopy(model), plan, verify=False)(x)
+    torch.testing.assert_close(shrunk, masked, rtol=0, atol=1e-5)
+    exports.clear()
+    blocked = depgraph.trace(nn.Sequential(FusedSplit("width"), FusedSplit("width")).eval(), (x,))
+    assert exports == ["Sequential", "Sequential"]  # the capture, then the one perturbed export (width + 1)
+    assert not [g for g in blocked.groups("attention") if g.exact]
