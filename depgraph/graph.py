@@ -471,7 +471,8 @@ def read_attributes(model, example_inputs, cap, flow, reads_of) -> set:
 
     - A split/slice size equal to both an attribute shrink rewrites (``split_size``) and one it does not
       (``embed_dim``) cannot be told apart by value: when the tagged export (below) shows every call making the op
-      passed the rewritten one at the literal's place (or a size read off the space), that settles it; else each
+      passed the rewritten one at the literal's place (or a size read off the space), or the unrewritten one
+      itself (it is read: not owned), that settles it; else each
       such unrewritten attribute is perturbed (+1, on every module that has it) in one extra export; if the op's arguments change the forward reads it, and the literal
       is not owned (returned, as ``path:attr``); if that export fails, the literal is owned only when the tagged
       export below shows every call making the op pass a rewritten attribute at the literal's place.
@@ -524,6 +525,10 @@ def read_attributes(model, example_inputs, cap, flow, reads_of) -> set:
         # settled without a perturbed export when the tagged export shows every call making the op passed a
         # rewritten attribute (or sizes read off the space) at the literal's place: the unrewritten one cannot be it
         lits = [lit for lit in lits if not (follows(lit, early) or follows(lit, early, _owns(lit)))]
+        read = [lit for lit in lits if follows(lit, early, lambda n, name=name: n == name)]
+        for lit in read:  # every call passed the unrewritten attribute itself there: the forward reads it
+            stale.update(a for a in lit.attributes if a.rpartition(":")[2] == name)
+        lits = [lit for lit in lits if lit not in read]
         if not lits:
             continue
 

@@ -177,7 +177,8 @@ class FusedSplit(nn.Module):
 
     def forward(self, x):
         b, t, _ = x.shape
-        q, k, v = self.qkv(x).split(self.split_size if self.by == "split_size" else self.width, dim=-1)
+        size = {"split_size": self.split_size, "width": self.width, "derived": self.width - 0}[self.by]
+        q, k, v = self.qkv(x).split(size, dim=-1)  # ``width - 0``: a plain int, no tag tells where it came from
         q, k, v = (z.view(b, t, self.num_heads, self.head_dim).transpose(1, 2) for z in (q, k, v))
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         return x + self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
@@ -186,7 +187,8 @@ class FusedSplit(nn.Module):
 def test_an_ambiguous_split_the_tagged_export_settles_needs_no_perturbed_export(exports):
     """``split(self.split_size)`` equals the unrewritten ``width``: the tagged export shows the rewritten attribute
     at the literal's place, so no perturbed export runs and the heads stay exact (removal == masking); split by
-    ``width`` itself, the perturbed export runs and shows the forward reads it: the heads are blocked."""
+    ``width`` itself, the tags show the forward reads it (no perturbed export either): the heads are blocked; by
+    ``width - 0``, which no tag names, the perturbed export runs and shows the forward reads ``width``: blocked."""
     torch.manual_seed(0)
     x = torch.randn(2, 5, 32)
     model = nn.Sequential(FusedSplit("split_size"), FusedSplit("split_size")).eval()
@@ -201,5 +203,9 @@ def test_an_ambiguous_split_the_tagged_export_settles_needs_no_perturbed_export(
     torch.testing.assert_close(shrunk, masked, rtol=0, atol=1e-5)
     exports.clear()
     blocked = depgraph.trace(nn.Sequential(FusedSplit("width"), FusedSplit("width")).eval(), (x,))
-    assert exports == ["Sequential", "Sequential"]  # the capture, then the one perturbed export (width + 1)
+    assert exports == ["Sequential"]  # the tags show ``width`` itself at the literal's place: it is read
     assert not [g for g in blocked.groups("attention") if g.exact]
+    exports.clear()
+    derived = depgraph.trace(nn.Sequential(FusedSplit("derived"), FusedSplit("derived")).eval(), (x,))
+    assert exports == ["Sequential", "Sequential"]  # untold by the tags: the perturbed export (width + 1) decides
+    assert not [g for g in derived.groups("attention") if g.exact]
