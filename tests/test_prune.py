@@ -171,3 +171,19 @@ def test_reachable_target_is_met_and_just_beyond_is_refused():
     assert plan.params_removed() / graph.num_params == pytest.approx(reach)
     with pytest.raises(depgraph.PlanError, match=f"at most {reach:.4f}"):
         depgraph.Plan.from_scores(graph, scores, reach + 0.01, kinds=("mlp",))
+
+
+@pytest.mark.parametrize("target, kinds", [(0.2, {"mlp"}), (0.5, {"attention", "mlp"})])
+def test_default_kinds_follow_the_target(target, kinds):
+    """No kinds given: MLP neurons below half of all parameters, heads and neurons from there on (the measured
+    defaults, depgraph.prune.default_kinds); the report names them and the pruned model still equals its mask
+    (prune's verify)."""
+    from depgraph.prune import default_kinds
+
+    model = ARCHS["llama-gqa"]()
+    calib = torch.cat([ids(s, batch=2, length=16) for s in range(2)])
+    _, report, plans = depgraph.prune(model, calib, target=target, round_to=1, progress=False)
+    assert set(default_kinds(target)) == kinds
+    touched = {e.kind for p in plans for e in p.entries if e.units}
+    assert touched == kinds, touched
+    assert abs(report["removed_fraction"] - target) < 0.05

@@ -10,7 +10,7 @@ from depgraph.block_scores import BLOCK_METHODS
 from depgraph.errors import DepgraphError
 from depgraph.importance import methods, needs_calibration
 from depgraph.plan import POLICIES, dump_plans
-from depgraph.prune import SELECTS
+from depgraph.prune import SELECTS, default_kinds
 
 from .common import (DTYPES, add_calibration, add_model_argument, add_overwrite, add_protocol_argument,
                      calibration_from_args, check_output_args, fraction, load, model_name, torch_dtype)
@@ -60,9 +60,10 @@ def add(subparsers) -> None:
                     "calibration source: self (data-free text sampled from the model; the best on SmolLM2 in "
                     "bench/results/prune.md), alpaca, ptb, wikitext2, a text/JSON/JSONL file, or an HF "
                     "dataset name (default: self)")
-    p.add_argument("--kinds", default="mlp", help="comma list of group kinds to prune: attention, mlp, hidden, "
-                                                  "experts, block (depth: whole layers and attention/MLP sub-blocks) "
-                                                  "(default: mlp, the best on SmolLM2; see bench/results/prune.md)")
+    p.add_argument("--kinds", default=None, help="comma list of group kinds to prune: attention, mlp, hidden, "
+                                                 "experts, block (depth: whole layers and attention/MLP sub-blocks) "
+                                                 "(default: mlp below --target 0.5, attention,mlp from 0.5 on: the "
+                                                 "best measured on SmolLM2; see bench/results/prune.md)")
     p.add_argument("--block-method", choices=tuple(BLOCK_METHODS), default="influence",
                    help="with --kinds block: influence (ShortGPT's 1 - cos(x_in, x_out)) or loss (calibration-loss "
                         "increase when the block is removed)")
@@ -100,7 +101,7 @@ def add(subparsers) -> None:
                         "~10x faster than bf16 on CPUs without bf16 matmuls); the written weights keep their dtype")
     p.add_argument("--gram-dtype", choices=("auto", "float32", "float64"), default="auto",
                    help="with --stream and the re-fit: dtype of each consumer's accumulated X^T X (default auto: "
-                        "float32 for a bf16/fp16 checkpoint, half the memory; float64 otherwise); solves run in float64")
+                        "float32 for a bf16/fp16 checkpoint, half the memory; float64 otherwise); the solve runs in the same dtype")
     p.add_argument("--no-report", action="store_true", help="do not write report.html into the output folder")
     p.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
     add_overwrite(p)
@@ -115,7 +116,8 @@ def _needs_calibration(args, kinds) -> bool:
 def _check_prune_args(args) -> list:
     if not args.damp > 0:
         raise DepgraphError(f"--damp must be a positive number, got {args.damp}")
-    kinds = [k for k in args.kinds.split(",") if k]
+    kinds = [k for k in args.kinds.split(",") if k] if args.kinds is not None else \
+        (list(args.ratios) if args.ratios is not None else list(default_kinds(args.target)))
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
         raise DepgraphError(f"--kinds: unknown kind(s) {bad or kinds}; choose from {', '.join(KINDS)}")
