@@ -133,7 +133,7 @@ def test_report_counts_parameters_per_group_and_without_embeddings():
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"target": 0.9}, r"target 0.9 cannot be met: at most 0\.\d+ \(\d+\.\d%\) of the parameters can be removed "
-                      r"with kinds \('mlp',\)"),
+                      r"with kinds \('attention', 'mlp'\)"),  # the default kinds from a target of 0.5 on
     ({"target": 0.9, "steps": 3}, "target 0.9 cannot be met"),
     ({"target": 0.1, "ratios": {"mlp": 0.2}}, "either a parameter target or per-kind ratios, not both"),
     ({"round_to": 0}, "round_to must be a positive integer"),
