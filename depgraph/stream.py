@@ -49,7 +49,7 @@ from .importance import GRADIENT_METHODS, STATS_FROM_MOMENTS, moment_hooks, scor
 from .io import atomic_folder, config_shapes
 from .outdir import check_output
 from .plan import Plan, dump_plans
-from .prune import (DEFAULT_KINDS, auto_layers, build_report, check_args, check_graph, record_groups, refit_summary,
+from .prune import (auto_layers, default_kinds, build_report, check_args, check_graph, record_groups, refit_summary,
                     step_target)
 from .reconstruct import ReconstructConfig, consumers, gram_dtype_for, reconstruct_block
 from .shrink import mask, shrink
@@ -69,7 +69,7 @@ class StreamSettings:
 
     target: float | None = None  # None: depgraph.prune's default (0.2); not with ratios
     method: str = "activation"
-    kinds: tuple = DEFAULT_KINDS
+    kinds: tuple | None = None  # None: prune.default_kinds(target), as depgraph.prune and the CLI choose
     policy: str = "uniform"
     layers: object = "auto"
     round_to: int = 8
@@ -258,7 +258,8 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
     times = {"trace_s": 0.0, "capture_s": 0.0, "score_s": 0.0, "plan_s": 0.0, "shrink_s": 0.0}
     if model is None:
         model = skeleton(folder, settings.dtype)
-    kinds = tuple(settings.ratios) if settings.ratios is not None else tuple(settings.kinds)
+    kinds = tuple(settings.ratios) if settings.ratios is not None else \
+        tuple(settings.kinds) if settings.kinds is not None else default_kinds(settings.target)
     policy, layers = settings.policy, settings.layers
     if settings.uniform:
         policy, layers = "uniform", None
