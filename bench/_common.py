@@ -40,3 +40,27 @@ def perplexities(model, tok, windows: int | None, sets=("wikitext2", "ptb"), dig
     return {name: round(perplexity(model, tok, name, window=128, limit=windows, progress=False, protocol=protocol,
                                    batch_size=batch_size)["ppl"], digits)
             for name in sets}
+
+
+def load_avg() -> list:
+    """The 1, 5 and 15-minute load averages (the machine is shared: every wall-clock figure carries them)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def peak_rss_reset() -> None:
+    """Reset the kernel's high-water mark of this process's RSS (Linux: clear_refs 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak RSS in MB since the last :func:`peak_rss_reset` (Linux VmHWM; None elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024)
+    except OSError:
+        return None
+    return None

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from _common import RESULTS, Results, load_smollm2, perplexities
+from _common import load_avg as _load, peak_rss_mb as _peak_rss_mb, peak_rss_reset as _peak_rss_reset
 
 import torch
 
@@ -199,29 +200,6 @@ def _cached_calib(tok, model, source: str, n: int, length: int):
     seconds = time.perf_counter() - t
     torch.save({"ids": ids, "seconds": seconds}, path)
     return ids, seconds
-
-
-def _load() -> list:
-    """The 1, 5 and 15-minute load averages (the machine is shared: every wall-clock figure carries them)."""
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def _peak_rss_reset() -> None:
-    """Reset the kernel's high-water mark of this process's RSS (Linux: clear_refs 5)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def _peak_rss_mb() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024)
-    except OSError:
-        return None
-    return None
 
 
 def part_study(res: Results, windows: int | None, targets, sets, variants=None, key: str = "study") -> None:
