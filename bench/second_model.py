@@ -139,6 +139,12 @@ def write_markdown(res: Results) -> None:
         for r in sorted(dense, key=lambda r: (r["windows"], r["protocol"])):
             lines.append(f"| first {r['windows']} | {r['protocol']} | {r['wikitext2']:.2f} | {r['eval_s']} | "
                          f"{'/'.join(map(str, r['load_avg']))} |")
+        pair = {r["protocol"]: r["wikitext2"] for r in dense if r["windows"] == 32}
+        if len(pair) == 2:
+            ratio = pair["llm-pruner"] / pair["bos"]
+            lines += ["", f"Without a BOS in front of each window the dense model scores {ratio:.1f}x worse on the "
+                      f"first 32 windows ({pair['llm-pruner']:.1f} against {pair['bos']:.2f}; issue 13 item 6 "
+                      "reported 379 against 45.6 for a Gemma-family model)."]
         lines.append("")
     st = d.get("prune")
     if st:
@@ -166,6 +172,15 @@ def write_markdown(res: Results) -> None:
                          f"{r['params'] / 1e6:.1f}M | {r['wikitext2']:.1f} | {x} | {'/'.join(map(str, widths))} | "
                          f"{r['prune_s']} | {r['peak_rss_mb']} | {'/'.join(map(str, r['load_avg']))} | "
                          f"{r['eval_s']} |")
+        first = next((r for r in st["rows"] if r["variant"] == "default" and "refused" not in r), None)
+        if first:
+            lines += ["", f"At a target of {first['target']:g} of all parameters the defaults remove "
+                      f"{100 * first['non_embedding_removed']:.1f}% of the parameters outside the embedding table "
+                      f"(the table cannot be pruned: its rows are picked by token id), so the MLPs of layers 1-16 keep "
+                      f"{sorted(set(w for w in first['mlp_widths'] if w))[0]} of 2048 neurons; larger targets are "
+                      "refused with the largest reachable fraction (above). Targets read as a share of the "
+                      "non-embedding parameters give figures like SmolLM2's at 20% and 30% (below; its embedding is "
+                      "21% of its parameters, and its 50% row prunes heads too)."]
         if ref.get(0.0):
             lines += ["", "SmolLM2-135M-Instruct with the same defaults on the same windows (bench/results/prune.md, "
                       "study rows, '+reconstruct, self calib, damp 1'): dense " + f"{ref[0.0]:.2f}; " +
