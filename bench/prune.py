@@ -211,15 +211,18 @@ def part_study(res: Results, windows: int | None, targets, sets, variants=None, 
     st = res.data.setdefault(key, {"windows": windows, "window": 128, "protocol": "bos", "rows": []})
     if st.get("windows") != windows:
         st.update(windows=windows, rows=[])
-    done = {(r["variant"], r["target"]) for r in st["rows"]}
-    if ("dense", 0.0) not in done:
-        t = time.perf_counter()
-        row = {"variant": "dense", "target": 0.0, "removed": 0.0,
-               "params": sum(p.numel() for p in dense.parameters()), **perplexities(dense, tok, windows, sets=sets)}
-        row.update(eval_s=round(time.perf_counter() - t, 1), eval_load_avg=_load())
-        st["rows"].append(row)
-        res.save()
-        print(row, flush=True)
+    done = {(r["variant"], r["target"]) for r in st["rows"] if all(k in r for k in sets)}
+    partial = {(r["variant"], r["target"]): r for r in st["rows"] if (r["variant"], r["target"]) not in done}
+    dense_row = next((r for r in st["rows"] if r["variant"] == "dense"), None)
+    if variants and "dense" not in variants:  # --variants without dense: the rows only (dense comes from --merge)
+        pass
+    elif dense_row is None:
+        dense_row = {"variant": "dense", "target": 0.0, "removed": 0.0,
+                     "params": sum(p.numel() for p in dense.parameters())}
+        st["rows"].append(dense_row)
+    if dense_row is not None and (not variants or "dense" in variants) and any(k not in dense_row for k in sets):
+        _eval_sets(res, dense_row, dense, tok, windows, sets)  # a set added later is measured on its own
+        print(dense_row, flush=True)
     calib_cache = {}
     for target in targets:
         for variant, kw, (source, n, length) in STUDY:
@@ -242,13 +245,121 @@ def part_study(res: Results, windows: int | None, targets, sets, variants=None, 
                  "times": {k: round(v, 1) for k, v in report["times"].items()},
                  "mlp_widths": [w.get("mlp") for w in report["widths"].values()], "calib_s": round(calib_s, 1),
                  "blocks": report.get("removed_blocks") or None, "threads": torch.get_num_threads()}
-            t = time.perf_counter()
-            r.update(perplexities(model, tok, windows, sets=sets))
-            r.update(eval_s=round(time.perf_counter() - t, 1), eval_load_avg=_load())
+            if (variant, target) in partial:  # a run cut off between sets: the same prune again, the missing sets
+                r = {**r, **{k: v for k, v in partial[(variant, target)].items() if k not in r},
+                     "prune_s_first": partial[(variant, target)].get("prune_s")}
+                st["rows"].remove(partial[(variant, target)])
             st["rows"].append(r)
-            res.save()
+            _eval_sets(res, r, model, tok, windows, sets)
             print(r, flush=True)
             del model
+
+
+def _eval_sets(res: Results, row: dict, model, tok, windows, sets) -> None:
+    """Perplexity of ``model`` on each of ``sets`` that ``row`` lacks, saved after every set (a full test set takes
+    the better part of an hour here): ``row["eval_s"]`` the total, ``row["eval_s_sets"]`` per set, with the threads
+    and the load average at the end of each."""
+    per = row.setdefault("eval_s_sets", {})
+    timed = {k for n in per for k in n.split("+")}
+    had = [k for k in ("wikitext2", "ptb", "ptb-test") if k in row and k not in timed]
+    if had and "eval_s" in row:  # measured before per-set times were kept: the old total stands for those sets
+        per["+".join(had)] = {"s": row["eval_s"], "threads": row.get("threads"), "load": row.get("eval_load_avg")}
+    for name in sets:
+        if name in row:
+            continue
+        t = time.perf_counter()
+        row.update(perplexities(model, tok, windows, sets=(name,)))
+        per[name] = {"s": round(time.perf_counter() - t, 1), "threads": torch.get_num_threads(), "load": _load()}
+        row.update(eval_s=round(sum(v["s"] for v in per.values()), 1), eval_load_avg=_load())
+        res.save()
+
+
+def _gemm_gflops(m: int = 1024, k: int = 576, n: int = 1536, reps: int = 10) -> float:
+    """Throughput of a plain float32 matmul of the MLP's shape (8 windows x 128 tokens) on this machine, now."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * m * k * n * reps / (time.perf_counter() - t) / 1e9
+
+
+def part_eval_speed(res: Results, windows: int = 32, batches=(1, 8, 32)) -> None:
+    """Where the perplexity evaluation's time goes: seconds per 128-token window at each batch size (dense, the first
+    ``windows`` WikiText-2 test windows), the share of one forward spent in aten::mm (torch.profiler), the model's
+    FLOPs per window against a plain matmul's throughput measured alongside, and the full test sets extrapolated."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from recover.evaluate import window_nll, perplexity
+
+    model, tok = load_smollm2()
+    n_tok = {"wikitext2": 2382, "ptb-test": 826}  # full windows of 128 tokens in each test set (SmolLM2 tokenizer)
+    cfg = model.config
+    body = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    head = cfg.vocab_size * cfg.hidden_size
+    flops = 2 * (body + head) * 128  # per window: every weight once per token, the tied head included
+    rows, ppl = [], {}
+    for bs in batches:
+        gemm = _gemm_gflops()
+        t = time.perf_counter()
+        ppl[bs] = perplexity(model, tok, "wikitext2", window=128, limit=windows, batch_size=bs, progress=False)["ppl"]
+        dt = time.perf_counter() - t
+        rows.append({"batch": bs, "s_per_window": round(dt / windows, 3),
+                     "model_gflops": round(flops * windows / dt / 1e9, 1), "gemm_gflops": round(gemm, 1),
+                     "load": _load()})
+        print(rows[-1], flush=True)
+    ids = torch.randint(0, cfg.vocab_size, (8, 128), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(input_ids=ids, use_cache=False)
+    ev = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    with torch.inference_mode():  # the loss step alone, before (a copy of the sliced logits) and now (in place)
+        logits = model(input_ids=ids, use_cache=False).logits
+        loss_s = {}
+        for name, fn in (("sliced copy (before)", _sliced_nll), ("in place (now)", window_nll)):
+            fn(logits, ids)
+            t = time.perf_counter()
+            for _ in range(3):
+                fn(logits, ids)
+            loss_s[name] = round((time.perf_counter() - t) / 3 / ids.shape[0], 4)
+    best = min(rows, key=lambda r: r["s_per_window"])
+    res.data["eval_speed"] = {
+        "windows": windows, "threads": torch.get_num_threads(), "rows": rows,
+        "ppl_by_batch": {str(k): round(v, 4) for k, v in ppl.items()},
+        "ppl_max_rel_diff": max(abs(v / ppl[batches[0]] - 1) for v in ppl.values()),
+        "loss_s_per_window": loss_s, "gflop_per_window": round(flops / 1e9, 1), "mm_share": round(ev.get("aten::mm", 0) / sum(ev.values()), 3),
+        "full_s_estimate": {k: round(v * best["s_per_window"]) for k, v in n_tok.items()}, "best_batch": best["batch"]}
+    print(res.data["eval_speed"], flush=True)
+    res.save()
+
+
+def _sliced_nll(logits, ids):
+    """The loss step as recover.evaluate computed it before: a copy of the (B, W-1, V) slice, then the loss."""
+    shift = logits[:, :-1, :].float()
+    return float(torch.nn.functional.cross_entropy(shift.reshape(-1, shift.size(-1)), ids[:, 1:].reshape(-1),
+                                                   reduction="sum"))
+
+
+def _eval_speed_table(e) -> list:
+    if not e:
+        return []
+    lines = ["## Speed of the perplexity evaluation (dense, window 128)", "",
+             f"First {e['windows']} windows of the WikiText-2 test set, protocol bos, {e['threads']} torch thread(s); "
+             f"model GFLOP/s: {e['gflop_per_window']} GFLOP a window (2 x the weights incl. the tied 49,152 x 576 head "
+             f"x 128 tokens) over the measured time; plain matmul: a 1024x576 @ 576x1536 float32 matmul measured just "
+             f"before each row (the machine's rate at that moment, shared with other jobs). Perplexity is the same "
+             f"at every batch size (largest relative difference {e['ppl_max_rel_diff']:.1e}).", "",
+             "| batch | s / window | model GFLOP/s | plain matmul GFLOP/s | load |", "|---|---|---|---|---|"]
+    for r in e["rows"]:
+        lines.append(f"| {r['batch']} | {r['s_per_window']} | {r['model_gflops']} | {r['gemm_gflops']} | "
+                     f"{'/'.join(map(str, r['load']))} |")
+    full = e["full_s_estimate"]
+    lines += ["", f"aten::mm takes {100 * e['mm_share']:.0f}% of a batch-8 forward's CPU time (torch.profiler): the "
+                  f"evaluation runs at the machine's float32 matmul rate, so its time is the model's FLOPs over that "
+                  f"rate. At batch {e['best_batch']} the full test sets would take about {full['wikitext2']} s "
+                  f"(WikiText-2, 2,382 windows) and {full['ptb-test']} s (PTB test, 826 windows) for the dense model "
+                  f"at the load of this run. The loss step alone (batch 8, s a window): "
+                  + ", ".join(f"{k} {v}" for k, v in e["loss_s_per_window"].items()) + ".", ""]
+    return lines
 
 
 def _decode_tps(model, ids, new_tokens=64):
@@ -417,6 +528,7 @@ def write_markdown(res: Results) -> None:
                   f"| 1x512 forward (s) | {s['latency_512_dense_s']} | {s['latency_512_pruned_s']} | "
                   f"{s['latency_speedup']} | {s['latency_share_of_ideal']} |", ""]
     lines += _speed_kinds_table(d.get("speed_kinds"))
+    lines += _eval_speed_table(d.get("eval_speed"))
     for key in ["headline"] + sorted((k for k in d if k.startswith("study")), key=lambda k: -d[k]["windows"]):
         lines += _study_table(d.get(key), key)
     res.path.with_suffix(".md").write_text("\n".join(lines))
@@ -474,20 +586,32 @@ def _study_table(st, key: str) -> list:
 def _merge(res: Results, other: dict) -> None:
     """Add ``other``'s study/headline rows that ``res`` lacks (same windows), then save."""
     for key, st in other.items():
+        if key == "eval_speed":
+            res.data[key] = st
         if not (key.startswith("study") or key == "headline"):
             continue
         mine = res.data.setdefault(key, {**st, "rows": []})
         if mine["windows"] != st["windows"]:
             raise SystemExit(f"--merge: {key} has {st['windows']} windows here, {mine['windows']} in the results")
-        have = {(r["variant"], r["target"]) for r in mine["rows"]}
-        mine["rows"] += [r for r in st["rows"] if (r["variant"], r["target"]) not in have]
+        have = {(r["variant"], r["target"]): r for r in mine["rows"]}
+        for r in st["rows"]:
+            old = have.get((r["variant"], r["target"]))
+            if old is None:
+                mine["rows"].append(r)
+                continue
+            for k in ("wikitext2", "ptb", "ptb-test"):  # a set measured there only joins the row here
+                if k in r and k not in old:
+                    old[k] = r[k]
+                    old.setdefault("eval_s_sets", {}).update({n: v for n, v in r.get("eval_s_sets", {}).items()
+                                                              if k in n.split("+")})
+                    old["eval_s"] = round(sum(v["s"] for v in old["eval_s_sets"].values()), 1)
     res.save()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("quality", "cost", "speed", "speed-kinds", "study", "headline", "all",
-                                       "markdown"),
+    ap.add_argument("--part", choices=("quality", "cost", "speed", "speed-kinds", "study", "headline", "eval-speed",
+                                       "all", "markdown"),
                     default="all")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--targets", default="0.2,0.3,0.5", help="study: comma list of parameter targets")
@@ -504,6 +628,8 @@ def main() -> None:
         part_study(res, args.windows if args.part == "study" else None, [float(t) for t in args.targets.split(",")],
                    tuple(args.sets.split(",")), [v for v in args.variants.split(";") if v],
                    key="headline" if args.part == "headline" else f"study-{args.windows}")
+    if args.part == "eval-speed":
+        part_eval_speed(res)
     if args.part in ("cost", "all"):
         part_cost(res)
     if args.part in ("speed", "all"):

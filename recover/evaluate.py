@@ -38,6 +38,7 @@ from recover.datasets import DEFAULT_SPLITS, ppl_text, zeroshot_file
 __all__ = [
     "LM_EVAL_TASKS",
     "perplexity",
+    "window_nll",
     "zero_shot",
     "choice_loglikelihoods",
     "task_configs",
@@ -116,14 +117,10 @@ def perplexity(
         with torch.inference_mode():
             for s in tqdm(starts, desc=f"ppl {dataset} w={window}", disable=not progress, leave=False):
                 batch = windows[s : s + batch_size].to(device)
-                logits = model(input_ids=batch, use_cache=False).logits
-                shift_logits = logits[:, :-1, :].float()
-                shift_labels = batch[:, 1:]
-                loss = torch.nn.functional.cross_entropy(
-                    shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), reduction="sum"
-                )
-                nll_sum += float(loss.double())
-                count += shift_labels.numel()
+                logits = model(input_ids=batch, use_cache=False).logits  # (B, W, V)
+                loss, n = window_nll(logits, batch)
+                nll_sum += loss
+                count += n
     finally:
         model.train(was_training)
 
@@ -147,6 +144,19 @@ def perplexity(
                           "tokenizer adds no BOS: bare windows (same as llm-pruner); ")
         + note + f"; non-overlapping {window}-token windows, last partial dropped",
     }
+
+
+def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+    """(summed next-token NLL, predicted positions) of windows ``ids`` (B, W) under ``logits`` (B, W, V).
+
+    The last position predicts nothing: its label is ``ignore_index`` rather than the logits being sliced, so the
+    (B*W, V) logits are read in place (no copy of a non-contiguous slice; a float32 model's ``.float()`` is a no-op).
+    """
+    labels = torch.full_like(ids, -100)
+    labels[:, :-1] = ids[:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
+                                             ignore_index=-100, reduction="sum")
+    return float(loss.double()), ids.shape[0] * (ids.shape[1] - 1)
 
 
 # ============================================================================ hand check

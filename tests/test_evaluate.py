@@ -84,6 +84,15 @@ def test_perplexity_matches_model_loss(model, tok, window, batch_size):
     assert r["predicted_tokens"] == n * (window - 1)
 
 
+def test_perplexity_batched_equals_unbatched(model, tok):
+    """Batching windows (and the in-place ignore_index label of each window's last position) changes nothing."""
+    one = perplexity(model, tok, text=TEXT, window=12, batch_size=1, progress=False)
+    for bs in (4, 64):
+        many = perplexity(model, tok, text=TEXT, window=12, batch_size=bs, progress=False)
+        assert many["ppl"] == pytest.approx(one["ppl"], rel=1e-5)
+        assert many["predicted_tokens"] == one["predicted_tokens"] == one["windows"] * 11
+
+
 def test_perplexity_window_semantics_and_limit(model, tok):
     n_tok = len(tok(TEXT).input_ids)
     window = 10
