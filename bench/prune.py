@@ -545,7 +545,11 @@ def _study_table(st, key: str) -> list:
     title = "Headline rows" if key == "headline" else "Reconstruction and per-layer widths"
     lines = [f"## {title} (window {st['window']}, {span} of {' and '.join(sets)}, protocol "
              f"{st.get('protocol', 'bos')}; no recovery)", ""]
-    if dense and "eval_s" in dense:
+    if dense and dense.get("eval_s_sets"):
+        lines += ["Dense evaluation of these windows (batch 8): " + "; ".join(
+            f"{k} {v['s']} s (load average {'/'.join(map(str, v['load'] or []))} at its end, 1/5/15 min)"
+            for k, v in dense["eval_s_sets"].items()) + ".", ""]
+    elif dense and "eval_s" in dense:
         lines += [f"Dense evaluation of these windows: {dense['eval_s']} s (batch 8; load average "
                   f"{'/'.join(map(str, dense['eval_load_avg']))} at its end, 1/5/15 min).", ""]
     if key == "headline":
