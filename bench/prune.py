@@ -178,6 +178,11 @@ STUDY = (
      ("self", 32, 128)),
     ("shortlist obs, +reconstruct, wikitext2 32x128, damp 1",
      {"reconstruct": True, "damp": 1.0, "select": "shortlist"}, ("wikitext2", 32, 128)),
+    # the re-fit's X^T X accumulated and solved in float32 instead of float64 (the 2-minute prune budget)
+    ("+reconstruct, wikitext2 128x128, damp 1, gram float32",
+     {"reconstruct": True, "damp": 1.0, "gram_dtype": torch.float32}, ("wikitext2", 128, 128)),
+    ("+reconstruct, wikitext2 128x128, damp 1, gram float64",
+     {"reconstruct": True, "damp": 1.0, "gram_dtype": torch.float64}, ("wikitext2", 128, 128)),
     # heads + MLP neurons under one budget, both re-fitted (o_proj is the heads' consumer)
     ("heads+mlp, +reconstruct, wikitext2 32x128, damp 1",
      {"reconstruct": True, "damp": 1.0, "kinds": ("attention", "mlp")}, ("wikitext2", 32, 128)),

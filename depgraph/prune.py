@@ -142,7 +142,7 @@ def prune(model, calibration=None, target: float | None = None, method: str = "a
           ratios: dict | None = None, progress: bool = True, reconstruct: bool | None = None, damp: float = 1.0,
           stream: bool = False, checkpoint=None, output=None,
           verify: bool = True, block_method: str = "influence", depth_share: float | None = None,
-          select: str = "scores"):
+          select: str = "scores", gram_dtype: torch.dtype | None = None):
     """Shrink ``model`` in place by ``target`` (fraction of *all* parameters, default 0.2); returns (model, report,
     plans). A target that cannot be met (every group at its minimum) is refused with the largest reachable fraction,
     right after the trace; so are layers outside the model.
@@ -184,7 +184,8 @@ def prune(model, calibration=None, target: float | None = None, method: str = "a
     calibration inputs, by greedy Optimal Brain Surgeon on the consumer (ZipLM / SlimGPT: the unit whose removal
     leaves the least re-fit error, H^-1 downdated after each round of 8; GQA heads and experts keep the plan's
     units); ``"shortlist"``: the same, OBS choosing only among twice as many units of lowest ``method`` score;
-    both need the re-fit.
+    both need the re-fit. ``gram_dtype``: the dtype the re-fit accumulates ``X^T X`` in and solves in (None:
+    float32 for half-precision weights, float64 otherwise: :func:`depgraph.reconstruct.gram_dtype_for`).
     """
     kinds = default_kinds(target) if kinds is None and ratios is None else tuple(kinds or ())
     dispatched = isinstance(model, torch.nn.Module) and is_dispatched(model)
@@ -208,14 +209,15 @@ def prune(model, calibration=None, target: float | None = None, method: str = "a
         settings = StreamSettings(target=target, method=method, kinds=tuple(kinds), policy=policy, layers=layers,
                                   round_to=round_to, gqa=gqa, aggregate=aggregate, normalize=normalize,
                                   steps=steps, uniform=uniform, compensate=compensate, ratios=ratios,
-                                  progress=progress, reconstruct=reconstruct, damp=damp)
+                                  progress=progress, reconstruct=reconstruct, damp=damp, gram_dtype=gram_dtype)
         return prune_streamed(model, calibration, output, settings, checkpoint=checkpoint)
     target = check_args(target, method, steps, compensate, calibration, ratios, reconstruct, round_to)
     if "block" in kinds and steps != 1:
         raise PlanError("depth pruning (kinds with 'block') runs in one step: layers are renumbered by each shrink")
     if ratios is not None:
         kinds = tuple(ratios)
-    refit_config = ReconstructConfig(mode="lstsq" if reconstruct else "mean", intercept=compensate, damp=damp)
+    refit_config = ReconstructConfig(mode="lstsq" if reconstruct else "mean", intercept=compensate, damp=damp,
+                                     gram_dtype=gram_dtype)
     if uniform:
         policy, layers = "uniform", None
     if isinstance(layers, str) and layers != "auto":

@@ -119,6 +119,21 @@ def test_prune_with_reconstruction_is_closer_to_dense(tmp_path):
     assert all(torch.equal(v, weights["lstsq"][k]) for k, v in weights["default"].items())  # default = damp 1 fit
 
 
+def test_prune_gram_dtype_float32_fits_like_float64():
+    """``gram_dtype=torch.float32``: the same re-fit as the float64 default to float32 precision, and not the
+    un-refitted weights (the dtype reaches the re-fit)."""
+    model = ARCHS["llama-gqa"]()
+    calib = torch.cat([ids(s, batch=4, length=16) for s in range(3)])
+    out = {}
+    for name, kw in {"f64": {}, "f32": {"gram_dtype": torch.float32}, "plain": {"reconstruct": False}}.items():
+        m = copy.deepcopy(model)
+        depgraph.prune(m, calib, target=0.2, method="l2", kinds=("mlp",), layers=None, round_to=1, progress=False,
+                       **kw)
+        out[name] = m.model.layers[0].mlp.down_proj.weight
+    assert torch.allclose(out["f32"], out["f64"], rtol=1e-3, atol=1e-5)
+    assert not torch.equal(out["f32"], out["f64"]) and not torch.allclose(out["f64"], out["plain"], atol=1e-4)
+
+
 def test_default_reconstruct_needs_no_calibration_it_was_not_given():
     """Without calibration data the default prunes as before (no re-fit), so data-free methods keep working."""
     model = ARCHS["llama-gqa"]()
