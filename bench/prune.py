@@ -1,11 +1,13 @@
 """Benchmark pruning on SmolLM2-135M: quality per method and target, cost of scoring, speed of the result.
 
-    python bench/prune.py [--part quality|cost|speed|speed-kinds|study|headline|all] [--windows 48]
+    python bench/prune.py [--part quality|cost|speed|speed-kinds|study|headline|eval-speed|gram-cost|all] [--windows 48]
 
 Writes bench/results/prune.json (updated after every row, so a partial run keeps its rows) and
 bench/results/prune.md. Perplexity follows LLM-Pruner's protocol (non-overlapping 128-token windows) on the
-first ``--windows`` windows of WikiText-2 test and PTB; dense is measured on the same windows. The full test
-sets take about 50 minutes per model on this 2-core CPU, so every row uses the same fixed subset.
+first ``--windows`` windows of WikiText-2 test and PTB; dense is measured on the same windows. The evaluation is
+float32-matmul-bound (``--part eval-speed``: 34.4 GFLOP a dense window, 2,382 WikiText-2 and 826 PTB test
+windows): the full test sets take the model's FLOPs over this CPU's matmul rate, most of an hour per model on one
+core, more under load, so the study rows use a fixed subset and only the headline rows the full sets.
 """
 from __future__ import annotations
 
@@ -337,6 +339,58 @@ def part_eval_speed(res: Results, windows: int = 32, batches=(1, 8, 32)) -> None
     res.save()
 
 
+def part_gram_cost(res: Results, tokens: int = 16384, batch: int = 4 * 128, reps: int = 3) -> None:
+    """Seconds to accumulate one consumer's ``X^T X`` over ``tokens`` calibration tokens (``batch`` rows per forward,
+    as the re-fit's hooks add them) and to solve its re-fit, in float32 against float64, for SmolLM2's two consumer
+    widths (down_proj 1536, o_proj 576) at 20% removed; alternating, medians of ``reps``."""
+    from depgraph.refit import refit_solve
+    from depgraph.stats import InputStats
+
+    gen = torch.Generator().manual_seed(0)
+    out = {"tokens": tokens, "batch": batch, "reps": reps, "threads": torch.get_num_threads(), "rows": []}
+    for name, width, rows in (("down_proj", 1536, 576), ("o_proj", 576, 576)):
+        X = torch.randn(tokens, width, generator=gen)
+        W = torch.randn(rows, width, generator=gen)
+        removed = list(range(0, width, 5))
+        kept = [j for j in range(width) if j % 5]
+        times = {"float32": {"gram": [], "solve": []}, "float64": {"gram": [], "solve": []}}
+        for _ in range(reps):
+            for dt in (torch.float32, torch.float64):
+                t = time.perf_counter()
+                st = InputStats.zeros(width, True, dt)
+                for i in range(0, tokens, batch):
+                    st.add(X[i:i + batch])
+                t1 = time.perf_counter()
+                refit_solve(W.to(dt), st.gram, removed, kept, 1.0, (), dt)
+                t2 = time.perf_counter()
+                times[str(dt).split(".")[1]]["gram"].append(t1 - t)
+                times[str(dt).split(".")[1]]["solve"].append(t2 - t1)
+        med = lambda xs: round(sorted(xs)[len(xs) // 2], 3)  # noqa: E731
+        r = {"consumer": name, "width": width, **{f"{k}_{d}_s": med(v[k]) for d, v in times.items() for k in v},
+             "load": _load()}
+        out["rows"].append(r)
+        print(r, flush=True)
+    res.data["gram_cost"] = out
+    res.save()
+
+
+def _gram_cost_table(g) -> list:
+    if not g:
+        return []
+    lines = ["## Cost of the re-fit's Gram matrix: float32 against float64", "",
+             f"One consumer's X^T X accumulated over {g['tokens']:,} tokens ({g['batch']} rows at a time, as the "
+             f"re-fit's hooks add them; 128x128 calibration), then its re-fit solved (20% of the columns removed, "
+             f"damp 1); random inputs of the consumer's width, {g['threads']} thread(s), float32 and float64 "
+             f"alternating, medians of {g['reps']}. SmolLM2 has 28 pruned layers: one down_proj (and at 50% one "
+             f"o_proj) each.", "",
+             "| consumer | width | Gram float32 (s) | Gram float64 (s) | solve float32 (s) | solve float64 (s) | load |",
+             "|---|---|---|---|---|---|---|"]
+    for r in g["rows"]:
+        lines.append(f"| {r['consumer']} | {r['width']} | {r['gram_float32_s']} | {r['gram_float64_s']} | "
+                     f"{r['solve_float32_s']} | {r['solve_float64_s']} | {'/'.join(map(str, r['load']))} |")
+    return lines + [""]
+
+
 def _sliced_nll(logits, ids):
     """The loss step as recover.evaluate computed it before: a copy of the (B, W-1, V) slice, then the loss."""
     shift = logits[:, :-1, :].float()
@@ -534,6 +588,7 @@ def write_markdown(res: Results) -> None:
                   f"{s['latency_speedup']} | {s['latency_share_of_ideal']} |", ""]
     lines += _speed_kinds_table(d.get("speed_kinds"))
     lines += _eval_speed_table(d.get("eval_speed"))
+    lines += _gram_cost_table(d.get("gram_cost"))
     for key in ["headline"] + sorted((k for k in d if k.startswith("study")), key=lambda k: -d[k]["windows"]):
         lines += _study_table(d.get(key), key)
     res.path.with_suffix(".md").write_text("\n".join(lines))
@@ -577,7 +632,8 @@ def _study_table(st, key: str) -> list:
               "slower; empty: not recorded, torch's default of 2); eval: time of "
               "the perplexity evaluation of the row. depth: `--kinds block` (whole layers and attention/MLP "
               "sub-blocks of layers 1-28 by Block Influence, lowest score per parameter first); depth + width: half "
-              "the target as blocks, the rest MLP neurons.", "",
+              "the target as blocks, the rest MLP neurons. gram float32 / float64: the re-fit's X^T X accumulated and "
+              "solved in that dtype (the default for float32 weights: float64).", "",
               "| variant | target | calibration | removed | params | "
               + " | ".join(f"{k} | x dense" for k in sets) + " | prune (s) | load | threads | peak RSS (MB) | eval (s) |",
               "|---|---|---|---|---|" + "---|---|" * len(sets) + "---|---|---|---|---|"]
@@ -595,7 +651,7 @@ def _study_table(st, key: str) -> list:
 def _merge(res: Results, other: dict) -> None:
     """Add ``other``'s study/headline rows that ``res`` lacks (same windows), then save."""
     for key, st in other.items():
-        if key == "eval_speed":
+        if key in ("eval_speed", "gram_cost"):
             res.data[key] = st
         if not (key.startswith("study") or key == "headline"):
             continue
@@ -620,7 +676,7 @@ def _merge(res: Results, other: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=("quality", "cost", "speed", "speed-kinds", "study", "headline", "eval-speed",
-                                       "all", "markdown"),
+                                       "gram-cost", "all", "markdown"),
                     default="all")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--targets", default="0.2,0.3,0.5", help="study: comma list of parameter targets")
@@ -639,6 +695,8 @@ def main() -> None:
                    key="headline" if args.part == "headline" else f"study-{args.windows}")
     if args.part == "eval-speed":
         part_eval_speed(res)
+    if args.part == "gram-cost":
+        part_gram_cost(res)
     if args.part in ("cost", "all"):
         part_cost(res)
     if args.part in ("speed", "all"):
