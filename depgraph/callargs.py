@@ -1,7 +1,9 @@
 """The leaves of a torch call's arguments, walked once per call of a watched export (:mod:`depgraph.watch`)."""
 from __future__ import annotations
 
-__all__ = ["leaves", "size_ints"]
+__all__ = ["call_leaves", "leaves", "size_ints"]
+
+_NESTED = (list, tuple, dict, slice)
 
 
 def leaves(obj, in_slice: bool = False) -> list:
@@ -11,14 +13,26 @@ def leaves(obj, in_slice: bool = False) -> list:
     while todo:
         o, s = todo.pop()
         if isinstance(o, (list, tuple)):
-            todo.extend((x, s) for x in reversed(o))
+            todo.extend([(x, s) for x in reversed(o)])
         elif isinstance(o, dict):
-            todo.extend((x, s) for x in reversed(list(o.values())))
+            todo.extend([(x, s) for x in reversed(list(o.values()))])
         elif isinstance(o, slice):
             todo += ((o.step, True), (o.stop, True), (o.start, True))
         else:
             out.append((o, s))
     return out
+
+
+def call_leaves(args: tuple, kwargs: dict) -> list:
+    """:func:`leaves` of ``(args, kwargs)``; a flat call (no kwargs, no nested argument: most calls of an export,
+    ``x.dtype``, ``x.stride()``) without the walk."""
+    if not kwargs:
+        for a in args:
+            if isinstance(a, _NESTED):
+                break
+        else:
+            return [(a, False) for a in args]
+    return leaves((args, kwargs))
 
 
 def size_ints(walked) -> list:

@@ -84,10 +84,9 @@ class Recorder:
     def before(self, call):
         if not self.created:  # nothing filled yet: no argument can be one (most calls of an export)
             return
-        for t, in_slice in call.walked:
-            if in_slice:
-                continue
-            if isinstance(t, torch.Tensor) and id(t) in self.created and self.keep.get(id(t)) is t:
+        created, keep = self.created, self.keep
+        for t, in_slice in call.walked:  # a kept created tensor is that tensor: no type check needed first
+            if not in_slice and id(t) in created and keep.get(id(t)) is t:
                 self._consumed(call.name, t, call.args)
 
     def after(self, call, out):

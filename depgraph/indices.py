@@ -84,6 +84,8 @@ class Recorder:
 
     def before(self, call):
         args, kwargs, name = call.args, call.kwargs, call.name
+        if name != "__getitem__" and name not in _DATA_CALLS:
+            return
         found, odd = [], False
         if name == "__getitem__" and len(args) > 1:
             for ix in (args[1] if isinstance(args[1], tuple) else (args[1],)):

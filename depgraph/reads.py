@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from math import prod
 
 import torch
+from torch.fx.experimental import proxy_tensor
 
 from .callargs import leaves, size_ints
 from .tags import Tagged, name, sizes_in
@@ -66,15 +67,21 @@ class Recorder:
         self.origin: dict = {}  # id(out) -> (out, its input, {out dim: input dim}) of dim-keeping views
 
     def sized(self, t):
+        if self.kept.get(id(t)) is t:  # seen before: its node is known
+            return
         self.kept[id(t)] = t
         node = _traced_node(t)
         if node is not None:
             self.nodes[id(t)] = (node.name, tuple(t.shape), op_name_of(node))
 
     def before(self, call):
-        walked = call.walked  # one walk for the tags and the size signature
-        tagged = [v for v, _ in walked if isinstance(v, Tagged)]
-        ints = size_ints(walked)
+        tagged, ints = [], []  # one pass over the walk for the tags and the size signature (:func:`size_ints`)
+        for v, in_slice in call.walked:
+            if isinstance(v, int) and not isinstance(v, bool):
+                if isinstance(v, Tagged):
+                    tagged.append(v)
+                if not in_slice:
+                    ints.append(v)
         if not (tagged or ints) or not call.frames:
             return
         if tagged:
@@ -89,7 +96,7 @@ class Recorder:
 
     def after(self, call, out):
         args = call.args
-        if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+        if call.name in _KEEPING and args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
             dims = _kept_dims(call.func, args, out)
             if dims:
                 self.origin[id(out)] = (out, args[0], dims)
@@ -152,8 +159,6 @@ def _named(entry, modules) -> tuple:
 def _traced_node(t):
     """The fx node the export is recording for tensor ``t`` (None outside the export's proxy tracing)."""
     try:
-        from torch.fx.experimental import proxy_tensor
-
         mode = proxy_tensor.get_proxy_mode()
         slot = proxy_tensor.get_proxy_slot(t, mode.tracer, None) if mode is not None else None
         return getattr(getattr(slot, "proxy", None), "node", None)
@@ -166,12 +171,16 @@ def op_name_of(node) -> str:
     return getattr(node.target, "__name__", str(node.target)).replace(":", "").replace("*", "")
 
 
+_SAME_DIMS = ("expand", "expand_as", "broadcast_to", "contiguous", "clone", "to", "float", "type_as")
+_KEEPING = frozenset(_SAME_DIMS + ("unsqueeze", "__getitem__"))  # the calls :func:`_kept_dims` reads
+
+
 def _kept_dims(func, args, out) -> dict | None:
     """{out dim: input dim} for the dims a view-like call keeps whole from its first argument, or None."""
     src = args[0]
     n, m = src.dim(), out.dim()
     name = getattr(func, "__name__", "")
-    if name in ("expand", "expand_as", "broadcast_to", "contiguous", "clone", "to", "float", "type_as"):
+    if name in _SAME_DIMS:
         off = m - n
         return {d + off: d for d in range(n) if d + off >= 0 and src.shape[d] == out.shape[d + off]} if off >= 0 \
             else None

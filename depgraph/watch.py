@@ -7,15 +7,14 @@ recorder sees the same model lines (:attr:`Call.frames`).
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import os
-from functools import cached_property
+import sys
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .callargs import leaves
+from .callargs import call_leaves
 from .capture import Capture, capture
 from .tags import tag_attributes, tag_size, untag_attributes
 
@@ -24,30 +23,32 @@ SIZE_GETTERS = (torch.Tensor.size, torch.Tensor.shape.__get__)
 
 
 class Call:
-    """One torch call seen by the mode: ``func``, its ``name``, ``args``, ``kwargs``, and (computed on first use)
-    the model code making it."""
+    """One torch call seen by the mode: ``func``, its ``name``, ``args``, ``kwargs``, ``walked``
+    (:func:`depgraph.callargs.call_leaves`: every leaf once, for every recorder) and (computed on first use)
+    ``frames``, the model code making it."""
 
-    def __init__(self, func, args, kwargs, frame):
-        self.func, self.args, self.kwargs, self._frame = func, args, kwargs, frame
+    __slots__ = ("func", "name", "args", "kwargs", "walked", "_frame", "_outer", "_frames")
+
+    def __init__(self, func, args, kwargs, frame, outer=frozenset()):
+        self.func, self.args, self.kwargs, self._frame, self._outer = func, args, kwargs, frame, outer
         self.name = getattr(func, "__name__", "")
+        self.walked = call_leaves(args, kwargs)
+        self._frames = None
 
-    @cached_property
-    def walked(self) -> list:
-        """:func:`depgraph.callargs.leaves` of ``(args, kwargs)``: every leaf once, for every recorder."""
-        return leaves((self.args, self.kwargs))
-
-    @cached_property
+    @property
     def frames(self) -> list:
-        """(file, line) of every frame outside torch above the mode, innermost first: the model code making the
-        call (then whatever called the export)."""
-        out = []
-        f = self._frame.f_back
-        while f is not None:
-            name = f.f_code.co_filename
-            if not name.startswith(_TORCH_DIR):
-                out.append((name, f.f_lineno))
-            f = f.f_back
-        return out
+        """(file, line) of every frame outside torch above the mode, innermost first, up to the frames that were
+        on the stack when the export began (``outer``): the model code making the call."""
+        if self._frames is None:
+            out, outer = [], self._outer
+            f = self._frame.f_back
+            while f is not None and id(f) not in outer:
+                name = f.f_code.co_filename
+                if not name.startswith(_TORCH_DIR):
+                    out.append((name, f.f_lineno))
+                f = f.f_back
+            self._frames = out
+        return self._frames
 
 
 class Watch(TorchFunctionMode):
@@ -56,6 +57,16 @@ class Watch(TorchFunctionMode):
     def __init__(self, recorders, sizes: bool = True):
         super().__init__()
         self.recorders, self.sizes = tuple(recorders), sizes
+        self.outer = None  # ids of the frames on the stack when the mode was first entered (whatever runs the
+        # export; alive, so their ids are theirs, until the export returns)
+
+    def __enter__(self):
+        if self.outer is None:
+            self.outer, f = set(), sys._getframe(1)
+            while f is not None:
+                self.outer.add(id(f))
+                f = f.f_back
+        return super().__enter__()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -64,7 +75,7 @@ class Watch(TorchFunctionMode):
             for r in self.recorders:
                 r.sized(args[0])
             return out
-        call = Call(func, args, kwargs, inspect.currentframe())
+        call = Call(func, args, kwargs, sys._getframe(), self.outer or frozenset())
         for r in self.recorders:
             r.before(call)
         out = func(*args, **kwargs)
