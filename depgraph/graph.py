@@ -471,8 +471,9 @@ def read_attributes(model, example_inputs, cap, flow, reads_of) -> set:
 
     - A split/slice size equal to both an attribute shrink rewrites (``split_size``) and one it does not
       (``embed_dim``) cannot be told apart by value: when the tagged export (below) shows every call making the op
-      passed the rewritten one at the literal's place (or a size read off the space), or the unrewritten one
-      itself (it is read: not owned), that settles it; else each
+      passed, at each of the literal's places, the rewritten one (or a size read off the space) or an unrewritten
+      one itself (it is read: not owned; each place its own, a slice's bounds included: :func:`_told`), that
+      settles it; else each
       such unrewritten attribute is perturbed (+1, on every module that has it) in one extra export; if the op's arguments change the forward reads it, and the literal
       is not owned (returned, as ``path:attr``); if that export fails, the literal is owned only when the tagged
       export below shows every call making the op pass a rewritten attribute at the literal's place.
@@ -521,14 +522,14 @@ def read_attributes(model, example_inputs, cap, flow, reads_of) -> set:
         return (reads_of(paths) or Reads()) if paths else Reads()
     base = {lit.module for lit in confirm} | {lit.module for lit in counted}
     early = reads_for(base | {lit.module for lits in ambiguous.values() for lit in lits}) if ambiguous else None
+    # the slices the tagged export saw, asked only here: every call on a slice's line, with its bounds' tags
+    sliced = Reads(early.lines, {k: early.calls.get(k, []) + early.slices.get(k, [])
+                                 for k in set(early.calls) | set(early.slices)}) if early is not None else None
+    told = _told(ambiguous, lambda lit, accept: follows(lit, sliced, accept))
+    for lit, read in told.values():  # the unrewritten attributes some call passed itself there: the forward reads them
+        stale.update(a for a in lit.attributes if a.rpartition(":")[2] in read)
     for name, lits in ambiguous.items():
-        # settled without a perturbed export when the tagged export shows every call making the op passed a
-        # rewritten attribute (or sizes read off the space) at the literal's place: the unrewritten one cannot be it
-        lits = [lit for lit in lits if not (follows(lit, early) or follows(lit, early, _owns(lit)))]
-        read = [lit for lit in lits if follows(lit, early, lambda n, name=name: n == name)]
-        for lit in read:  # every call passed the unrewritten attribute itself there: the forward reads it
-            stale.update(a for a in lit.attributes if a.rpartition(":")[2] == name)
-        lits = [lit for lit in lits if lit not in read]
+        lits = [lit for lit in lits if id(lit) not in told]
         if not lits:
             continue
 
@@ -575,6 +576,31 @@ def read_attributes(model, example_inputs, cap, flow, reads_of) -> set:
             whole.size == lit.value and follows(lit, reads, lambda n: n in widths)
         lit.unread = not (lit.proved or lit.passed or lit.held or lit.width or seen or follows(lit, reads, accept))
     return stale
+
+
+def _told(ambiguous: dict, follows) -> dict:
+    """{id(literal): (literal, the unrewritten attributes read there)} for the ambiguous literals (``ambiguous``: {unrewritten
+    attribute name: literals}) the tagged export settles: every call making the op passed, at each place the literal
+    holds, a rewritten attribute, sizes read off the space, or one of the literal's unrewritten attributes itself
+    (each place its own: ``split([self.qk_nope_head_dim, self.v_head_dim])``). An attribute passed there is read
+    (what a perturbed export would show); one no call passed cannot be the literal. ``follows(lit, accept)``: the
+    tagged export's answer (:func:`depgraph.reads.follows_call`)."""
+    names: dict = {}
+    for name, lits in ambiguous.items():
+        for lit in lits:
+            names.setdefault(id(lit), (lit, set()))[1].add(name)
+    out = {}
+    for key, (lit, mine) in names.items():
+        owns, read = _owns(lit), set()
+
+        def accept(n, mine=mine, owns=owns, read=read):
+            if n in mine:
+                read.add(n)
+                return True
+            return owns(n)
+        if follows(lit, None) or follows(lit, accept):  # every place was asked: ``read`` is all they passed
+            out[key] = (lit, read)
+    return out
 
 
 def _fixed_by(lit, root, flow) -> list:

@@ -46,10 +46,12 @@ class Reads:
     line of its stack, ``tags`` naming per int the attribute (product) it is or ``self:D`` /
     ``node:NAME:D:SHAPE:OP`` / ``other`` for a size a tensor reported (``self``: dim D of the call's own first
     tensor; ``node``: dim D of the graph node NAME, of that shape and op), ``own`` the graph node of that first
-    tensor (with sizes tagged, else None)."""
+    tensor (with sizes tagged, else None). ``slices``: the same for the slices of every index with a tagged bound,
+    as ``aten.slice`` takes them (``x[..., :self.d]`` on a 4-D ``x``: ints ``(3, 0, d)``, :func:`slice_calls`)."""
 
     lines: dict = field(default_factory=dict)
     calls: dict = field(default_factory=dict)
+    slices: dict = field(default_factory=dict)
 
     def get(self, key, default=()):
         return self.lines.get(key, default)
@@ -62,6 +64,7 @@ class Recorder:
     def __init__(self):
         self.lines: dict = {}  # (file, line) -> tagged ints passed at that innermost model line
         self.calls: dict = {}  # (file, line) -> [(ints, the int objects, {size name: what it reads}, own node)]
+        self.slices: dict = {}  # (file, line) -> the same for the slices of indices with a tagged bound
         self.kept: dict = {}  # id -> tensor whose sizes were tagged (kept alive: no id is reused)
         self.nodes: dict = {}  # id -> (name, shape, op) of the exported graph's node that tensor is, when traced
         self.origin: dict = {}  # id(out) -> (out, its input, {out dim: input dim}) of dim-keeping views
@@ -86,6 +89,14 @@ class Recorder:
             return
         if tagged:
             self.lines.setdefault(call.frames[0], []).extend(tagged)
+        if tagged and call.name == "__getitem__" and len(call.args) > 1 and isinstance(call.args[0], torch.Tensor):
+            own = call.args[0]
+            node = _traced_node(own)
+            for values in slice_calls(own.dim(), call.args[1]):
+                where = {f: self._read_off(f, own) for v in values for f in sizes_in(v)}
+                entry = (tuple(int(v) for v in values), values, where, node.name if node is not None else None)
+                for frame in dict.fromkeys(call.frames):
+                    self.slices.setdefault(frame, []).append(entry)
         if ints:
             own = next((a for a in call.args if isinstance(a, torch.Tensor)), None)
             node = _traced_node(own) if own is not None else None
@@ -111,9 +122,10 @@ class Recorder:
             if found:
                 out.lines[frame] = found
         done: dict = {}
-        for frame, entries in self.calls.items():
-            out.calls[frame] = [done[id(e)] if id(e) in done else done.setdefault(id(e), _named(e, modules))
-                                for e in entries]
+        for mine, theirs in ((self.calls, out.calls), (self.slices, out.slices)):
+            for frame, entries in mine.items():
+                theirs[frame] = [done[id(e)] if id(e) in done else done.setdefault(id(e), _named(e, modules))
+                                 for e in entries]
         return out
 
     def _read_off(self, size: str, own) -> str:
@@ -154,6 +166,30 @@ def _named(entry, modules) -> tuple:
             return f"{where.get(size, 'other')}/{k}"
         return "*".join(where.get(f, "other") if f.startswith("@") else f for f in n.split("*"))
     return ints, tuple(tag(v) for v in values), own
+
+
+_END = 2 ** 63 - 1  # the end ``aten.slice`` gets for an open slice
+
+
+def slice_calls(ndim: int, index) -> list:
+    """[(dim, start, end)] per slice of ``tensor[index]`` on an ``ndim``-D tensor, as the ``aten.slice`` nodes it
+    makes take them (an open bound as 0 / :data:`_END`; a dim counted after the ``None`` axes before it), the bound
+    objects themselves (tagged or not); [] for an
+    index of another kind (an int, a tensor, a step, two ellipses) and for a full slice (no node)."""
+    idx = index if isinstance(index, tuple) else (index,)
+    if sum(e is Ellipsis for e in idx) > 1 or \
+            any(not (e is None or e is Ellipsis or isinstance(e, slice) and e.step is None) for e in idx):
+        return []
+    taken = sum(isinstance(e, slice) for e in idx)
+    out, d = [], 0  # d: the dim of the tensor each slice is taken of (a ``None`` before it unsqueezed one)
+    for e in idx:
+        if e is Ellipsis:
+            d += ndim - taken
+            continue
+        if e is not None and not (e.start is None and e.stop is None):
+            out.append((d, 0 if e.start is None else e.start, _END if e.stop is None else e.stop))
+        d += 1
+    return out
 
 
 def _traced_node(t):

@@ -209,3 +209,47 @@ def test_an_ambiguous_split_the_tagged_export_settles_needs_no_perturbed_export(
     derived = depgraph.trace(nn.Sequential(FusedSplit("derived"), FusedSplit("derived")).eval(), (x,))
     assert exports == ["Sequential", "Sequential"]  # untold by the tags: the perturbed export (width + 1) decides
     assert not [g for g in derived.groups("attention") if g.exact]
+
+
+def _deepseek_v3():  # MLA: split([qk_nope_head_dim, v_head_dim]) and key[..., :qk_nope_head_dim], all = num_heads
+    torch.manual_seed(0)
+    cfg = tf.DeepseekV3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
+                              n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                              first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=8, qk_rope_head_dim=2,
+                              qk_nope_head_dim=4, v_head_dim=4, use_cache=False)
+    return tf.DeepseekV3ForCausalLM(cfg).eval()
+
+
+def test_ambiguous_literals_each_place_its_own_attribute_need_no_perturbed_export(exports, monkeypatch):
+    """DeepSeek-V3's ``split(kv, [self.qk_nope_head_dim, self.v_head_dim])`` and ``key[..., :self.qk_nope_head_dim]``
+    with both head dims equal to ``num_heads`` (rewritten): each place holds a different unrewritten attribute,
+    which the tags name per place (a slice's bounds as ``aten.slice`` takes them): one export, and the same graph
+    (groups, blocked reasons, the attributes read) as the two perturbed exports it used to take."""
+    from depgraph import graph as graph_module
+
+    model = _deepseek_v3()
+    told = depgraph.trace(model)
+    assert exports == [type(model).__name__]
+    exports.clear()
+    monkeypatch.setattr(graph_module, "_told", lambda ambiguous, follows: {})  # every ambiguous literal perturbed
+    perturbed = depgraph.trace(model)
+    assert exports == [type(model).__name__] * 3  # the capture and one perturbed export per head-dim attribute
+    assert told.summary_dict() == perturbed.summary_dict()
+    assert told._flow.stale == perturbed._flow.stale == {
+        f"model.layers.{i}.self_attn:{a}" for i in range(2) for a in ("qk_nope_head_dim", "v_head_dim")}
+    plan = depgraph.Plan.random(told, 0.5, seed=0, kinds=("mlp", "experts"))
+    x = torch.randint(0, VOCAB, (2, 8))
+    with torch.no_grad():
+        masked = depgraph.mask(copy.deepcopy(model), plan)(x).logits
+        shrunk = depgraph.shrink(copy.deepcopy(model), plan, verify=False)(x).logits
+    torch.testing.assert_close(shrunk, masked, rtol=0, atol=1e-5)
+
+
+def test_slice_calls_are_the_slices_aten_takes():
+    assert reads.slice_calls(4, (Ellipsis, slice(None, 3))) == [(3, 0, 3)]
+    assert reads.slice_calls(4, (Ellipsis, slice(3, None))) == [(3, 3, 2 ** 63 - 1)]
+    assert reads.slice_calls(3, (slice(None), None, slice(1, 2))) == [(2, 1, 2)]  # the slice of the unsqueezed
+    assert reads.slice_calls(3, (slice(None), slice(None))) == []  # full slices make no node
+    assert reads.slice_calls(3, (0, slice(1, 2))) == []  # an int index: not read here
+    assert reads.slice_calls(3, (slice(0, 4, 2),)) == []  # a step: not read here
