@@ -54,14 +54,16 @@ def job_big(name: str) -> dict:
 
     import depgraph
 
-    exports = []  # every torch.export the trace runs (its one capture, plus any fallback or perturbed re-export)
+    exports = []  # every torch.export the trace runs (its one capture, plus any fallback or perturbed re-export,
+    # failed ones included: a perturbed forward may break by design)
     inner = torch.export.export
 
     def counted(*a, **k):
         t = time.perf_counter()
-        out = inner(*a, **k)
-        exports.append(round(time.perf_counter() - t, 2))
-        return out
+        try:
+            return inner(*a, **k)
+        finally:
+            exports.append(round(time.perf_counter() - t, 2))
     torch.export.export = counted
     model = _big_model(name)
     t0, c0 = time.perf_counter(), time.process_time()
