@@ -7,9 +7,9 @@ recorder sees the same model lines (:attr:`Call.frames`).
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
-import sys
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -62,7 +62,7 @@ class Watch(TorchFunctionMode):
 
     def __enter__(self):
         if self.outer is None:
-            self.outer, f = set(), sys._getframe(1)
+            self.outer, f = set(), inspect.currentframe().f_back
             while f is not None:
                 self.outer.add(id(f))
                 f = f.f_back
@@ -75,7 +75,7 @@ class Watch(TorchFunctionMode):
             for r in self.recorders:
                 r.sized(args[0])
             return out
-        call = Call(func, args, kwargs, sys._getframe(), self.outer or frozenset())
+        call = Call(func, args, kwargs, inspect.currentframe(), self.outer or frozenset())
         for r in self.recorders:
             r.before(call)
         out = func(*args, **kwargs)
