@@ -98,3 +98,22 @@ def test_eval_json(tiny_folder, capsys):
     assert "protocol llm-pruner" in line and "BOS first" not in line
     assert main(["eval", str(tiny_folder)]) == 1
     assert "nothing to evaluate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,dtype", [([], torch.float64), (["--gram-dtype", "float32"], torch.float32)])
+def test_prune_gram_dtype_reaches_the_refit(tiny_folder, tmp_path, capsys, monkeypatch, argv, dtype):
+    """``--gram-dtype`` applies to the in-memory prune too: every consumer's X^T X is accumulated in that dtype."""
+    import depgraph.reconstruct as rec
+
+    seen, block_stats = [], rec.block_stats
+
+    def recording(*args, **kwargs):
+        stats = block_stats(*args, **kwargs)
+        seen.extend(st.gram.dtype for st in stats[0].values() if st.gram is not None)
+        return stats
+    monkeypatch.setattr(rec, "block_stats", recording)
+    out = tmp_path / "pruned"
+    rc = main(["prune", str(tiny_folder), "--target", "0.1", "--calib", str(tiny_folder.parent / "calib.txt"),
+               "--n-samples", "4", "--seq-len", "16", "--round-to", "1", "--no-report", *argv, "-o", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert seen and set(seen) == {dtype}

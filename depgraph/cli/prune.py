@@ -100,7 +100,7 @@ def add(subparsers) -> None:
                    help="with --stream: dtype of the per-block math (default auto: the weights' dtype; float32 is "
                         "~10x faster than bf16 on CPUs without bf16 matmuls); the written weights keep their dtype")
     p.add_argument("--gram-dtype", choices=("auto", "float32", "float64"), default="auto",
-                   help="with --stream and the re-fit: dtype of each consumer's accumulated X^T X (default auto: "
+                   help="with the re-fit: dtype of each consumer's accumulated X^T X (default auto: "
                         "float32 for a bf16/fp16 checkpoint, half the memory; float64 otherwise); the solve runs in the same dtype")
     p.add_argument("--no-report", action="store_true", help="do not write report.html into the output folder")
     p.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
@@ -163,7 +163,7 @@ def run(args) -> int:
                                           compensate=args.compensate, ratios=args.ratios,
                                           reconstruct=args.reconstruct, damp=args.damp, select=args.select,
                                           block_method=args.block_method,
-                                          depth_share=args.depth_share)
+                                          depth_share=args.depth_share, gram_dtype=torch_dtype(args.gram_dtype))
     report["times"]["load_s"] = load_s
     report["model"] = model_name(args)
     report["calibration"] = None if calib is None else {"source": args.calib, "n_samples": args.n_samples,
