@@ -187,8 +187,9 @@ def write_md(res: dict, path: Path) -> None:
     zs = res["evals"]["dense"].get("zs_split") or {}
     pr = res.get("prune", {})
     n, L = pr.get("calib_tokens", (10, 64))
-    data = {"alpaca": "Alpaca", "wikitext2": "WikiText-2 validation-split (128-token windows)"}.get(a.get("data",
-                                                                                                       "alpaca"))
+    names = {"alpaca": "Alpaca" + (" (prompt tokens labelled too)" if a.get("train_on_inputs") else ""),
+             "wikitext2": f"WikiText-2 validation-split ({a['cutoff_len']}-token windows)"}
+    data = " + ".join(names.get(d, d) for d in a.get("data", "alpaca").split("+"))
     kd = a.get("distill_alpha") or 0
     lines = [f"# LoRA recovery of SmolLM2-135M-Instruct pruned by {a['target']:.0%} "
              f"({a['method']}, {a['calib']} calibration {n}x{L}, depgraph.prune's defaults)", "",
@@ -206,9 +207,11 @@ def write_md(res: dict, path: Path) -> None:
                   f"{rec['tokens_per_second']:.0f} tokens/s counting the validation passes; "
                   f"validation loss "
                   + " -> ".join(f"{x:.3f}" for x in rec.get("eval_losses", [])) + ".", ""]
-    if res["evals"]["dense"].get("carried_from"):
-        lines += [f"The dense row is carried from `{res['evals']['dense']['carried_from']}` (an earlier run of this "
-                  "script with the same evaluation protocol: the dense model does not change).", ""]
+    for r in ("dense", "pruned"):
+        if res["evals"].get(r, {}).get("carried_from"):
+            why = ": the dense model does not change" if r == "dense" else " on the same saved pruned model"
+            lines += [f"The {r} row is carried from `{res['evals'][r]['carried_from']}` (an earlier run of this "
+                      f"script with the same evaluation protocol{why}).", ""]
     missing = [r for r in ("dense", "pruned", "recovered") if r not in res["evals"] or not res["evals"][r].get("tasks")]
     if missing:
         lines += [f"**Partial results**: not (fully) evaluated yet: {', '.join(missing)}.", ""]
@@ -279,6 +282,12 @@ def main(argv=None) -> int:
                     "recover.json made with the same evaluation protocol (the dense model does not change)")
     ap.add_argument("--throughput-from", default=None, metavar="JSON", help="carry the throughput comparison of an "
                     "earlier recover.json (with --skip-throughput)")
+    ap.add_argument("--pruned-from", default=None, metavar="JSON", help="reuse the pruned evaluation of an earlier "
+                    "recover.json of the same --pruned folder and evaluation protocol (made with --eval-only)")
+    ap.add_argument("--eval-only", action="store_true", help="evaluate dense and pruned, write them and stop (a "
+                    "later run carries them with --dense-from / --pruned-from while other runs use the time)")
+    ap.add_argument("--train-on-inputs", action="store_true", help="labels (and KL positions) on the Alpaca "
+                    "prompt tokens too, not only on the responses")
     ap.add_argument("--ppl", default="wikitext2,ptb")
     ap.add_argument("--window", type=int, default=128)
     ap.add_argument("--ppl-limit", type=int, default=None, help="windows per perplexity set (default: all)")
@@ -347,18 +356,30 @@ def main(argv=None) -> int:
         write_md(res, out / "recover.md")
 
     if "throughput" in earlier:
-        res["throughput"] = {**earlier["throughput"]["throughput"], "carried_from": committed(args.throughput_from)}
+        tp = earlier["throughput"]["throughput"]  # carried once already: keep where it was measured
+        res["throughput"] = {**tp, "carried_from": tp.get("carried_from") or committed(args.throughput_from)}
     model, tok = load_model()
     res["params"]["dense"] = sum(p.numel() for p in model.parameters())
     dense = copy.deepcopy(model) if args.distill_alpha else None
-    if "dense" in earlier:
-        e = earlier["dense"]
-        same = ("ppl", "window", "ppl_limit", "tasks", "zs_limit")
-        diff = [k for k in same if e["args"].get(k) != getattr(args, k)]
-        if diff or e["params"]["dense"] != res["params"]["dense"]:
-            raise SystemExit(f"--dense-from {args.dense_from}: its evaluation protocol differs ({', '.join(diff)})")
-        res["evals"]["dense"] = {**e["evals"]["dense"], "carried_from": committed(args.dense_from)}
-    else:
+    def carry(final: bool) -> None:
+        """The dense / pruned rows of --dense-from / --pruned-from, read now: an --eval-only run still scoring them
+        may finish while this one trains, so a row it lacks yet is read again before the recovered evaluation."""
+        for row, src in (("dense", args.dense_from), ("pruned", args.pruned_from)):
+            if not src or res["evals"].get(row, {}).get("carried_from"):
+                continue
+            e = json.loads(Path(src).read_text())
+            same = ("ppl", "window", "ppl_limit", "tasks", "zs_limit") + (("pruned",) if row == "pruned" else ())
+            diff = [k for k in same if e["args"].get(k) != getattr(args, k)]
+            if diff or e["params"]["dense"] != res["params"]["dense"]:
+                raise SystemExit(f"--{row}-from {src}: its evaluation protocol or model differs ({', '.join(diff)})")
+            done = bool(e["evals"].get(row, {}).get("tasks")) or not args.tasks
+            if done:
+                res["evals"][row] = {**e["evals"][row], "carried_from": committed(src)}
+            elif final:
+                raise SystemExit(f"--{row}-from {src}: it has no finished {row} evaluation")
+
+    carry(final=False)
+    if "dense" not in res["evals"] and not args.dense_from:
         print("== dense", flush=True)
         evaluate(model, tok, args, res["evals"].setdefault("dense", {}), save)
 
@@ -375,7 +396,13 @@ def main(argv=None) -> int:
         model, report, _ = depgraph.prune(model, calib, target=args.target, method=args.method, progress=False)
         res["prune"].update(removed_fraction=report.get("removed_fraction"), prune_s=time.perf_counter() - t)
     res["params"]["pruned"] = sum(p.numel() for p in model.parameters())
-    evaluate(model, tok, args, res["evals"].setdefault("pruned", {}), save)
+    if "pruned" not in res["evals"] and not args.pruned_from:
+        evaluate(model, tok, args, res["evals"].setdefault("pruned", {}), save)
+    if args.eval_only:
+        res["total_s"] = time.perf_counter() - t_all
+        save()
+        print((out / "recover.md").read_text())
+        return 0
     pruned_copy = copy.deepcopy(model) if not args.skip_throughput else None
 
     print("== recover", flush=True)
@@ -387,9 +414,11 @@ def main(argv=None) -> int:
             micro_batch_size=args.micro_batch_size, cutoff_len=args.cutoff_len, lr=args.lr, val_size=args.val_size,
             eval_steps=args.eval_steps, save_steps=args.eval_steps, early_stopping_patience=args.patience,
             max_minutes=args.max_minutes, limit=args.limit, seed=args.seed, save_total_limit=2,
+            train_on_inputs=args.train_on_inputs,
             progress=lambda *a, **k: print(*a, flush=True, **k))
     res["recovery"] = summary
     res["params"]["recovered"] = sum(p.numel() for p in merged.parameters())
+    carry(final=True)
     evaluate(merged, tok, args, res["evals"].setdefault("recovered", {}), save)
 
     res["recovered_share"] = recovered_shares(res)

@@ -16,7 +16,9 @@ Sources (:func:`load_examples`):
   sample of ``cutoff_len`` tokens, ``limit`` samples (default 256) -- self-distillation with no data at all;
 * anything else that is not a local path: a Hugging Face dataset name (LLM-Pruner's default is
   ``yahma/alpaca-cleaned``), loaded with ``datasets.load_dataset(name, split="train")`` -- needs the hub;
-* an in-memory list of dicts.
+* an in-memory list of dicts;
+* several sources joined with ``+`` (``"alpaca+wikitext2"``): the examples of each, one after the other (training
+  shuffles them), ``limit`` applying to each part -- general instructions mixed with in-domain text.
 
 Each example is an **instruction** example (``instruction``, optional ``input``, ``output``), a **text**
 example (``text`` only -- plain language-model data, for self-distillation on calibration or generated text) or a
@@ -46,6 +48,7 @@ __all__ = [
     "ALPACA_SUBSET",
     "IGNORE_INDEX",
     "IN_DOMAIN_SOURCES",
+    "MIX_SEPARATOR",
     "in_domain_text",
     "DataCollator",
     "TokenizedDataset",
@@ -73,6 +76,7 @@ ALPACA_SUBSET = "alpaca/alpaca_5000_random_subset.json"
 _SHORTHANDS = {"alpaca", "alpaca-5000", "alpaca_5000"}
 # in-domain LM text: data name -> depgraph.calibration built-in (a held-out split, never the one evaluation scores)
 IN_DOMAIN_SOURCES = {"wikitext2": "wikitext2"}
+MIX_SEPARATOR = "+"  # "alpaca+wikitext2": the examples of both sources
 
 
 # ============================================================================ loading
@@ -162,8 +166,16 @@ def load_examples(source, data_dir: str | os.PathLike | None = None, limit: int 
                   tokenizer=None, seq_len: int = 256, seed: int = 0) -> list[dict]:
     """The validated examples of ``source`` (see the module docstring); ``limit`` keeps the first ones.
 
+    A ``+``-joined source is each part's examples in turn (``limit`` per part).
     ``model``/``tokenizer``/``seq_len``/``seed`` are used only by the ``"self"`` source (``limit`` samples,
     default 256, of ``seq_len`` tokens); ``tokenizer``/``seq_len`` by ``"wikitext2"`` (windows of ``seq_len``)."""
+    if isinstance(source, str) and MIX_SEPARATOR in source and not Path(source).expanduser().exists():
+        parts = [p.strip() for p in source.split(MIX_SEPARATOR)]
+        if not all(parts):
+            raise ValueError(f"data {source!r}: an empty part between {MIX_SEPARATOR!r}; join sources like "
+                             f"'alpaca+wikitext2'")
+        return [row for p in parts for row in load_examples(p, data_dir, limit, model=model, tokenizer=tokenizer,
+                                                              seq_len=seq_len, seed=seed)]
     if isinstance(source, (list, tuple)):
         rows, where = list(source), "data"
     else:

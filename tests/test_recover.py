@@ -204,6 +204,25 @@ def test_shared_alpaca_subset(tok):
     assert len(train) == 16 and len(val) == 4
 
 
+def test_mixed_sources_join_each_part(tok, tmp_path):
+    """``"alpaca+wikitext2"``: each part's examples in turn, ``limit`` per part; an empty part is refused, and a real
+    file whose name holds a ``+`` is read as that file."""
+    from recover.datasets import DataNotFoundError
+
+    try:
+        mixed = load_examples("alpaca+wikitext2", tokenizer=tok, seq_len=24, limit=5)
+        parts = load_examples("alpaca", limit=5) + load_examples("wikitext2", tokenizer=tok, seq_len=24, limit=5)
+    except DataNotFoundError as e:
+        pytest.skip(str(e))
+    assert mixed == parts and len(mixed) == 10
+    assert all("instruction" in r for r in mixed[:5]) and all("input_ids" in r for r in mixed[5:])
+    with pytest.raises(ValueError, match="empty part"):
+        load_examples("alpaca+", tokenizer=tok)
+    plus = tmp_path / "a+b.json"
+    plus.write_text(json.dumps(EXAMPLES))
+    assert load_examples(str(plus)) == load_examples(EXAMPLES)
+
+
 def test_bad_data_errors(tmp_path, tok):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([EXAMPLES[0], {"instruction": "no output here"}]))
@@ -435,3 +454,14 @@ def test_cli_recover(tok, tmp_path, capsys):
     assert main(["recover", str(src), "--data", str(tmp_path / "none.json"), "-o", str(out)]) == 1
     assert main(["recover", str(src), "--data", str(data), "--distill", "-o", str(out)]) == 1
     assert "--teacher" in capsys.readouterr().err
+
+
+def test_cli_recover_train_on_inputs_reaches_the_config():
+    """``--train-on-inputs`` (labels and KL positions on the prompt too) is a RecoverConfig field by name."""
+    from depgraph.cli import build_parser
+    from recover.config import RecoverConfig
+
+    base = ["recover", "p", "--data", "alpaca+wikitext2", "-o", "o"]
+    on = RecoverConfig.from_options(build_parser().parse_args(base + ["--train-on-inputs"]))
+    off = RecoverConfig.from_options(build_parser().parse_args(base))
+    assert on.train_on_inputs and not off.train_on_inputs

@@ -24,7 +24,8 @@ def add(subparsers) -> None:
                              "text for WikiText-2 perplexity, never its test split), a "
                              "plain-text file (one example per paragraph), 'self' (--limit texts sampled from the "
                              "--teacher, else from the pruned model: no data needed), or a Hugging Face dataset "
-                             "name such as yahma/alpaca-cleaned (needs the hub)")
+                             "name such as yahma/alpaca-cleaned (needs the hub); join sources with + "
+                             "(alpaca+wikitext2: both)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (model/, adapter/, "
                                                                              "checkpoints/, summary.json)")
     parser.add_argument("--max-steps", type=int, default=None, metavar="N", help="optimizer steps (overrides "
@@ -71,6 +72,9 @@ def add(subparsers) -> None:
                                                                           "%(default)s)")
     parser.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (default: "
                                                                         "%(default)s)")
+    parser.add_argument("--train-on-inputs", action="store_true",
+                        help="labels (and distillation positions) on the instruction prompt too, not only the "
+                             "response")
     parser.add_argument("--seed", type=int, default=42, help="seed (default: %(default)s)")
     add_data_dir(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress output")
