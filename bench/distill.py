@@ -271,7 +271,8 @@ def main(argv=None) -> None:
         res["machine"], res["torch"] = f"{platform.machine()}, {os.cpu_count()} CPUs", torch.__version__
         if "dense" not in res:
             res["dense"] = perplexities(dense, tok, args.ppl_limit)
-        if args.zs_limit and not args.zs_from and "zs_mean" not in res["dense"]:
+        carry(res)
+        if args.zs_limit and "zs_mean" not in res["dense"]:
             res["dense"].update(zero_shots(dense, tok, args.zs_limit))
     pruned, pk, prune_s = pruned_model(dense, tok, args)
     with locked_results() as res:
@@ -279,10 +280,10 @@ def main(argv=None) -> None:
         if known.get("prune_s") != round(prune_s, 1):  # not this cached pruned model's evaluation
             known = {"params": sum(p.numel() for p in pruned.parameters()), "prune_s": round(prune_s, 1),
                      **perplexities(pruned, tok, args.ppl_limit)}
-        if args.zs_limit and not args.zs_from and "zs_mean" not in known:
-            known.update(zero_shots(pruned, tok, args.zs_limit))
         res.setdefault("prunes", {})[pk] = known
         carry(res)
+        if args.zs_limit and "zs_mean" not in known:  # not carried either: score it now
+            known.update(zero_shots(pruned, tok, args.zs_limit))
         res.setdefault("rows", {})
     for key in keys:
         print("==", key, ROWS[key].label, flush=True)
