@@ -64,3 +64,9 @@ def peak_rss_mb() -> float | None:
     except OSError:
         return None
     return None
+
+
+def md_table(header: list, rows) -> list:
+    """Markdown lines of a table: the header row, its rule, one line per row (each a list of cells)."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

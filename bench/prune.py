@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import RESULTS, Results, load_smollm2, perplexities
+from _common import RESULTS, Results, load_smollm2, md_table, perplexities
 from _common import load_avg as _load, peak_rss_mb as _peak_rss_mb, peak_rss_reset as _peak_rss_reset
 
 import torch
@@ -383,11 +383,11 @@ def _gram_cost_table(g) -> list:
              f"damp 1); random inputs of the consumer's width, {g['threads']} thread(s), float32 and float64 "
              f"alternating, medians of {g['reps']}. SmolLM2 has 28 pruned layers: one down_proj (and at 50% one "
              f"o_proj) each.", "",
-             "| consumer | width | Gram float32 (s) | Gram float64 (s) | solve float32 (s) | solve float64 (s) | load |",
-             "|---|---|---|---|---|---|---|"]
-    for r in g["rows"]:
-        lines.append(f"| {r['consumer']} | {r['width']} | {r['gram_float32_s']} | {r['gram_float64_s']} | "
-                     f"{r['solve_float32_s']} | {r['solve_float64_s']} | {'/'.join(map(str, r['load']))} |")
+             ]
+    lines += md_table(["consumer", "width", "Gram float32 (s)", "Gram float64 (s)", "solve float32 (s)",
+                       "solve float64 (s)", "load"],
+                      ([r["consumer"], r["width"], r["gram_float32_s"], r["gram_float64_s"], r["solve_float32_s"],
+                        r["solve_float64_s"], "/".join(map(str, r["load"]))] for r in g["rows"]))
     return lines + [""]
 
 
@@ -407,10 +407,10 @@ def _eval_speed_table(e) -> list:
              f"x 128 tokens) over the measured time; plain matmul: a 1024x576 @ 576x1536 float32 matmul measured just "
              f"before each row (the machine's rate at that moment, shared with other jobs). Perplexity is the same "
              f"at every batch size (largest relative difference {e['ppl_max_rel_diff']:.1e}).", "",
-             "| batch | s / window | model GFLOP/s | plain matmul GFLOP/s | load |", "|---|---|---|---|---|"]
-    for r in e["rows"]:
-        lines.append(f"| {r['batch']} | {r['s_per_window']} | {r['model_gflops']} | {r['gemm_gflops']} | "
-                     f"{'/'.join(map(str, r['load']))} |")
+             ]
+    lines += md_table(["batch", "s / window", "model GFLOP/s", "plain matmul GFLOP/s", "load"],
+                      ([r["batch"], r["s_per_window"], r["model_gflops"], r["gemm_gflops"],
+                        "/".join(map(str, r["load"]))] for r in e["rows"]))
     full = e["full_s_estimate"]
     lines += ["", f"aten::mm takes {100 * e['mm_share']:.0f}% of a batch-8 forward's CPU time (torch.profiler): the "
                   f"evaluation runs at the machine's float32 matmul rate, so its time is the model's FLOPs over that "
