@@ -109,10 +109,14 @@ def render(config, report: dict | None = None, remote_code: bool = False) -> str
     body = [f"# {title}, structurally pruned with depgraph", ""]
     if report:
         method = report.get("method", "?")
-        line = f"Method: `{method}` scores, target {report.get('target', '?')} of all parameters"
+        of = "the non-embedding parameters" if report.get("target_of") == "non-embedding" else "all parameters"
+        line = f"Method: `{method}` scores, target {report.get('target', '?')} of {of}"
         if "params_before" in report:
             line += (f"; {report['params_before']:,} -> {report['params_after']:,} parameters "
-                     f"({100 * report.get('removed_fraction', 0):.1f}% removed)")
+                     f"({100 * report.get('removed_fraction', 0):.1f}% removed")
+            if report.get("non_embedding_removed_fraction") is not None:
+                line += f", {100 * report['non_embedding_removed_fraction']:.1f}% of the non-embedding parameters"
+            line += ")"
         body += [line + ".", ""]
     rows = layer_widths(config)
     if rows:

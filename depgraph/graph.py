@@ -366,6 +366,30 @@ class DependencyGraph:
         return sum(prod(self.shapes[n]) for n in self.param_names())
 
     @cached_property
+    def embedding_params(self) -> tuple:
+        """Canonical names of the embedding parameters, the ones "non-embedding parameters" (Kaplan et al.'s N,
+        Minitron's budgets) leave out: every table an ``embedding`` op of the graph looks rows up in (token, position
+        and token-type tables), and the parameters of the output head (``get_output_embeddings()``: the tied token
+        table again, or an untied ``lm_head`` with its bias)."""
+        names = [self._cap.params[n.args[0].name] for n in self._cap.graph.nodes
+                 if n.op == "call_function" and op_name(n.target) == "embedding" and len(n.args) > 0
+                 and getattr(n.args[0], "name", None) in self._cap.params]
+        getter = getattr(self._module, "get_output_embeddings", None)
+        head = getter() if callable(getter) else None
+        if isinstance(head, torch.nn.Module):
+            canonical = {a: c for c, names_ in self.aliases.items() for a in names_}
+            path = next((p for p, m in self._module.named_modules() if m is head), None)
+            if path is not None:
+                names += [canonical.get(f"{path}.{n}" if path else n, f"{path}.{n}" if path else n)
+                          for n, _ in head.named_parameters()]
+        known = set(self.param_names())
+        return tuple(n for n in dict.fromkeys(names) if n in known)
+
+    @property
+    def num_embedding_params(self) -> int:
+        return sum(prod(self.shapes[n]) for n in self.embedding_params)
+
+    @cached_property
     def nx(self):
         """networkx view: parameter-dim nodes and group nodes; edges carry the dim's index map."""
         import networkx as nx

@@ -95,10 +95,12 @@ class Plan:
     @classmethod
     def from_scores(cls, graph, scores: dict, target: float | None = None, kinds=("attention", "mlp"),
                     policy: str = "uniform", layers=None, round_to: int = 8, gqa: str = "heads",
-                    ratios: dict | None = None, min_width: float = 0.25, depth_share: float | None = None) -> "Plan":
-        """Remove the lowest-scored units until ``target`` (fraction of *all* parameters, embeddings
-        included, counted exactly) is reached, or, with ``ratios={"attention": 0.25, "mlp": 0.3}``, that
-        fraction of the units of every group of each kind.
+                    ratios: dict | None = None, min_width: float = 0.25, depth_share: float | None = None,
+                    target_of: str = "all") -> "Plan":
+        """Remove the lowest-scored units until ``target`` (a fraction of the parameters ``target_of`` names,
+        counted exactly: ``"all"``, embeddings included, or ``"non-embedding"``: all but
+        ``graph.embedding_params``, whose removed columns then do not count either) is reached, or, with
+        ``ratios={"attention": 0.25, "mlp": 0.3}``, that fraction of the units of every group of each kind.
 
         ``policy="uniform"``: the same fraction of units in every group (bisection on that fraction);
         ``"global"``: one threshold on the (normalised) scores across groups; ``"adaptive"``: per-layer widths
@@ -126,10 +128,11 @@ class Plan:
         if not 0 < min_width <= 1:
             raise PlanError(f"min_width must be in (0, 1], got {min_width!r}")
         check_round_to(round_to)
+        budget = Budget.of(graph, target_of)
         groups = [g for g in select_groups(graph, kinds, layers) if g.id in scores]
         if not groups:
             raise PlanError(f"no scored groups of kinds {kinds} in {_layers_text(layers)}")
-        total = graph.num_params
+        total = budget.total
         blocks = [g for g in groups if g.kind == "block"]
         chosen: dict = {}
         if blocks:
@@ -165,18 +168,18 @@ class Plan:
         else:
             every = np.concatenate([np.asarray(scores[g.id], dtype=np.float64) for g in groups])
             lo, hi = float(every.min()), float(every.max()) + 1e-12
-        _check_reachable(plan_for(hi), total, target, kinds, layers)
+        _check_reachable(plan_for(hi), budget, target, kinds, layers)
         best = plan_for(lo)
         for _ in range(30):
             mid = (lo + hi) / 2
             cand = plan_for(mid)
-            if cand.params_removed() / total < target:
+            if budget.fraction(cand) < target:
                 lo, best = mid, cand
             else:
                 hi = mid
         above = plan_for(hi)
         # the closer of the two plans that bracket the target
-        if abs(above.params_removed() / total - target) < abs(best.params_removed() / total - target):
+        if abs(budget.fraction(above) - target) < abs(budget.fraction(best) - target):
             best = above
         return best
 
@@ -193,12 +196,14 @@ class Plan:
                     out.setdefault(p, {}).setdefault(int(d), set()).update(idx)
         return {p: {d: sorted(s) for d, s in dims.items()} for p, dims in out.items()}
 
-    def params_removed(self) -> int:
-        """Exact number of parameter elements deleted (a block's parameters count whole)."""
-        whole = {p for e in self.entries if e.block for p in e.block["params"]}
+    def params_removed(self, skip=()) -> int:
+        """Exact number of parameter elements deleted (a block's parameters count whole), not counting the
+        parameters named in ``skip`` (e.g. the embedding tables, for a non-embedding budget)."""
+        skip = set(skip)
+        whole = {p for e in self.entries if e.block for p in e.block["params"]} - skip
         total = sum(int(np.prod(self.shapes[p])) for p in whole)
         for p, dims in self.removed_by_param().items():
-            if p in whole:
+            if p in whole or p in skip:
                 continue
             shape = list(self.shapes[p])
             kept = [n - len(dims.get(d, ())) for d, n in enumerate(shape)]
@@ -589,15 +594,65 @@ def most_removable(graph, kinds, layers=None, round_to: int = 8, gqa: str = "hea
     return Plan.from_units(graph, {g.id: _select(g, np.zeros(g.num_units), 1.0, round_to, gqa) for g in groups})
 
 
-def check_target(graph, target: float, kinds, layers=None, round_to: int = 8, gqa: str = "heads") -> None:
-    """Raise :class:`PlanError` with the largest reachable fraction when ``target`` cannot be met."""
+def check_target(graph, target: float, kinds, layers=None, round_to: int = 8, gqa: str = "heads",
+                 target_of: str = "all") -> None:
+    """Raise :class:`PlanError` with the largest reachable fraction (of the parameters ``target_of`` names) when
+    ``target`` cannot be met."""
     check_ratio(target)
-    _check_reachable(most_removable(graph, kinds, layers, round_to, gqa), graph.num_params, target, kinds, layers)
+    budget = Budget.of(graph, target_of)
+    _check_reachable(most_removable(graph, kinds, layers, round_to, gqa), budget, target, kinds, layers)
 
 
-def _check_reachable(most: "Plan", total: int, target: float, kinds, layers) -> None:
-    reachable = most.params_removed() / total
+def _check_reachable(most: "Plan", budget: "Budget", target: float, kinds, layers) -> None:
+    reachable = budget.fraction(most)
     if reachable < target:
-        raise PlanError(f"target {target:g} cannot be met: at most {reachable:.4f} ({100 * reachable:.1f}%) of the "
-                        f"parameters can be removed with kinds {tuple(kinds)} in {_layers_text(layers)}, every group "
-                        f"at its minimum width; lower the target or prune more kinds/layers")
+        units = "" if budget.target_of == "all" else f" (of the {budget.target_of} parameters)"
+        raise PlanError(f"target {target:g}{units} cannot be met: at most {reachable:.4f} ({100 * reachable:.1f}%) of "
+                        f"the {budget.name} can be removed with kinds {tuple(kinds)} in {_layers_text(layers)}, every "
+                        f"group at its minimum width; lower the target or prune more kinds/layers{budget.hint()}")
+
+
+# -- what a parameter target is a fraction of ------------------------------------------------------------------------
+TARGET_OF = ("all", "non-embedding")
+
+
+def check_target_of(target_of) -> None:
+    if target_of not in TARGET_OF:
+        raise PlanError(f"target_of must be one of {', '.join(map(repr, TARGET_OF))}, got {target_of!r}")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The parameters a target is a fraction of: ``total`` of them, the removals of ``skip`` (parameter names) not
+    counted. ``"all"``: every parameter; ``"non-embedding"``: all but ``graph.embedding_params`` (the tables an
+    embedding op reads and the output head, tied or not)."""
+
+    target_of: str
+    total: int
+    skip: frozenset = frozenset()
+    embedding: int = 0  # the graph's embedding parameters (for the hint in a refusal)
+    every: int = 0  # all of the graph's parameters
+
+    @classmethod
+    def of(cls, graph, target_of: str = "all") -> "Budget":
+        check_target_of(target_of)
+        emb, every = graph.num_embedding_params, graph.num_params
+        if target_of == "all":
+            return cls(target_of, every, frozenset(), emb, every)
+        return cls(target_of, every - emb, frozenset(graph.embedding_params), emb, every)
+
+    @property
+    def name(self) -> str:
+        return "parameters" if self.target_of == "all" else f"{self.target_of} parameters"
+
+    def fraction(self, plan: "Plan") -> float:
+        """The part of :attr:`total` that ``plan`` removes."""
+        return plan.params_removed(self.skip) / self.total
+
+    def hint(self) -> str:
+        """For a target of all parameters on a model whose embeddings are a large part of it: the other unit."""
+        if self.target_of != "all" or not self.every or self.embedding < 0.25 * self.every:
+            return ""
+        return (f" (the embedding tables are {100 * self.embedding / self.every:.0f}% of the parameters: "
+                f"target_of='non-embedding', CLI --target-of non-embedding, reads the target as a fraction of the "
+                f"rest)")

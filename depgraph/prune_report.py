@@ -20,17 +20,21 @@ OPTIONAL = ("select", "block_method", "depth_share", "removed_blocks", "model", 
 
 @dataclass
 class PruneReport:
-    """One pruning run. Settings: ``method``, ``target`` (None with ``ratios``), ``policy``, ``steps``,
+    """One pruning run. Settings: ``method``, ``target`` (None with ``ratios``), ``target_of`` (what the target is
+    a fraction of: ``"all"`` or ``"non-embedding"`` parameters; None with ``ratios``), ``policy``, ``steps``,
     ``uniform``, ``compensate``, ``reconstruct``, ``damp``, ``reconstruction`` (per consumer: removed columns and
     relative output errors), ``layers``, ``round_to``, ``gqa``, ``ratios``, for depth pruning ``block_method``,
     ``depth_share``, ``removed_blocks``, and ``select`` (in-memory prune). Results: ``params_before``/``after``,
-    ``removed_fraction``, ``non_embedding_removed_fraction``, ``stock_loadable``, ``times`` {phase: seconds},
+    ``removed_fraction`` (of all parameters), ``non_embedding_removed_fraction`` (of the parameters outside
+    ``embedding``: ``{"params": names, "before": count, "after": count}``, the embedding tables and the output
+    head, ``DependencyGraph.embedding_params``), ``stock_loadable``, ``times`` {phase: seconds},
     ``groups`` (per group: kind, layer, units before/after, scores, parameters removed), ``widths``
     {layer: {kind: units kept}}. Optional: ``model`` (what was pruned), ``calibration`` (its source and sizes),
     ``stream`` (the streamed run's per-block log), ``evaluation``."""
 
     method: str | None = None
     target: float | None = None
+    target_of: str | None = None
     policy: str | None = None
     steps: int | None = None
     uniform: bool | None = None
@@ -50,6 +54,7 @@ class PruneReport:
     params_after: int | None = None
     removed_fraction: float | None = None
     non_embedding_removed_fraction: float | None = None
+    embedding: dict | None = None
     stock_loadable: bool | None = None
     times: dict = field(default_factory=dict)
     groups: list = field(default_factory=list)

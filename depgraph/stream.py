@@ -68,6 +68,7 @@ class StreamSettings:
     """What :func:`depgraph.prune` takes, for the streamed path (same meanings and defaults)."""
 
     target: float | None = None  # None: depgraph.prune's default (0.2); not with ratios
+    target_of: str = "all"  # what the target is a fraction of: "all" or "non-embedding" parameters
     method: str = "activation"
     kinds: tuple | None = None  # None: prune.default_kinds(target), as depgraph.prune and the CLI choose
     policy: str = "uniform"
@@ -201,7 +202,7 @@ def check_settings(settings: StreamSettings) -> float | None:
     """One-line refusals of what streaming cannot do, before anything is read or written (with the in-memory
     prune's own argument checks, :func:`depgraph.prune.check_args`); returns the target to prune to."""
     target = check_args(settings.target, settings.method, settings.steps, False, None, settings.ratios,
-                        round_to=settings.round_to)
+                        round_to=settings.round_to, target_of=settings.target_of)
     if settings.method in GRADIENT_METHODS:
         raise PlanError(f"method {settings.method!r} needs gradients, i.e. a backward pass through the whole model, "
                         f"which --stream never holds; stream with {', '.join(STREAM_METHODS)}, or load the model "
@@ -272,7 +273,7 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
         layers = auto_layers(graph)
     layers_path, blocks = find_layers(model)
     _check_groups(graph, kinds, len(blocks))
-    check_graph(graph, target, kinds, layers, settings.round_to, settings.gqa, settings.ratios)
+    check_graph(graph, target, kinds, layers, settings.round_to, settings.gqa, settings.ratios, settings.target_of)
     aliases = {c: names for c, names in graph.aliases.items()}
     canon_of = {a: c for c, names in aliases.items() for a in names}
     every = list(dict.fromkeys(canon_of.get(n, n) for n in model.state_dict(keep_vars=True)))
@@ -332,7 +333,8 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
     t = time.perf_counter()
     fraction = None if settings.ratios is not None else step_target(original, original, target, 1, 1)
     plan = Plan.from_scores(graph, scores, fraction, kinds=kinds, policy=policy, layers=layers,
-                            round_to=settings.round_to, gqa=settings.gqa, ratios=settings.ratios)
+                            round_to=settings.round_to, gqa=settings.gqa, ratios=settings.ratios,
+                            target_of=settings.target_of)
     times["plan_s"] = time.perf_counter() - t
 
     # 5. write pass: per block read, mask -> probe, shrink -> probe (verify), write, drop
@@ -395,12 +397,13 @@ def prune_streamed(model, calibration, output, settings: StreamSettings = Stream
         groups: dict = {}
         record_groups(groups, plan, scores)
         report = build_report(model, original, {
-            "method": settings.method, "target": target, "policy": policy, "steps": 1,
+            "method": settings.method, "target": target,
+            "target_of": None if settings.ratios is not None else settings.target_of, "policy": policy, "steps": 1,
             "uniform": settings.uniform, "compensate": False, "reconstruct": settings.reconstruct,
             "damp": settings.damp if settings.reconstruct else None,
             "reconstruction": refit_summary(refits) if refits else None,
             "layers": layers, "round_to": settings.round_to,
-            "gqa": settings.gqa, "ratios": settings.ratios}, times, groups)
+            "gqa": settings.gqa, "ratios": settings.ratios}, times, groups, graph)
         report["stream"] = {"checkpoint": str(folder), "blocks": block_log, "peak_rss_gb": round(_peak_rss_gb(), 3),
                             "wall_s": round(time.perf_counter() - t_start, 3), "dtype": str(model.dtype),
                             "compute_dtype": str(compute),

@@ -19,7 +19,7 @@ def test_prune_returns_a_typed_report_that_round_trips():
     back = PruneReport.from_json(report.to_json())
     assert back == report and back.to_json() == report.to_json()
     keys = list(json.loads(report.to_json()))
-    assert keys[:3] == ["method", "target", "policy"] and keys[-3:] == ["times", "groups", "widths"]
+    assert keys[:4] == ["method", "target", "target_of", "policy"] and keys[-3:] == ["times", "groups", "widths"]
 
 
 def test_optional_parts_and_unknown_keys_are_kept_in_order():

@@ -61,6 +61,7 @@ def _assert_same(folder_a, folder_b):
     (False, "magnitude", {"kinds": ("attention", "mlp"), "gqa": "kv", "round_to": 8}),
     (False, "activation", {"kinds": ("attention", "mlp"), "round_to": 1, "reconstruct": True}),
     (True, "magnitude", {"kinds": ("mlp",), "policy": "adaptive", "layers": None, "reconstruct": True}),
+    (False, "activation", {"kinds": ("mlp",), "round_to": 1, "target_of": "non-embedding"}),
 ])
 def test_streamed_equals_in_memory(tmp_path, tie, method, kw):
     sharded = _sharded(tmp_path, tie)
@@ -77,6 +78,8 @@ def test_streamed_equals_in_memory(tmp_path, tie, method, kw):
     _assert_same(tmp_path / "mem", tmp_path / "out")
     assert {p.device.type for p in meta.parameters()} == {"meta"}
     assert sreport["params_after"] == report["params_after"]
+    assert sreport["non_embedding_removed_fraction"] == report["non_embedding_removed_fraction"]
+    assert sreport["target_of"] == report["target_of"] == kw.get("target_of", "all")
     assert [g["scores"] for g in sreport["groups"]] == [g["scores"] for g in report["groups"]]
     s = json.loads((tmp_path / "out" / "report.json").read_text())["stream"]
     assert len(s["blocks"]) == 4 and s["peak_rss_gb"] > 0

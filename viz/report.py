@@ -421,12 +421,17 @@ def _summary_section(rep) -> str:
         frac = (pb - pa) / pb
     if isinstance(frac, (int, float)):
         cards.append(("removed", f"{frac:.2%}"))
+    ne = rep.get("non_embedding_removed_fraction")
+    if isinstance(ne, (int, float)):
+        cards.append(("removed of non-embedding", f"{ne:.2%}"))
     if isinstance(rep.get("target"), (int, float)):
-        cards.append(("target", f"{rep['target']:.2%}"))
+        of = " (of non-embedding)" if rep.get("target_of") == "non-embedding" else ""
+        cards.append((f"target{of}", f"{rep['target']:.2%}"))
     parts = ["<h2>Summary</h2>", '<div class="cards">' +
              "".join(f'<div class="card">{_esc(k)}<b>{_esc(v)}</b></div>' for k, v in cards) + "</div>"]
     settings = {k: v for k, v in rep.items()
-                if k not in ("groups", "plan", "times", "params_before", "params_after", "removed_fraction")
+                if k not in ("groups", "plan", "times", "params_before", "params_after", "removed_fraction",
+                             "non_embedding_removed_fraction")
                 and not isinstance(v, (list, dict))}
     if settings:
         parts.append("<h3>Settings</h3>" + _table(["setting", "value"],

@@ -9,7 +9,7 @@ from pathlib import Path
 from depgraph.block_scores import BLOCK_METHODS
 from depgraph.errors import DepgraphError
 from depgraph.importance import methods, needs_calibration
-from depgraph.plan import POLICIES, dump_plans
+from depgraph.plan import POLICIES, TARGET_OF, dump_plans
 from depgraph.prune import SELECTS, default_kinds
 
 from .common import (DTYPES, add_calibration, add_model_argument, add_overwrite, add_protocol_argument,
@@ -49,8 +49,13 @@ def add(subparsers) -> None:
                               description="Prune MODEL to a parameter target and write the pruned model folder "
                                           "with plan.json and report.json.")
     add_model_argument(p)
-    p.add_argument("--target", type=fraction, default=None, help="fraction of all parameters to remove (default 0.2; "
-                                                                 "not with --ratios)")
+    p.add_argument("--target", type=fraction, default=None,
+                   help="fraction of the parameters to remove (default 0.2; of all of them unless --target-of says "
+                        "otherwise; not with --ratios)")
+    p.add_argument("--target-of", choices=TARGET_OF, default="all",
+                   help="what --target is a fraction of: all parameters (default) or the non-embedding ones (all but "
+                        "the embedding tables and the output head, tied or not: the scaling-law convention; use it "
+                        "on models whose vocabulary table is a large part of them, e.g. 63%% of Gemma 3 270M)")
     p.add_argument("--ratios", type=_ratios, default=None,
                    help="per-kind fractions of units instead of --target, e.g. attention=0.25,mlp=0.3")
     p.add_argument("--method", choices=methods(), default="activation",
@@ -127,6 +132,8 @@ def _check_prune_args(args) -> list:
         raise DepgraphError(f"--round-to must be a positive integer (1: no rounding), got {args.round_to}")
     if args.ratios is not None and args.target is not None:
         raise DepgraphError("--ratios and --target: give one (per-kind unit fractions, or a parameter fraction)")
+    if args.ratios is not None and args.target_of != "all":
+        raise DepgraphError("--target-of applies to --target, not to --ratios (fractions of each group's units)")
     calib = Path(args.calib).expanduser()
     needs_calib = _needs_calibration(args, kinds)
     if args.select != "scores" and (args.stream or args.reconstruct is False):
@@ -163,7 +170,8 @@ def run(args) -> int:
                                           compensate=args.compensate, ratios=args.ratios,
                                           reconstruct=args.reconstruct, damp=args.damp, select=args.select,
                                           block_method=args.block_method,
-                                          depth_share=args.depth_share, gram_dtype=torch_dtype(args.gram_dtype))
+                                          depth_share=args.depth_share, gram_dtype=torch_dtype(args.gram_dtype),
+                                          target_of=args.target_of)
     report["times"]["load_s"] = load_s
     report["model"] = model_name(args)
     report["calibration"] = None if calib is None else {"source": args.calib, "n_samples": args.n_samples,
@@ -177,9 +185,15 @@ def run(args) -> int:
         (tmp / "report.json").write_text(report.to_json())  # once, with the save time
         _html_report(tmp, args)
     out = Path(args.output)
-    print(f"pruned {report['params_before']:,} -> {report['params_after']:,} parameters "
-          f"({100 * report['removed_fraction']:.1f}% removed, method {args.method}); wrote {out}")
+    print(f"pruned {report['params_before']:,} -> {report['params_after']:,} parameters ({removed_text(report)}, "
+          f"method {args.method}); wrote {out}")
     return 0
+
+
+def removed_text(report) -> str:
+    """``20.0% removed, 54.0% of the non-embedding parameters``: both fractions of a prune report."""
+    return (f"{100 * report['removed_fraction']:.1f}% removed, "
+            f"{100 * report['non_embedding_removed_fraction']:.1f}% of the non-embedding parameters")
 
 
 def _html_report(out, args) -> None:
@@ -201,7 +215,8 @@ def run_streamed(args, kinds) -> int:
     if args.model is None or not Path(args.model).expanduser().is_dir():
         raise DepgraphError(f"--stream needs MODEL to be a local model folder of safetensors shards, got "
                             f"{args.model!r}")
-    settings = StreamSettings(target=args.target, method=args.method, kinds=tuple(kinds), policy=args.policy,
+    settings = StreamSettings(target=args.target, target_of=args.target_of, method=args.method, kinds=tuple(kinds),
+                              policy=args.policy,
                               layers=args.layers, round_to=args.round_to, gqa=args.gqa, steps=args.steps,
                               uniform=args.uniform, compensate=args.compensate, ratios=args.ratios,
                               reconstruct=args.reconstruct, damp=args.damp, overwrite=args.overwrite,
@@ -221,6 +236,6 @@ def run_streamed(args, kinds) -> int:
     _html_report(out, args)
     s = report["stream"]
     print(f"pruned {report['params_before']:,} -> {report['params_after']:,} parameters "
-          f"({100 * report['removed_fraction']:.1f}% removed, method {args.method}, streamed: "
+          f"({removed_text(report)}, method {args.method}, streamed: "
           f"{s['wall_s']:.0f} s, peak RSS {s['peak_rss_gb']:.2f} GB); wrote {out}")
     return 0
