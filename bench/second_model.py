@@ -3,9 +3,12 @@
     python bench/second_model.py [--windows 64] [--targets 0.2,0.3,0.5] [--part dense|prune|all|markdown]
 
 Needs `make fetch-model2` first. Writes bench/results/second_model.json (updated after every row, so a partial run
-keeps its rows) and second_model.md. Every pruned row is what `depgraph prune MODEL --target T` does with no other
-option: 10 x 64 self-generated calibration tokens (seed 0, BOS first), then ``depgraph.prune(model, calib,
-target=T)`` with every other argument at its default. Perplexity: WikiText-2 test, window 128, the first
+keeps its rows) and second_model.md. Every pruned row is what `depgraph prune MODEL --target T [--target-of
+non-embedding] [--kinds mlp]` does with no other option: 10 x 64 self-generated calibration tokens (seed 0, BOS
+first), then ``depgraph.prune(model, calib, target=T, target_of=...)`` with every other argument at its default; one
+prune and one evaluation at a time, each on a freshly loaded model (so only one copy is resident). Rows: the targets
+as fractions of all parameters, then of the non-embedding ones (``target_of="non-embedding"``), and the last target
+of the non-embedding ones with MLP neurons only. Perplexity: WikiText-2 test, window 128, the first
 ``--windows`` windows, protocol ``bos`` (Gemma's tokenizer adds a BOS: every window is BOS + 127 text tokens, as
 depgraph's evaluation does by default); dense also with bare windows (``llm-pruner``) to show what a missing BOS
 does to a Gemma model.
@@ -13,11 +16,12 @@ does to a Gemma model.
 from __future__ import annotations
 
 import argparse
-import copy
+import gc
+import re
 import time
 from pathlib import Path
 
-from _common import RESULTS, Results, load_avg, peak_rss_mb, peak_rss_reset, perplexities
+from _common import RESULTS, Results, load_avg, md_table, peak_rss_mb, peak_rss_reset, perplexities
 
 import torch
 
@@ -36,11 +40,6 @@ def load_gemma3():
     return model.eval(), tok
 
 
-def embedding_params(model) -> int:
-    return sum({id(m.weight): m.weight.numel() for m in model.modules()
-                if isinstance(m, torch.nn.Embedding)}.values())
-
-
 def part_dense(res: Results, model, tok, runs) -> None:
     """Dense perplexity for each (protocol, windows) of ``runs``."""
     rows = res.data.setdefault("dense", [])
@@ -57,38 +56,51 @@ def part_dense(res: Results, model, tok, runs) -> None:
         print(r, flush=True)
 
 
-def prune_targets(model, targets) -> list:
-    """(variant, target) rows: each target as given (a fraction of *all* parameters, the library's meaning), then
-    the same fractions of the non-embedding parameters (the tied 262,144 x 640 table is 63% of this model)."""
-    total, emb = sum(p.numel() for p in model.parameters()), embedding_params(model)
-    rows = [("default", t) for t in targets]
-    rows += [(f"default, {100 * t:.0f}% of non-embedding", round(t * (total - emb) / total, 4)) for t in targets]
-    return rows
+# (variant, the prune's keyword arguments but the target): what `depgraph prune` does with these options
+VARIANTS = {"default": {}, "--target-of non-embedding": {"target_of": "non-embedding"},
+            "--target-of non-embedding --kinds mlp": {"target_of": "non-embedding", "kinds": ("mlp",)}}
+RETIRED = re.compile(r"default, \d+% of non-embedding")  # the hand-computed rows (a target of all parameters equal
+# to T of the non-embedding ones) that --target-of non-embedding replaces: dropped from the results
 
 
-def part_prune(res: Results, dense, tok, windows: int, targets) -> None:
+def prune_rows(targets) -> list:
+    """(variant, target) rows: each target as a fraction of all parameters (the library's default meaning), then
+    of the non-embedding parameters (the tied 262,144 x 640 table is 63% of this model), then the last target of
+    the non-embedding ones with MLP neurons only (the default kinds add heads from 0.5 on)."""
+    rows = [("default", t) for t in targets] + [("--target-of non-embedding", t) for t in targets]
+    return rows + [("--target-of non-embedding --kinds mlp", max(targets))]
+
+
+def part_prune(res: Results, tok, windows: int, targets) -> None:
     import depgraph
     from depgraph.calibration import load_calibration
     from depgraph.errors import PlanError
+    from depgraph.prune import default_kinds
 
     st = res.data.setdefault("prune", {"windows": windows, "window": 128, "protocol": "bos", "rows": []})
     if st["windows"] != windows:
         st.update(windows=windows, rows=[])
+    st["rows"] = [r for r in st["rows"] if not RETIRED.fullmatch(r["variant"])]
     done = {(r["variant"], r["target"]) for r in st["rows"]}
     calib = None
-    for variant, target in prune_targets(dense, targets):
+    for variant, target in prune_rows(targets):
         if (variant, target) in done:
             continue
         if calib is None:  # the same for every row (seeded, from the dense model): sampled once, timed in each row
+            dense, _ = load_gemma3()
             t = time.perf_counter()
             calib = load_calibration("self", tok, n_samples=10, seq_len=64, seed=0, model=dense)
             calib_s = time.perf_counter() - t
-        model = copy.deepcopy(dense)
+            del dense
+        model, _ = load_gemma3()
+        gc.collect()
         peak_rss_reset()
         t = time.perf_counter() - calib_s
-        r = {"variant": variant, "target": target, "calibration": "self 10x64", "threads": torch.get_num_threads()}
+        options = VARIANTS[variant]
+        r = {"variant": variant, "target": target, "target_of": options.get("target_of", "all"),
+             "calibration": "self 10x64", "threads": torch.get_num_threads()}
         try:
-            _, report, _ = depgraph.prune(model, calib, target=target, progress=False)
+            _, report, _ = depgraph.prune(model, calib, target=target, progress=False, **options)
         except PlanError as error:  # an unreachable target is refused right after the trace: record the refusal
             r.update(refused=str(error), prune_s=round(time.perf_counter() - t, 1), load_avg=load_avg())
         else:
@@ -99,7 +111,8 @@ def part_prune(res: Results, dense, tok, windows: int, targets) -> None:
                      params=report["params_after"],
                      times={k: round(v, 1) for k, v in report["times"].items()},
                      mlp_widths=[w.get("mlp") for w in report["widths"].values()],
-                     heads=[w.get("attention") for w in report["widths"].values()])
+                     heads=[w.get("attention") for w in report["widths"].values()],
+                     kinds=list(options.get("kinds") or default_kinds(target)))
             e = time.perf_counter()
             r.update(perplexities(model, tok, windows, sets=("wikitext2",), batch_size=BATCH),
                      eval_s=round(time.perf_counter() - e, 1))
@@ -107,6 +120,7 @@ def part_prune(res: Results, dense, tok, windows: int, targets) -> None:
         res.save()
         print(r, flush=True)
         del model
+        gc.collect()
 
 
 def smollm2_reference() -> dict:
@@ -118,6 +132,80 @@ def smollm2_reference() -> dict:
     rows = {r["target"]: r["wikitext2"] for r in st.get("rows", [])
             if r["variant"] in ("dense", "+reconstruct, self calib, damp 1")}
     return rows
+
+
+def _widths(values, full) -> str:
+    """The distinct pruned widths (below ``full``) of a row's per-layer list, or "" when none is pruned."""
+    return "/".join(map(str, sorted({w for w in values if w is not None and w < full})))
+
+
+def _order(r) -> tuple:
+    """Rows in the order of :data:`VARIANTS`, then by target."""
+    names = list(VARIANTS)
+    return (names.index(r["variant"]) if r["variant"] in names else len(names), r["target"])
+
+
+def _prune_row(r, base) -> list:
+    load = "/".join(map(str, r["load_avg"]))
+    of = r.get("target_of", "all")
+    if "refused" in r:
+        return [r["variant"], f"{r['target']:.4g}", of, f"refused: {r['refused']}", "", "", "", "", "", "",
+                r["prune_s"], "", load, ""]
+    x = f"{r['wikitext2'] / base['wikitext2']:.2f}" if base else ""
+    return [r["variant"], f"{r['target']:.4g}", of, f"{100 * r['removed']:.1f}%",
+            f"{100 * r['non_embedding_removed']:.1f}%",
+            f"{r['params'] / 1e6:.1f}M", f"{r['wikitext2']:.1f}", x, _widths(r["mlp_widths"], 2048),
+            _widths(r.get("heads", []), 4), r["prune_s"], r["peak_rss_mb"], load, r["eval_s"]]
+
+
+def prune_section(st: dict, dense: list) -> list:
+    """The pruned rows' table and what they show."""
+    base = next((r for r in dense if r["protocol"] == "bos" and r["windows"] == st["windows"]), None)
+    ref = smollm2_reference()
+    lines = [f"## `depgraph prune MODEL --target T [--target-of non-embedding]` (first {st['windows']} windows of "
+             f"WikiText-2 test, window {st['window']}, protocol {st['protocol']}; no recovery)", "",
+             "Calibration: 10 x 64 tokens sampled from the model (BOS first, seed 0), as the CLI default; "
+             "then `depgraph.prune(model, calib, target=T, target_of=...)`: activation scores, MLP neurons below a "
+             "target of 0.5 (heads join from 0.5, in the target's unit), layers 1-16 (first and last kept), uniform "
+             "widths, least-squares re-fit of every down_proj / o_proj (damp 1). 'of': what the target is a fraction "
+             "of: all parameters (the default), or the non-embedding ones (`--target-of non-embedding`: all but the "
+             "tied 262,144 x 640 token table, which is also the output head). 'removed' / 'of non-emb.': the "
+             "parameters removed as a share of all of them and of the non-embedding ones (the report's "
+             "`removed_fraction` and `non_embedding_removed_fraction`). Each row prunes a freshly loaded copy (one "
+             "model resident), one prune and one evaluation at a time, 1 torch thread, under nice on 2 shared cores. "
+             "Prune time includes the calibration; peak RSS of the process during the prune; load: 1/5/15-minute "
+             "load average at the end of the prune.", ""]
+    lines += md_table(["variant", "target", "of", "removed", "of non-emb.", "params", "WikiText-2", "x dense",
+                       "MLP width (layers 1-16)", "query heads", "prune (s)", "peak RSS (MB)", "load", "eval (s)"],
+                      [_prune_row(r, base) for r in sorted(st["rows"], key=_order)])
+    rows = {(r["variant"], r["target"]): r for r in st["rows"] if "refused" not in r}
+    first = rows.get(("default", 0.2))
+    if first:
+        lines += ["", f"At a target of 0.2 of all parameters the defaults remove "
+                  f"{100 * first['non_embedding_removed']:.1f}% of the parameters outside the embedding table "
+                  f"(the table cannot be pruned: its rows are picked by token id), so the MLPs of layers 1-16 keep "
+                  f"{_widths(first['mlp_widths'], 2048)} of 2048 neurons; larger targets of all parameters are "
+                  "refused with the largest reachable fraction and the hint to count the target against the "
+                  "non-embedding parameters (above)."]
+    ours = [(t, r) for (v, t), r in sorted(rows.items()) if v == "--target-of non-embedding"]
+    if ours and base:
+        lines += ["", "With `--target-of non-embedding` the same targets remove that share of the prunable part: " +
+                  "; ".join(f"{100 * t:.0f}%: {100 * r['non_embedding_removed']:.1f}% of the non-embedding "
+                            f"parameters ({100 * r['removed']:.1f}% of all), {r['wikitext2'] / base['wikitext2']:.2f}x "
+                            "dense" for t, r in ours) + "."]
+        mlp = next((r for (v, t), r in rows.items() if v.endswith("--kinds mlp")), None)
+        same = next((r for t, r in ours if mlp and t == mlp["target"]), None)
+        if mlp and same:
+            lines += ["", f"At {100 * mlp['target']:.0f}% of the non-embedding parameters the default kinds "
+                      f"({', '.join(same['kinds'])}) give {same['wikitext2'] / base['wikitext2']:.2f}x dense, MLP "
+                      f"neurons alone (`--kinds mlp`) {mlp['wikitext2'] / base['wikitext2']:.2f}x."]
+    if ref.get(0.0):
+        lines += ["", "SmolLM2-135M-Instruct with the same defaults on the same windows, targets of all parameters "
+                  "(bench/results/prune.md, study rows, '+reconstruct, self calib, damp 1'; its embedding is 21% of "
+                  "its parameters): dense " + f"{ref[0.0]:.2f}; " +
+                  ", ".join(f"{100 * t:.0f}%: {v:.1f} ({v / ref[0.0]:.2f}x)" for t, v in sorted(ref.items())
+                            if t > 0) + "."]
+    return lines + [""]
 
 
 def write_markdown(res: Results) -> None:
@@ -148,45 +236,7 @@ def write_markdown(res: Results) -> None:
         lines.append("")
     st = d.get("prune")
     if st:
-        base = next((r for r in dense if r["protocol"] == "bos" and r["windows"] == st["windows"]), None)
-        ref = smollm2_reference()
-        lines += [f"## `depgraph prune MODEL --target T` with no other option (first {st['windows']} windows of "
-                  f"WikiText-2 test, window {st['window']}, protocol {st['protocol']}; no recovery)", "",
-                  "Calibration: 10 x 64 tokens sampled from the model (BOS first, seed 0), as the CLI default; "
-                  "then `depgraph.prune(model, calib, target=T)`: activation scores, MLP neurons below a target of "
-                  "0.5 (heads join from 0.5), layers 1-16 (first and last kept), uniform widths, least-squares "
-                  "re-fit of every down_proj (damp 1). The target is a fraction of *all* parameters; the rows "
-                  "'x% of non-embedding' give the same fraction of the parameters outside the embedding table as "
-                  "the target. Prune time includes the calibration; peak RSS of the process during the prune "
-                  "(the dense copy included); load: 1/5/15-minute load average at the end of the prune.", "",
-                  "| variant | target | removed | params | WikiText-2 | x dense | MLP width (layers 1-16) | "
-                  "prune (s) | peak RSS (MB) | load | eval (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in st["rows"]:
-            if "refused" in r:
-                lines.append(f"| {r['variant']} | {r['target']:.4g} | refused: {r['refused']} | | | | | "
-                             f"{r['prune_s']} | | {'/'.join(map(str, r['load_avg']))} | |")
-                continue
-            widths = sorted({w for w in r["mlp_widths"] if w is not None and w < 2048})
-            x = f"{r['wikitext2'] / base['wikitext2']:.2f}" if base else ""
-            lines.append(f"| {r['variant']} | {r['target']:.4g} | {100 * r['removed']:.1f}% | "
-                         f"{r['params'] / 1e6:.1f}M | {r['wikitext2']:.1f} | {x} | {'/'.join(map(str, widths))} | "
-                         f"{r['prune_s']} | {r['peak_rss_mb']} | {'/'.join(map(str, r['load_avg']))} | "
-                         f"{r['eval_s']} |")
-        first = next((r for r in st["rows"] if r["variant"] == "default" and "refused" not in r), None)
-        if first:
-            lines += ["", f"At a target of {first['target']:g} of all parameters the defaults remove "
-                      f"{100 * first['non_embedding_removed']:.1f}% of the parameters outside the embedding table "
-                      f"(the table cannot be pruned: its rows are picked by token id), so the MLPs of layers 1-16 keep "
-                      f"{sorted(set(w for w in first['mlp_widths'] if w))[0]} of 2048 neurons; larger targets are "
-                      "refused with the largest reachable fraction (above). Targets read as a share of the "
-                      "non-embedding parameters give figures like SmolLM2's at 20% and 30% (below; its embedding is "
-                      "21% of its parameters, and its 50% row prunes heads too)."]
-        if ref.get(0.0):
-            lines += ["", "SmolLM2-135M-Instruct with the same defaults on the same windows (bench/results/prune.md, "
-                      "study rows, '+reconstruct, self calib, damp 1'): dense " + f"{ref[0.0]:.2f}; " +
-                      ", ".join(f"{100 * t:.0f}%: {v:.1f} ({v / ref[0.0]:.2f}x)" for t, v in sorted(ref.items())
-                                if t > 0) + "."]
-        lines.append("")
+        lines += prune_section(st, dense)
     res.path.with_suffix(".md").write_text("\n".join(lines))
 
 
@@ -205,7 +255,10 @@ def main() -> None:
         if args.part in ("dense", "all"):
             part_dense(res, model, tok, [("bos", 32), ("llm-pruner", 32), ("bos", args.windows)])
         if args.part in ("prune", "all"):
-            part_prune(res, model, tok, args.windows, [float(t) for t in args.targets.split(",")])
+            del model  # each row loads its own copy: one model resident at a time
+            gc.collect()
+            part_prune(res, tok, args.windows, [float(t) for t in args.targets.split(",")])
+            model = load_gemma3()[0] if args.part == "all" else None
         if args.part in ("dense", "all"):
             part_dense(res, model, tok, [("llm-pruner", args.windows)])
     write_markdown(res)
