@@ -414,6 +414,7 @@ class DependencyGraph:
         return {
             "model": self.model_name,
             "num_params": self.num_params,
+            "embedding_params": {"params": list(self.embedding_params), "count": self.num_embedding_params},
             "groups": [{"id": g.id, "kind": g.kind, "layer": g.layer, "units": g.num_units,
                         "unit_size": g.unit_size, "exact": g.exact, "gqa": g.gqa, "members": len(g.members)}
                        for g in self._groups],
@@ -427,8 +428,10 @@ class DependencyGraph:
         for g in self._groups:
             counts[g.kind] += 1
         head = ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: _KIND_ORDER.get(kv[0], 9)))
+        emb = self.num_embedding_params
+        share = f" ({emb:,} in embeddings, {100 * emb / self.num_params:.0f}%)" if emb and self.num_params else ""
         lines = [f"DependencyGraph of {self.model_name}: {len(self._groups)} groups ({head}), "
-                 f"{self.num_params:,} parameters"]
+                 f"{self.num_params:,} parameters{share}"]
         lines += ["  " + g.describe() for g in self._groups]
         if self.blocked:
             lines.append("Unprunable channel spaces:")

@@ -48,6 +48,26 @@ def test_groups_are_exact_heads_and_neurons(gemma3):
     assert "4 heads (1 kv x 4 q/kv) x 256" in str(graph)
 
 
+def test_embedding_is_63_percent_and_targets_count_against_the_rest(gemma3):
+    from depgraph.errors import PlanError
+    from depgraph.plan import check_target
+
+    _, _, graph = gemma3
+    assert graph.embedding_params == ("model.embed_tokens.weight",)  # tied: the output head is the same table
+    assert graph.num_embedding_params == 262_144 * 640 == 167_772_160
+    assert "167,772,160 in embeddings, 63%" in str(graph)
+    layers = range(1, 17)  # layers="auto"
+    most = 16 * (2048 - 8) * 3 * 640  # every MLP of layers 1-16 at its minimum width, 8 neurons
+    assert f"{most / 268_098_176:.4f}" == "0.2338" and f"{most / (268_098_176 - 167_772_160):.4f}" == "0.6247"
+    with pytest.raises(PlanError, match=r"target 0.3 cannot be met: at most 0\.2338 \(23\.4%\) of the parameters .*"
+                                        r"the embedding tables are 63% of the parameters: target_of='non-embedding'"):
+        check_target(graph, 0.3, ("mlp",), layers)
+    check_target(graph, 0.5, ("mlp",), layers, target_of="non-embedding")  # 0.2338 of all is 0.6247 of the rest
+    with pytest.raises(PlanError, match=r"target 0.7 \(of the non-embedding parameters\) cannot be met: at most "
+                                        r"0\.6247 \(62\.5%\) of the non-embedding parameters"):
+        check_target(graph, 0.7, ("mlp",), layers, target_of="non-embedding")
+
+
 def test_random_heads_and_neurons_removal_equals_masking(gemma3):
     model, tok, graph = gemma3
     plan = depgraph.Plan.random(graph, 0.2, seed=0, kinds=("attention", "mlp"))
