@@ -31,10 +31,19 @@ LLM_PRUNER = {"removed": 0.211, "params_after": 106.2e6, "wikitext2": 405.0, "pt
               "dense_wikitext2": 56.1, "dense_ptb": 87.1}
 
 
-def _calib(tok, model, source="alpaca", n=10, length=64, seed=0):
-    from depgraph.calibration import load_calibration
+# study calibration names that are not load_calibration sources: (source, SelfSampling keywords). "self" rows were
+# measured with the sampler before the temperature schedule (temperature 1 throughout, special tokens allowed) and
+# keep it, so they re-run as measured; "self-sched" is today's `self` (depgraph.calibration.SelfSampling defaults)
+STUDY_SOURCES = {"self": ("self", {"temperature": 1.0, "start_temperature": 1.0, "warmup": 0, "ban_special": False}),
+                 "self-sched": ("self", {})}
 
-    return load_calibration(source, tok, n_samples=n, seq_len=length, seed=seed, model=model)
+
+def _calib(tok, model, source="alpaca", n=10, length=64, seed=0):
+    from depgraph.calibration import SelfSampling, load_calibration
+
+    source, sampling = STUDY_SOURCES.get(source, (source, None))
+    sampling = None if sampling is None else SelfSampling(**sampling)
+    return load_calibration(source, tok, n_samples=n, seq_len=length, seed=seed, model=model, sampling=sampling)
 
 
 def part_quality(res: Results, windows: int) -> None:
@@ -192,13 +201,18 @@ STUDY = (
      {"reconstruct": True, "damp": 1.0, "kinds": ("attention", "mlp")}, ("wikitext2", 128, 128)),
     ("heads+mlp, +reconstruct, self calib, damp 1",
      {"reconstruct": True, "damp": 1.0, "kinds": ("attention", "mlp")}, ("self", 10, 64)),
+    # the data-free sampler (depgraph.calibration.SelfSampling): temperature 2 -> 0.8 over the first 16 tokens,
+    # special tokens banned; 32 x 64 tokens generated in one batch (the default since this row)
+    ("+reconstruct, self-sched 10x64, damp 1", {"reconstruct": True, "damp": 1.0}, ("self-sched", 10, 64)),
+    ("+reconstruct, self-sched 32x64, damp 1", {"reconstruct": True, "damp": 1.0}, ("self-sched", 32, 64)),
+    ("+reconstruct, self 32x64, damp 1", {"reconstruct": True, "damp": 1.0}, ("self", 32, 64)),
 )
 
 
 def _cached_calib(tok, model, source: str, n: int, length: int):
     """(ids, seconds it took to build them): built once per machine (seed 0) and kept in /tmp, so runs side by side
     do not generate the same self-calibration twice; the recorded build time stays part of every prune time."""
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"depgraph-bench-calib-{source}-{n}x{length}.pt"
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"depgraph-bench-calib-{source}-{n}x{length}.pt"  # per STUDY name
     if path.is_file():
         saved = torch.load(path)
         return saved["ids"], saved["seconds"]
@@ -615,11 +629,15 @@ def _study_table(st, key: str) -> list:
     if key == "headline":
         lines += ["Targets (full WikiText-2 test, no recovery): 20% <= 1.35x dense, 30% <= 1.8x, 50% <= 5x.", ""]
     lines += ["default: `depgraph prune --target T` before this study (activation scores, MLP neurons of layers 1-28, "
-              "uniform widths, no re-fit); the default now is the row '+reconstruct, self calib, damp 1'; "
+              "uniform widths, no re-fit); the default now is the row '+reconstruct, self-sched 32x64, damp 1' "
+              "(before it: '+reconstruct, self calib, damp 1'); "
               "+reconstruct: kept columns of every down_proj re-fitted by least squares, block by block; obs: OBS "
               "scores; adaptive: per-layer widths (FLAP's standardised scores, min width 25%); damp: the ridge added to the "
               "Gram matrix as a fraction of its mean diagonal (0.01 unless stated). calibration: source and windows x tokens; "
-              "self: sampled from the model (data-free); wikitext2: the WikiText-2 *validation* split "
+              "self: sampled from the model (data-free) at temperature 1, special tokens allowed (the sampler "
+              "before self-sched); self-sched: today's `--calib self`, the temperature falling from 2 to 0.8 over the "
+              "first 16 tokens (Williams et al.'s self-calibration schedule), special tokens never sampled, all "
+              "windows generated in one batch; wikitext2: the WikiText-2 *validation* split "
               "(wiki.valid.tokens), a different split from the test set scored here, i.e. in-domain calibration as "
               "FLAP and SliceGPT calibrate on the train split; alpaca: the 5,000-record Alpaca subset. select obs: "
               "the plan's widths, each layer's neurons re-chosen during the re-fit by greedy OBS on the sequential "
@@ -640,8 +658,8 @@ def _study_table(st, key: str) -> list:
     for r in rows:
         cells = [r["variant"], f"{r['target']:.2g}", r.get("calibration", ""), f"{100 * r['removed']:.1f}%",
                  f"{r['params'] / 1e6:.1f}M"]
-        for k in sets:
-            cells += [f"{r[k]:.1f}", f"{r[k] / dense[k]:.2f}"]
+        for k in sets:  # a set added after the row was measured: empty cells
+            cells += [f"{r[k]:.1f}", f"{r[k] / dense[k]:.2f}"] if k in r else ["", ""]
         cells += [str(r.get("prune_s", "")), "/".join(map(str, r.get("load_avg", []))), str(r.get("threads", "")),
                   str(r.get("peak_rss_mb", "")), str(r.get("eval_s", ""))]
         lines.append("| " + " | ".join(cells) + " |")

@@ -37,9 +37,10 @@
 * an **HF dataset name** (``"name"`` or ``"name:config"``), loaded with
   ``datasets.load_dataset(..., split="train", streaming=True)`` when online; offline it
   fails with a :class:`CalibrationError` saying so;
-* ``"self"`` / ``"generated"``: data-free, sequences sampled from ``model`` itself
-  (temperature 1, full distribution, seeded), each started from BOS (when the tokenizer
-  has one) followed by a seeded random vocabulary token.
+* ``"self"`` / ``"generated"``: data-free, sequences sampled from ``model`` itself (seeded, full
+  distribution, all in one batch), each started from BOS (when the tokenizer has one) and a seeded
+  random vocabulary token, then sampled at a temperature falling from 2 to 0.8 over the first 16
+  tokens, special tokens never sampled (:class:`SelfSampling`).
 
 Every bad input (missing file, empty file, too few tokens for one window, Alpaca
 records missing fields, malformed JSON) raises :class:`CalibrationError`, which is a
@@ -74,6 +75,7 @@ __all__ = [
     "bos_windows",
     "check_protocol",
     "SELF_SOURCES",
+    "SelfSampling",
     "TEXT_SUFFIXES",
     "JSON_SUFFIXES",
     "records_from_json",
@@ -411,8 +413,52 @@ def _windows(ids: list[int], n_samples: int, seq_len: int, seed: int, origin: st
 # --------------------------------------------------------------------------- self-generated
 
 
+@dataclass(frozen=True)
+class SelfSampling:
+    """How ``"self"`` calibration text is sampled from the model (seeded, model only, no data).
+
+    Every sequence starts with the tokenizer's BOS when it has one (SmolLM2's is its chat marker ``<|im_start|>``)
+    and a seeded random vocabulary token (LLM-QAT's diverse starts); each later token is sampled from the full
+    distribution at a temperature that falls linearly from ``start_temperature`` to ``temperature`` over the first
+    ``warmup`` tokens of the text (the schedule of Williams et al., "Self-calibration for language model
+    quantization and pruning", NAACL 2025: hot first tokens spread the topics, cooler ones keep the text fluent).
+    ``ban_special``: special tokens (end-of-turn, chat markers) are never sampled, so no sequence drifts into the
+    chat template."""
+
+    temperature: float = 0.8
+    start_temperature: float = 2.0
+    warmup: int = 16
+    ban_special: bool = True
+
+    def __post_init__(self):
+        if not (self.temperature > 0 and self.start_temperature > 0 and self.warmup >= 0):
+            raise CalibrationError(f"self sampling: temperatures must be > 0 and warmup >= 0, got {self}")
+
+    def temperature_at(self, position: int) -> float:
+        """The temperature of the text token at ``position`` (0: the random first token, BOS not counted)."""
+        if position >= self.warmup:
+            return self.temperature
+        return self.start_temperature + position / self.warmup * (self.temperature - self.start_temperature)
+
+
+def _cache_keyword(model) -> str:
+    """The forward keyword of the KV cache: transformers >= 5.2x names it ``cache``, older versions
+    ``past_key_values``."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        params = {}
+    return "cache" if "cache" in params else "past_key_values"
+
+
 @torch.no_grad()
-def _self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, temperature: float = 1.0) -> torch.Tensor:
+def _self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int,
+                   sampling: SelfSampling | None = None) -> torch.Tensor:
+    """[n_samples, seq_len] token ids sampled from ``model`` as :class:`SelfSampling` says, all sequences in one
+    batch with the KV cache (one forward of n_samples tokens a step)."""
+    sampling = sampling or SelfSampling()
     if model is None:
         raise CalibrationError("calibration source 'self' needs the model: load_calibration('self', tok, model=model)")
     try:
@@ -424,26 +470,20 @@ def _self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, te
     vocab = min(v for v in (vocab, out_features) if v) if (vocab or out_features) else None
     if not vocab:
         raise CalibrationError("calibration source 'self': cannot tell the vocabulary size from tokenizer or model")
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    allowed = torch.tensor([i for i in range(vocab) if i not in special] or list(range(vocab)))
+    special = sorted(i for i in set(getattr(tokenizer, "all_special_ids", []) or []) if 0 <= i < vocab)
+    allowed = torch.tensor([i for i in range(vocab) if i not in set(special)] or list(range(vocab)))
+    banned = torch.tensor(special if sampling.ban_special and len(special) < vocab else [], dtype=torch.long)
 
     g = torch.Generator().manual_seed(int(seed))
     bos = getattr(tokenizer, "bos_token_id", None)
     first = allowed[torch.randint(0, len(allowed), (n_samples,), generator=g)].view(n_samples, 1)
-    if bos is not None and seq_len >= 2:
+    lead = 1 if bos is not None and seq_len >= 2 else 0  # the BOS column (not a text position)
+    if lead:
         seqs = torch.cat([torch.full((n_samples, 1), int(bos), dtype=torch.long), first], dim=1)
     else:
         seqs = first
     seqs = seqs[:, :seq_len]
-
-    # transformers >= 5.2x names the KV cache `cache`; older versions `past_key_values`
-    import inspect
-
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        params = {}
-    cache_kw = "cache" if "cache" in params else "past_key_values"
+    cache_kw = _cache_keyword(model)
 
     was_training = model.training
     model.eval()
@@ -457,7 +497,8 @@ def _self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, te
             if past is None:
                 past = getattr(out, "past_key_values", None)
             logits = out.logits[:, -1, :vocab].float().cpu()
-            probs = torch.softmax(logits / temperature, dim=-1)
+            logits[:, banned] = -float("inf")
+            probs = torch.softmax(logits / sampling.temperature_at(seqs.shape[1] - lead), dim=-1)
             nxt = torch.multinomial(probs, 1, generator=g)
             seqs = torch.cat([seqs, nxt], dim=1)
             inp = nxt if past is not None else seqs
@@ -472,12 +513,13 @@ def _self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, te
 def load_calibration_set(
     source: str | os.PathLike,
     tokenizer,
-    n_samples: int = 10,
+    n_samples: int = 32,
     seq_len: int = 64,
     seed: int = 0,
     model=None,
     data_dir: str | os.PathLike | None = None,
     protocol: str = "bos",
+    sampling: SelfSampling | None = None,
 ) -> CalibrationSet:
     """Like :func:`load_calibration`, with provenance (resolved file, window offsets)."""
     check_protocol(protocol)
@@ -487,7 +529,7 @@ def load_calibration_set(
     src = os.fspath(source)
 
     if src in SELF_SOURCES:
-        ids = _self_generate(model, tokenizer, n_samples, seq_len, seed)
+        ids = _self_generate(model, tokenizer, n_samples, seq_len, seed, sampling)
         return CalibrationSet(ids, src, "self-generated", "self", seed)
 
     path = Path(src).expanduser()
@@ -516,11 +558,12 @@ def load_calibration_set(
 def load_calibration(
     source: str | os.PathLike,
     tokenizer,
-    n_samples: int = 10,
+    n_samples: int = 32,
     seq_len: int = 64,
     seed: int = 0,
     model=None,
     protocol: str = "bos",
+    sampling: SelfSampling | None = None,
 ) -> torch.Tensor:
     """Calibration token windows, ``LongTensor [n_samples, seq_len]`` on the CPU.
 
@@ -530,8 +573,9 @@ def load_calibration(
     ``source``: a text file, an Alpaca-style ``.json`` / ``.jsonl`` file, a built-in name
     (``"alpaca"``, ``"ptb"``, ``"wikitext2"`` — local held-out files, see the module
     docstring), an HF dataset name (online only) or ``"self"`` / ``"generated"``
-    (sampled from ``model``).  Windows are drawn at offsets from ``torch.Generator``
-    seeded with ``seed`` (global RNG untouched), so the same arguments give the same
-    tensor.  Raises :class:`CalibrationError` (a ``ValueError``) on bad input.
+    (sampled from ``model`` as ``sampling`` says, default :class:`SelfSampling`).  Windows are drawn at
+    offsets from ``torch.Generator`` seeded with ``seed`` (global RNG untouched), so the same arguments give
+    the same tensor.  Raises :class:`CalibrationError` (a ``ValueError``) on bad input.
     """
-    return load_calibration_set(source, tokenizer, n_samples, seq_len, seed, model, protocol=protocol).input_ids
+    return load_calibration_set(source, tokenizer, n_samples, seq_len, seed, model, protocol=protocol,
+                                sampling=sampling).input_ids

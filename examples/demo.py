@@ -50,9 +50,9 @@ def main() -> None:
     graph = depgraph.trace(model)
     print(f"{graph.collapsed()}\n  (traced in {time.perf_counter() - start:.1f} s; `depgraph trace` lists every group)")
 
-    # Importance-scored pruning with the measured defaults (activation scores on 10 x 64 self-generated tokens,
+    # Importance-scored pruning with the measured defaults (activation scores on 32 x 64 self-generated tokens,
     # MLP neurons, every layer but the first and last); see bench/results/prune.md
-    calib = load_calibration("self", tokenizer, n_samples=10, seq_len=64, seed=args.seed, model=model)
+    calib = load_calibration("self", tokenizer, n_samples=32, seq_len=64, seed=args.seed, model=model)
     dense_ppl = perplexity(model, tokenizer, "wikitext2", window=128, limit=args.windows, progress=False)["ppl"]
     dense_text = generate(model, tokenizer, PROMPT)
     model, report, plans = depgraph.prune(model, calib, target=args.ratio, progress=False)

@@ -5,7 +5,7 @@
 
 1. load SmolLM2 (``depgraph.models.load_model()``), score it: WikiText-2 perplexity (first ``--ppl-limit`` windows of
    128 tokens) and zero-shot accuracy (first ``--zs-limit`` docs of ``--tasks``);
-2. prune 20% of the parameters with ``depgraph.prune``'s defaults (activation scores on 10 x 64 self-generated
+2. prune 20% of the parameters with ``depgraph.prune``'s defaults (activation scores on 32 x 64 self-generated
    calibration tokens, MLP neurons of every layer but the first and last), save with ``save_pruned``, score again;
 3. recover with LoRA on the shared Alpaca subset (``recover.lora.recover``; LLM-Pruner's recipe, fewer steps),
    which writes ``OUT/recovered/model``; reload it with ``depgraph.load_pruned`` and score it.
@@ -68,8 +68,8 @@ def main() -> None:
     model, tok = load_model()
     rows = [score("dense", model, tok, args)]
 
-    print(f"2. prune {args.target:.0%} (activation scores, 10 x 64 self-generated calibration tokens)", flush=True)
-    calib = load_calibration("self", tok, n_samples=10, seq_len=64, model=model)
+    print(f"2. prune {args.target:.0%} (activation scores, 32 x 64 self-generated calibration tokens)", flush=True)
+    calib = load_calibration("self", tok, n_samples=32, seq_len=64, model=model)
     model = depgraph.prune(model, calib, target=args.target, progress=False)[0]
     depgraph.save_pruned(model, out / "pruned", tokenizer=tok)
     rows.append(score("pruned", model, tok, args))

@@ -11,6 +11,7 @@ import torch
 
 from depgraph.calibration import (
     CalibrationError,
+    SelfSampling,
     load_calibration,
     load_calibration_set,
     render_alpaca,
@@ -145,18 +146,52 @@ def test_self_generated(tok, model):
 
 
 def test_self_generated_matches_sampling_without_cache(tok, model):
-    """The KV-cached sampler draws the same tokens as recomputing the whole prefix."""
-    seq = load_calibration("self", tok, n_samples=2, seq_len=10, seed=5, model=model)
+    """The KV-cached batch sampler draws the same tokens as recomputing the whole prefix with the schedule:
+    temperature falling linearly from 2 to 0.8 over the first 16 text tokens, special tokens never sampled."""
+    seq = load_calibration("self", tok, n_samples=2, seq_len=24, seed=5, model=model)
     g = torch.Generator().manual_seed(5)
-    special = set(tok.all_special_ids)
+    special = sorted(set(tok.all_special_ids))
     allowed = torch.tensor([i for i in range(len(tok)) if i not in special])
     first = allowed[torch.randint(0, len(allowed), (2,), generator=g)].view(2, 1)
     ref = torch.cat([torch.full((2, 1), tok.bos_token_id), first], 1)
     with torch.no_grad():
-        while ref.shape[1] < 10:
+        while ref.shape[1] < 24:
+            position = ref.shape[1] - 1  # text position of the token drawn now (BOS not counted)
+            t = 2.0 + position / 16 * (0.8 - 2.0) if position < 16 else 0.8
             logits = model(input_ids=ref).logits[:, -1, : len(tok)].float()
-            ref = torch.cat([ref, torch.multinomial(torch.softmax(logits, -1), 1, generator=g)], 1)
+            logits[:, special] = -float("inf")
+            ref = torch.cat([ref, torch.multinomial(torch.softmax(logits / t, -1), 1, generator=g)], 1)
     assert torch.equal(seq, ref)
+
+
+def test_self_sampling_schedule_and_errors():
+    s = SelfSampling()
+    temps = [s.temperature_at(i) for i in range(40)]
+    assert temps[0] == 2.0 and temps[16:] == [0.8] * 24
+    assert all(a > b for a, b in zip(temps[:16], temps[1:17]))  # strictly cooler each step of the warm-up
+    assert SelfSampling(temperature=1.0, warmup=0).temperature_at(0) == 1.0  # no schedule: the plain temperature
+    with pytest.raises(CalibrationError, match="temperatures must be > 0"):
+        SelfSampling(temperature=0.0)
+
+
+def test_self_never_samples_special_tokens(tok):
+    """A model that puts nearly all its mass on special tokens still yields text tokens only (past BOS), unless
+    ``ban_special=False``: then the chat markers show up (so the ban is what keeps them out)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    m = LlamaForCausalLM(cfg).eval()
+    special = sorted(set(tok.all_special_ids))
+    with torch.no_grad():
+        m.lm_head.weight.mul_(0.01)
+        m.lm_head.weight[special] = m.model.norm.weight.detach() * 10.0  # aligned with every normed hidden state
+    ids = load_calibration("self", tok, n_samples=4, seq_len=16, seed=0, model=m)
+    assert not torch.isin(ids[:, 1:], torch.tensor(special)).any()
+    loose = load_calibration("self", tok, n_samples=4, seq_len=16, seed=0, model=m,
+                             sampling=SelfSampling(ban_special=False))
+    assert torch.isin(loose[:, 2:], torch.tensor(special)).any()
 
 
 @pytest.mark.parametrize("name", ["alpaca", "ptb", "wikitext2"])
