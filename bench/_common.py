@@ -10,6 +10,15 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = Path(_HERE) / "results"
 
 
+def pre_schedule_sampling():
+    """The ``"self"`` sampler the recorded benchmark rows were measured with, before the temperature schedule became
+    the default (bcbbeef): temperature 1 throughout, special tokens allowed. Scripts whose stored results used it keep
+    it, so a re-run reproduces the table instead of silently measuring today's default."""
+    from depgraph.calibration import SelfSampling
+
+    return SelfSampling(temperature=1.0, start_temperature=1.0, warmup=0, ban_special=False)
+
+
 class Results:
     """A JSON file of benchmark results, re-read on start so a partial run keeps its rows."""
 

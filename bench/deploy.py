@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import RESULTS, Results, load_smollm2  # first: it takes bench/ off sys.path
+from _common import RESULTS, Results, load_smollm2, pre_schedule_sampling  # first: it takes bench/ off sys.path
 
 import torch
 
@@ -62,7 +62,8 @@ def stock_load_s(folder: Path, tmp: Path) -> float:
 def variants(dense, tok):
     from depgraph.calibration import load_calibration
 
-    calib = load_calibration("self", tok, n_samples=10, seq_len=64, seed=0, model=dense)
+    calib = load_calibration("self", tok, n_samples=10, seq_len=64, seed=0, model=dense,
+                             sampling=pre_schedule_sampling())
     yield "dense", dense
     yield "uniform-pruned", depgraph.prune(copy.deepcopy(dense), calib, target=0.2, uniform=True, progress=False)[0]
     # spelled out (the library default before issue 13's study): the shapes, not the fit, decide size and speed

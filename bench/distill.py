@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from _common import RESULTS, load_smollm2, perplexities
+from _common import RESULTS, load_smollm2, perplexities, pre_schedule_sampling
 
 import torch
 
@@ -129,7 +129,8 @@ def pruned_model(dense, tok, args):
     else:
         model = copy.deepcopy(dense)
         t = time.perf_counter()
-        calib = load_calibration(args.calib, tok, n_samples=args.calib_samples, seq_len=args.calib_len, model=model)
+        calib = load_calibration(args.calib, tok, n_samples=args.calib_samples, seq_len=args.calib_len, model=model,
+                                 sampling=pre_schedule_sampling())
         depgraph.prune(model, calib, target=args.target, progress=False)
         prune_s = time.perf_counter() - t
         depgraph.save_pruned(model, path, tokenizer=tok, overwrite=True)

@@ -32,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 import depgraph  # noqa: E402
+from _common import pre_schedule_sampling  # noqa: E402
 from depgraph.calibration import load_calibration  # noqa: E402
 from depgraph.models import load_model  # noqa: E402
 from recover.data import DataCollator, build_datasets  # noqa: E402
@@ -320,7 +321,8 @@ def main(argv=None) -> int:
         res = json.loads(path.read_text())
         if args.throughput_only:
             model, tok = load_model()
-            calib = load_calibration(res["args"]["calib"], tok, n_samples=10, seq_len=64, model=model)
+            calib = load_calibration(res["args"]["calib"], tok, n_samples=10, seq_len=64, model=model,
+                                 sampling=pre_schedule_sampling())
             depgraph.prune(model, calib, target=res["args"]["target"], method=res["args"]["method"], progress=False)
             print("== throughput", flush=True)
             res["throughput"] = throughput(model, tok, args)
@@ -392,7 +394,8 @@ def main(argv=None) -> int:
         res["prune"].update(loaded_from=args.pruned,
                             prune_s=json.loads(made.read_text())["prune_s"] if made.exists() else None)
     else:
-        calib = load_calibration(args.calib, tok, n_samples=args.calib_samples, seq_len=args.calib_len, model=model)
+        calib = load_calibration(args.calib, tok, n_samples=args.calib_samples, seq_len=args.calib_len, model=model,
+                                 sampling=pre_schedule_sampling())
         model, report, _ = depgraph.prune(model, calib, target=args.target, method=args.method, progress=False)
         res["prune"].update(removed_fraction=report.get("removed_fraction"), prune_s=time.perf_counter() - t)
     res["params"]["pruned"] = sum(p.numel() for p in model.parameters())

@@ -4,8 +4,9 @@
 
 Needs `make fetch-model2` first. Writes bench/results/second_model.json (updated after every row, so a partial run
 keeps its rows) and second_model.md. Every pruned row is what `depgraph prune MODEL --target T [--target-of
-non-embedding] [--kinds mlp]` does with no other option: 10 x 64 self-generated calibration tokens (seed 0, BOS
-first), then ``depgraph.prune(model, calib, target=T, target_of=...)`` with every other argument at its default; one
+non-embedding] [--kinds mlp]` did with no other option when the rows were measured: 10 x 64 self-generated
+calibration tokens (seed 0, BOS first, temperature 1: the sampler before the default's temperature schedule, kept so a
+re-run reproduces the rows; bench/_common.pre_schedule_sampling), then ``depgraph.prune(model, calib, target=T, target_of=...)`` with every other argument at its default; one
 prune and one evaluation at a time, each on a freshly loaded model (so only one copy is resident). Rows: the targets
 as fractions of all parameters, then of the non-embedding ones (``target_of="non-embedding"``), and the last target
 of the non-embedding ones with MLP neurons only. Perplexity: WikiText-2 test, window 128, the first
@@ -21,7 +22,8 @@ import re
 import time
 from pathlib import Path
 
-from _common import RESULTS, Results, load_avg, md_table, peak_rss_mb, peak_rss_reset, perplexities
+from _common import (RESULTS, Results, load_avg, md_table, peak_rss_mb, peak_rss_reset, perplexities,
+                     pre_schedule_sampling)
 
 import torch
 
@@ -89,7 +91,8 @@ def part_prune(res: Results, tok, windows: int, targets) -> None:
         if calib is None:  # the same for every row (seeded, from the dense model): sampled once, timed in each row
             dense, _ = load_gemma3()
             t = time.perf_counter()
-            calib = load_calibration("self", tok, n_samples=10, seq_len=64, seed=0, model=dense)
+            calib = load_calibration("self", tok, n_samples=10, seq_len=64, seed=0, model=dense,
+                                     sampling=pre_schedule_sampling())
             calib_s = time.perf_counter() - t
             del dense
         model, _ = load_gemma3()
@@ -164,7 +167,8 @@ def prune_section(st: dict, dense: list) -> list:
     ref = smollm2_reference()
     lines = [f"## `depgraph prune MODEL --target T [--target-of non-embedding]` (first {st['windows']} windows of "
              f"WikiText-2 test, window {st['window']}, protocol {st['protocol']}; no recovery)", "",
-             "Calibration: 10 x 64 tokens sampled from the model (BOS first, seed 0), as the CLI default; "
+             "Calibration: 10 x 64 tokens sampled from the model (BOS first, seed 0, temperature 1), the CLI default when "
+             "these rows were measured (today's default: 32 x 64 under a temperature schedule); "
              "then `depgraph.prune(model, calib, target=T, target_of=...)`: activation scores, MLP neurons below a "
              "target of 0.5 (heads join from 0.5, in the target's unit), layers 1-16 (first and last kept), uniform "
              "widths, least-squares re-fit of every down_proj / o_proj (damp 1). 'of': what the target is a fraction "
