@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import RESULTS, Results, load_smollm2, md_table, perplexities
+from _common import RESULTS, Results, load_smollm2, md_table, perplexities, pre_schedule_sampling
 from _common import load_avg as _load, peak_rss_mb as _peak_rss_mb, peak_rss_reset as _peak_rss_reset
 
 import torch
@@ -31,18 +31,17 @@ LLM_PRUNER = {"removed": 0.211, "params_after": 106.2e6, "wikitext2": 405.0, "pt
               "dense_wikitext2": 56.1, "dense_ptb": 87.1}
 
 
-# study calibration names that are not load_calibration sources: (source, SelfSampling keywords). "self" rows were
-# measured with the sampler before the temperature schedule (temperature 1 throughout, special tokens allowed) and
-# keep it, so they re-run as measured; "self-sched" is today's `self` (depgraph.calibration.SelfSampling defaults)
-STUDY_SOURCES = {"self": ("self", {"temperature": 1.0, "start_temperature": 1.0, "warmup": 0, "ban_special": False}),
-                 "self-sched": ("self", {})}
+# study calibration names that are not load_calibration sources: (source, the SelfSampling factory). "self" rows were
+# measured with the sampler before the temperature schedule (_common.pre_schedule_sampling) and keep it, so they re-run
+# as measured; "self-sched" is today's `self` (depgraph.calibration.SelfSampling defaults)
+STUDY_SOURCES = {"self": ("self", pre_schedule_sampling), "self-sched": ("self", None)}
 
 
 def _calib(tok, model, source="alpaca", n=10, length=64, seed=0):
-    from depgraph.calibration import SelfSampling, load_calibration
+    from depgraph.calibration import load_calibration
 
     source, sampling = STUDY_SOURCES.get(source, (source, None))
-    sampling = None if sampling is None else SelfSampling(**sampling)
+    sampling = None if sampling is None else sampling()
     return load_calibration(source, tok, n_samples=n, seq_len=length, seed=seed, model=model, sampling=sampling)
 
 
