@@ -218,7 +218,9 @@ def _cached_calib(tok, model, source: str, n: int, length: int):
     t = time.perf_counter()
     ids = _calib(tok, model, source, n, length)
     seconds = time.perf_counter() - t
-    torch.save({"ids": ids, "seconds": seconds}, path)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # a killed run never leaves a truncated cache
+    torch.save({"ids": ids, "seconds": seconds}, partial)
+    os.replace(partial, path)
     return ids, seconds
 
 
